@@ -1,0 +1,59 @@
+"""``DEQ``: any ``nn.Module`` cell as an implicit layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from ._tree import State
+from .functional import Perturbation, fixed_point
+from .gradients import GradientEstimator
+from .solution import Solution
+from .solvers import Solver
+
+
+class DEQ(nn.Module):
+    """Wrap a cell ``f(z, *inputs)`` as a deep-equilibrium layer: ``deq(z0, *inputs)`` solves ``z = f(z, *inputs)``.
+
+    The perturbation, if any, is applied only in training mode. Solver and estimator are plain
+    configuration objects and can be swapped at any time (for example more solver steps at test time).
+
+    Arguments:
+        cell: an ``nn.Module`` (or callable) taking the state first and any inputs after it.
+        solver: default ``Anderson()``.
+        gradient: default ``IFT()``.
+        perturbation: ``(state, step) -> state``, used in training mode only.
+
+    Example::
+
+        deq = DEQ(cell, solver=Anderson(tol=1e-4, max_iter=30), gradient=IFT())
+        z, stats = deq(torch.zeros_like(x), x)
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        *,
+        solver: Solver | None = None,
+        gradient: GradientEstimator | None = None,
+        perturbation: Perturbation | None = None,
+    ) -> None:
+        super().__init__()
+        self.cell = cell
+        self.solver = solver
+        self.gradient = gradient
+        self.perturbation = perturbation
+
+    def forward(self, z0: State, *inputs, capture: Iterable[int] = ()) -> Solution:
+        return fixed_point(
+            lambda z: self.cell(z, *inputs),
+            z0,
+            solver=self.solver,
+            gradient=self.gradient,
+            perturbation=self.perturbation if self.training else None,
+            capture=capture,
+        )
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, gradient={self.gradient!r}, perturbation={self.perturbation!r}"

@@ -1,0 +1,35 @@
+"""Truncated Neumann series for the inverse of ``I - J``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .._tree import State
+from .adjoint import attach_adjoint
+from .base import VJP, GradientEstimator, Map, Recorder
+
+
+class Neumann(GradientEstimator):
+    """``u = g sum_{t=0}^{k} J^t`` with ``J`` frozen at ``z*``, by ``k`` vector-Jacobian products.
+
+    The series converges to ``g (I - J)^-1`` when the spectral radius of ``J`` is below one; unlike Phantom it
+    evaluates every power of the same Jacobian, so it needs one forward application of f, not ``k``.
+
+    Arguments:
+        k: highest power of ``J`` kept (``k = 0`` is JFB).
+    """
+
+    def __init__(self, k: int = 5) -> None:
+        if k < 0:
+            raise ValueError(f"Neumann needs k >= 0 terms, got {k}.")
+        self.k = int(k)
+
+    def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
+        term, total = g, g
+        for _ in range(self.k):
+            term = vjp(term)
+            total = total + term
+        return total
+
+    def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
+        return attach_adjoint(f, z_star, self.adjoint_vector)

@@ -1,0 +1,312 @@
+"""COCO-format detection data on torchvision's ``CocoDetection`` with transforms-v2 targets.
+
+The annotation file is read and checked once, when the dataset is built: a structural problem (corrupt
+JSON, a missing key, an unknown image or category id, a duplicated id) is a :class:`CocoFormatError` that
+names the file, the entry and the fix, while a box that cannot be learned from (non-positive size, or
+nothing left after clipping to its image) is skipped with a logged warning and counted in
+``dataset.skipped``. Crowd regions are left out of the training targets (COCO's evaluation treats them as
+"ignore"). Every image is kept, including those without annotations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["CocoDetectionDataset", "CocoFormatError", "finalize_target", "load_coco_json"]
+
+logger = logging.getLogger(__name__)
+
+# Per-entry warnings stop after this many; a summary line gives the total.
+_MAX_ENTRY_WARNINGS = 10
+
+
+class CocoFormatError(ValueError):
+    """A COCO annotation file (or an image it lists) does not have the structure this loader needs."""
+
+
+def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
+    """Read a COCO annotation file, with errors that name the file.
+
+    **Arguments**
+    - `ann_file`: path of an ``instances_*.json`` file.
+
+    **Returns** the parsed dict, with ``annotations`` defaulting to ``[]`` (image-info-only files).
+
+    **Raises** ``FileNotFoundError`` when the file does not exist; :class:`CocoFormatError` when it is not
+    valid JSON or lacks the ``images`` / ``categories`` lists.
+    """
+    path = Path(ann_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"COCO annotation file {path} does not exist. Pass the path of an instances_*.json file."
+        )
+    try:
+        with path.open("rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CocoFormatError(
+            f"{path} is not valid JSON ({err}). The file is truncated or corrupt: download or regenerate it."
+        ) from err
+    if not isinstance(data, dict):
+        raise CocoFormatError(
+            f"{path}: the top level is a {type(data).__name__}, expected an object with 'images', "
+            "'annotations' and 'categories'. Is this a results file rather than an annotation file?"
+        )
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{path}: missing list '{key}'; a COCO detection file needs one.")
+    data.setdefault("annotations", [])
+    if not isinstance(data["annotations"], list):
+        raise CocoFormatError(f"{path}: 'annotations' must be a list.")
+    return data
+
+
+def _require(entry: Any, keys: tuple[str, ...], where: str, path: Path) -> None:
+    if not isinstance(entry, dict):
+        raise CocoFormatError(f"{path}: {where} is a {type(entry).__name__}, expected an object.")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise CocoFormatError(f"{path}: {where} lacks the key(s) {missing}; add them or remove the entry.")
+
+
+class CocoDetectionDataset(torchvision.datasets.CocoDetection):
+    """A COCO-format detection dataset returning ``(image, target)`` ready for DETR-style training.
+
+    Category ids (any integers) are mapped to contiguous labels ``0..C-1`` in increasing id order;
+    ``label_to_category_id`` maps back for evaluation. Boxes are converted from COCO ``xywh`` to ``xyxy`` and
+    clipped to the image.
+
+    A sample is ``(image, target)`` where, after ``transforms``, ``target`` holds (see
+    :func:`finalize_target`): ``boxes`` [M, 4] xyxy pixels of the transformed image, ``boxes_normalized``
+    [M, 4] = boxes / (w, h, w, h), ``labels`` [M] int64, ``image_id`` (int), ``orig_size`` and ``size``
+    (int64 (h, w) before / after the transforms). Without ``transforms`` the image is the decoded uint8
+    ``[3, H, W]`` tensor.
+
+    **Arguments**
+    - `root`: folder the images' ``file_name`` entries are relative to.
+    - `ann_file`: the COCO ``instances_*.json`` file.
+    - `transforms`: a transforms-v2 callable taking and returning ``(image, target)``, where the target
+      has ``boxes`` as ``tv_tensors.BoundingBoxes`` and ``labels``; see :mod:`implicitkit_det.data.transforms`.
+
+    **Attributes**
+    - `coco`: a ``pycocotools`` ``COCO`` index of the file minus the skipped annotations (what the
+      evaluator scores against); crowd annotations are kept there, as COCO evaluation expects.
+    - `skipped`: counts ``{"degenerate", "outside_image"}`` of annotations dropped, and ``crowd`` of crowd
+      regions left out of the training targets.
+    - `category_ids`, `category_names`: per contiguous label.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+    ) -> None:
+        # torchvision's __init__ would re-read the file with no checks; set up the VisionDataset part only.
+        torchvision.datasets.VisionDataset.__init__(self, root, transforms=transforms)
+        from pycocotools.coco import COCO
+
+        self.ann_file = Path(ann_file)
+        data = load_coco_json(self.ann_file)
+        kept = self._index(data)
+
+        self.coco = COCO()
+        self.coco.dataset = {**data, "annotations": kept}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco.createIndex()
+        self.ids = sorted(self._images)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Reading and checking the annotation file.
+    def _index(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        path = self.ann_file
+        self._images: dict[int, dict[str, Any]] = {}
+        for i, img in enumerate(data["images"]):
+            _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
+            if img["id"] in self._images:
+                raise CocoFormatError(f"{path}: image id {img['id']} appears twice; image ids must be unique.")
+            if not (img["width"] > 0 and img["height"] > 0):
+                raise CocoFormatError(
+                    f"{path}: image id {img['id']} has size {img['width']}x{img['height']}; "
+                    "width and height must be positive."
+                )
+            self._images[img["id"]] = img
+
+        cat_ids: list[int] = []
+        names: dict[int, str] = {}
+        for i, cat in enumerate(data["categories"]):
+            _require(cat, ("id",), f"categories[{i}]", path)
+            if cat["id"] in names:
+                raise CocoFormatError(f"{path}: category id {cat['id']} appears twice; ids must be unique.")
+            names[cat["id"]] = str(cat.get("name", cat["id"]))
+            cat_ids.append(cat["id"])
+        self.category_ids: list[int] = sorted(cat_ids)
+        self.category_names: list[str] = [names[c] for c in self.category_ids]
+        self.category_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.category_ids)}
+
+        self.skipped: dict[str, int] = {"degenerate": 0, "outside_image": 0, "crowd": 0}
+        boxes: dict[int, list[list[float]]] = {i: [] for i in self._images}
+        labels: dict[int, list[int]] = {i: [] for i in self._images}
+        seen_ann_ids: set[Any] = set()
+        kept: list[dict[str, Any]] = []
+        for i, ann in enumerate(data["annotations"]):
+            _require(ann, ("id", "image_id", "category_id", "bbox"), f"annotations[{i}]", path)
+            aid, iid, cid = ann["id"], ann["image_id"], ann["category_id"]
+            if aid in seen_ann_ids:
+                raise CocoFormatError(
+                    f"{path}: annotation id {aid} appears twice; annotation ids must be unique "
+                    "(COCO evaluation indexes annotations by id)."
+                )
+            seen_ann_ids.add(aid)
+            if iid not in self._images:
+                raise CocoFormatError(
+                    f"{path}: annotation id {aid} refers to image id {iid}, which is not in 'images'. "
+                    "Add the image or remove the annotation."
+                )
+            if cid not in self.category_id_to_label:
+                raise CocoFormatError(
+                    f"{path}: annotation id {aid} (image id {iid}) has category id {cid}, which is not in "
+                    f"'categories' (known ids: {self.category_ids}). Add the category or fix the annotation."
+                )
+            bbox = ann["bbox"]
+            if (
+                not isinstance(bbox, (list, tuple))
+                or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+            ):
+                raise CocoFormatError(
+                    f"{path}: annotation id {aid} (image id {iid}) has bbox {bbox!r}; expected four finite "
+                    "numbers [x, y, width, height]."
+                )
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                self._skip("degenerate", f"annotation id {aid} (image id {iid}) has a box of size {w}x{h}")
+                continue
+            img = self._images[iid]
+            x0, y0 = min(max(x, 0.0), img["width"]), min(max(y, 0.0), img["height"])
+            x1, y1 = min(max(x + w, 0.0), img["width"]), min(max(y + h, 0.0), img["height"])
+            if x1 <= x0 or y1 <= y0:
+                self._skip(
+                    "outside_image",
+                    f"annotation id {aid} (image id {iid}) box {bbox} lies outside its "
+                    f"{img['width']}x{img['height']} image",
+                )
+                continue
+            kept.append(ann)
+            if ann.get("iscrowd", 0):
+                self.skipped["crowd"] += 1
+                continue
+            boxes[iid].append([x0, y0, x1, y1])
+            labels[iid].append(self.category_id_to_label[cid])
+
+        n_bad = self.skipped["degenerate"] + self.skipped["outside_image"]
+        if n_bad > _MAX_ENTRY_WARNINGS:
+            logger.warning("%s: skipped %d unusable boxes in all (counts: %s).", path, n_bad, self.skipped)
+        self._boxes = {i: np.asarray(b, dtype=np.float32).reshape(-1, 4) for i, b in boxes.items()}
+        self._labels = {i: np.asarray(v, dtype=np.int64) for i, v in labels.items()}
+        return kept
+
+    def _skip(self, reason: str, what: str) -> None:
+        self.skipped[reason] += 1
+        n = self.skipped["degenerate"] + self.skipped["outside_image"]
+        if n <= _MAX_ENTRY_WARNINGS:
+            logger.warning(
+                "%s: %s; skipped (counted in dataset.skipped[%r]). Fix or remove the annotation to silence "
+                "this warning.",
+                self.ann_file,
+                what,
+                reason,
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Samples.
+    @property
+    def num_classes(self) -> int:
+        """Number of contiguous labels ``C``."""
+        return len(self.category_ids)
+
+    @property
+    def label_to_category_id(self) -> list[int]:
+        """``label_to_category_id[label]`` is the file's category id of a contiguous label."""
+        return list(self.category_ids)
+
+    def _load_image(self, id: int) -> tv_tensors.Image:
+        info = self._images[id]
+        path = os.path.join(self.root, info["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Image id {id} of {self.ann_file} is {info['file_name']!r}, but {path} does not exist. "
+                "Check that the image folder (root) matches the annotation file."
+            )
+        try:
+            with Image.open(path) as pil:
+                image = F.to_image(pil.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise CocoFormatError(f"Image id {id}: cannot decode {path} ({err}); the file is corrupt.") from err
+        h, w = image.shape[-2:]
+        if (h, w) != (info["height"], info["width"]):
+            raise CocoFormatError(
+                f"Image id {id}: {path} is {w}x{h} but {self.ann_file} says {info['width']}x{info['height']}; "
+                "its boxes would be wrong. Fix the 'width'/'height' entry of the image."
+            )
+        return image
+
+    def _load_target(self, id: int) -> dict[str, Any]:
+        info = self._images[id]
+        return {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(self._boxes[id]), format="XYXY", canvas_size=(info["height"], info["width"])
+            ),
+            "labels": torch.from_numpy(self._labels[id]),
+            "image_id": id,
+        }
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_id = self.ids[index]
+        image = self._load_image(image_id)
+        target = self._load_target(image_id)
+        orig_size = tuple(image.shape[-2:])
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, finalize_target(image, target, orig_size)
+
+
+def finalize_target(
+    image: torch.Tensor, target: Mapping[str, Any], orig_size: tuple[int, int]
+) -> dict[str, Any]:
+    """Turn a transformed target into the plain-tensor dict the matcher and criterion read.
+
+    **Arguments**
+    - `image`: the transformed image ``[3, h, w]``.
+    - `target`: a dict with ``boxes`` (``BoundingBoxes``, xyxy), ``labels`` and ``image_id``.
+    - `orig_size`: ``(H, W)`` of the image as stored.
+
+    **Returns** ``{boxes, boxes_normalized, labels, image_id, orig_size, size}`` with
+    ``boxes_normalized = boxes / (w, h, w, h)``, boxes clipped to the ``(h, w)`` image.
+    """
+    h, w = image.shape[-2:]
+    boxes = torchvision.ops.clip_boxes_to_image(target["boxes"].as_subclass(torch.Tensor).float(), (h, w))
+    scale = torch.tensor([w, h, w, h], dtype=boxes.dtype)
+    return {
+        "boxes": boxes,
+        "boxes_normalized": boxes / scale,
+        "labels": target["labels"].as_subclass(torch.Tensor).long(),
+        "image_id": int(target["image_id"]),
+        "orig_size": torch.tensor(orig_size, dtype=torch.int64),
+        "size": torch.tensor([h, w], dtype=torch.int64),
+    }

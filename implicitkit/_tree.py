@@ -34,7 +34,9 @@ class StateSpec:
         return [int(torch.Size(s[1:]).numel()) for s in self.shapes]
 
     def describe(self) -> str:
-        leaves = ", ".join(f"{tuple(s)}:{str(d).removeprefix('torch.')}" for s, d in zip(self.shapes, self.dtypes))
+        leaves = ", ".join(
+            f"{tuple(s)}:{str(d).removeprefix('torch.')}" for s, d in zip(self.shapes, self.dtypes)
+        )
         return f"{self.treespec.type.__name__ if self.treespec.type else 'Tensor'}[{leaves}]"
 
 
@@ -50,7 +52,9 @@ def leaves_of(state: State) -> tuple[list[Tensor], pytree.TreeSpec]:
                 "tensor or a tuple/list/dict of tensors; pass constants to the cell as extra inputs instead."
             )
         if leaf.dim() == 0:
-            raise ValueError(f"Leaf {i} of the state is a scalar; every leaf needs a leading batch dimension.")
+            raise ValueError(
+                f"Leaf {i} of the state is a scalar; every leaf needs a leading batch dimension."
+            )
     batch = leaves[0].shape[0]
     for i, leaf in enumerate(leaves):
         if leaf.shape[0] != batch:

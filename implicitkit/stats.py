@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 
@@ -83,4 +82,3 @@ class SolverStats:
 
     def __repr__(self) -> str:
         return f"SolverStats({self.summary()})"
-

@@ -28,14 +28,15 @@ class _AdjointProblem:
     def vjp(self, u_flat: Tensor) -> Tensor:
         """``u J`` for flat ``u`` ``[B, D]``, as one reverse pass through ``f`` (graph kept for reuse)."""
         u_leaves, _ = leaves_of(unflatten(u_flat, self.spec))
-        grads = torch.autograd.grad(
-            self.fz_leaves,
-            self.z_leaves,
-            [u.to(fz.dtype) for u, fz in zip(u_leaves, self.fz_leaves)],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z_leaves)]
+        # A leaf of f(z) without a graph (a detached box, a constant) contributes nothing to u J.
+        pairs = [
+            (fz, u.to(fz.dtype)) for u, fz in zip(u_leaves, self.fz_leaves, strict=True) if fz.requires_grad
+        ]
+        if not pairs:
+            return torch.zeros_like(u_flat)
+        outputs, cotangents = zip(*pairs, strict=True)
+        grads = torch.autograd.grad(outputs, self.z_leaves, cotangents, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z_leaves, strict=True)]
         return flatten(self.spec.treespec.unflatten(grads), self.spec)
 
 
@@ -49,13 +50,21 @@ class _Adjoint(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Tensor):
         problem: _AdjointProblem = ctx.problem
-        ctx.problem = None  # free f's graph references as soon as we are done
-        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, problem.z_leaves)]
+        grads = [
+            torch.zeros_like(z) if g is None else g for g, z in zip(grads, problem.z_leaves, strict=True)
+        ]
         g_flat = flatten(problem.spec.treespec.unflatten(grads), problem.spec)
         with torch.enable_grad():
             u_flat = problem.rule(g_flat, problem.vjp)
         u_leaves, _ = leaves_of(unflatten(u_flat, problem.spec))
-        return (None, None, *(u.to(fz.dtype) for u, fz in zip(u_leaves, problem.fz_leaves)))
+        return (
+            None,
+            None,
+            *(
+                u.to(fz.dtype) if fz.requires_grad else None
+                for u, fz in zip(u_leaves, problem.fz_leaves, strict=True)
+            ),
+        )
 
 
 def attach_adjoint(f: Callable, z_star, rule: AdjointRule):

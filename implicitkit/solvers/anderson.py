@@ -72,7 +72,6 @@ class Anderson(Solver):
         return self.beta * mixed_fz + (1.0 - self.beta) * mixed_z
 
 
-
 def _mixing_weights(gram: Tensor, lam: float, newest: int) -> Tensor:
     """Per-sample weights ``alpha`` with ``sum(alpha) = 1`` minimising ``alpha^T (G + lam s I) alpha``.
 

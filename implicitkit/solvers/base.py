@@ -164,7 +164,11 @@ class Solver(ABC):
             active = active & ~(bad | grew | (res <= self.tol)).unsqueeze(1)
             if k == self.max_iter or not bool(active.any()):  # the one host synchronisation per step
                 break
-            z = torch.where(active, self.step(memory, z, fz), z)
+            # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
+            # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
+            with torch.autocast(z.device.type, enabled=False):
+                proposal = self.step(memory, z, fz)
+            z = torch.where(active, proposal, z)
 
         for k in capture:  # every sample stopped before these steps: their state is the returned value
             captured.setdefault(k, best_value)

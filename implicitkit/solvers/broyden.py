@@ -36,8 +36,9 @@ class Broyden(Solver):
 
     ``H_{k+1} = H_k + (s - H_k y) s^T H_k / (s^T H_k y)``,  ``s = z_{k+1} - z_k``,  ``y = g_{k+1} - g_k``,
 
-    kept as at most ``m`` rank-one factors per sample (the oldest is overwritten when full). An update whose
-    denominator vanishes (a frozen sample, or a degenerate step) is skipped.
+    kept as at most ``m`` rank-one factors per sample. When the memory is full it restarts from ``H = -I``:
+    overwriting the oldest factor instead leaves a product of updates no secant condition supports, and is
+    unstable in practice. An update whose denominator vanishes (a frozen sample, a degenerate step) is skipped.
 
     Arguments:
         m: number of rank-one updates kept.
@@ -68,10 +69,10 @@ class Broyden(Solver):
             usable = denom.abs() > tiny
             u_new = torch.where(usable, (s - h_y) / torch.where(usable, denom, torch.ones_like(denom)), 0.0)
             v_new = torch.where(usable, s_h, 0.0)
-            slot = memory.count % self.m
-            memory.u = replace_row(memory.u, slot, u_new)
-            memory.v = replace_row(memory.v, slot, v_new)
+            if memory.count == self.m:  # restart; see the class docstring
+                memory.u, memory.v, memory.count = torch.zeros_like(memory.u), torch.zeros_like(memory.v), 0
+            memory.u = replace_row(memory.u, memory.count, u_new)
+            memory.v = replace_row(memory.v, memory.count, v_new)
             memory.count += 1
         memory.prev_z, memory.prev_g = z, g
         return z - memory.apply(g)
-

@@ -29,14 +29,18 @@ class DetectionBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> DetectionBatch:
         """The batch with every tensor (targets included) moved to `device`."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
-        def move(v: Any) -> Any:
-            return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+    def pin_memory(self) -> DetectionBatch:
+        """The batch in page-locked memory; ``DataLoader(pin_memory=True)`` calls this."""
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, fn: Any) -> DetectionBatch:
+        def apply(v: Any) -> Any:
+            return fn(v) if isinstance(v, torch.Tensor) else v
 
         return DetectionBatch(
-            move(self.images),
-            move(self.mask),
-            [{k: move(v) for k, v in t.items()} for t in self.targets],
+            apply(self.images), apply(self.mask), [{k: apply(v) for k, v in t.items()} for t in self.targets]
         )
 
     def __len__(self) -> int:

@@ -134,22 +134,32 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     # ----------------------------------------------------------------------------------------------------
     # Reading and checking the annotation file.
     def _index(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """Check the file, build the label map and per-image targets; return the annotations kept."""
+        self._index_images(data["images"])
+        self._index_categories(data["categories"])
+        return self._index_annotations(data["annotations"])
+
+    def _index_images(self, images: list[Any]) -> None:
         path = self.ann_file
         self._images: dict[int, dict[str, Any]] = {}
-        for i, img in enumerate(data["images"]):
+        for i, img in enumerate(images):
             _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
             if img["id"] in self._images:
-                raise CocoFormatError(f"{path}: image id {img['id']} appears twice; image ids must be unique.")
-            if not (img["width"] > 0 and img["height"] > 0):
+                raise CocoFormatError(
+                    f"{path}: image id {img['id']} appears twice; image ids must be unique."
+                )
+            if not all(isinstance(img[k], (int, float)) and img[k] > 0 for k in ("width", "height")):
                 raise CocoFormatError(
                     f"{path}: image id {img['id']} has size {img['width']}x{img['height']}; "
                     "width and height must be positive."
                 )
             self._images[img["id"]] = img
 
+    def _index_categories(self, categories: list[Any]) -> None:
+        path = self.ann_file
         cat_ids: list[int] = []
         names: dict[int, str] = {}
-        for i, cat in enumerate(data["categories"]):
+        for i, cat in enumerate(categories):
             _require(cat, ("id",), f"categories[{i}]", path)
             if cat["id"] in names:
                 raise CocoFormatError(f"{path}: category id {cat['id']} appears twice; ids must be unique.")
@@ -159,12 +169,14 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         self.category_names: list[str] = [names[c] for c in self.category_ids]
         self.category_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.category_ids)}
 
+    def _index_annotations(self, annotations: list[Any]) -> list[dict[str, Any]]:
+        path = self.ann_file
         self.skipped: dict[str, int] = {"degenerate": 0, "outside_image": 0, "crowd": 0}
         boxes: dict[int, list[list[float]]] = {i: [] for i in self._images}
         labels: dict[int, list[int]] = {i: [] for i in self._images}
         seen_ann_ids: set[Any] = set()
         kept: list[dict[str, Any]] = []
-        for i, ann in enumerate(data["annotations"]):
+        for i, ann in enumerate(annotations):
             _require(ann, ("id", "image_id", "category_id", "bbox"), f"annotations[{i}]", path)
             aid, iid, cid = ann["id"], ann["image_id"], ann["category_id"]
             if aid in seen_ann_ids:
@@ -257,7 +269,9 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             with Image.open(path) as pil:
                 image = F.to_image(pil.convert("RGB"))
         except (UnidentifiedImageError, OSError) as err:
-            raise CocoFormatError(f"Image id {id}: cannot decode {path} ({err}); the file is corrupt.") from err
+            raise CocoFormatError(
+                f"Image id {id}: cannot decode {path} ({err}); the file is corrupt."
+            ) from err
         h, w = image.shape[-2:]
         if (h, w) != (info["height"], info["width"]):
             raise CocoFormatError(

@@ -1,0 +1,124 @@
+"""One-to-one matching of predictions to ground truth by the Hungarian algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou
+
+__all__ = ["HungarianMatcher", "focal_cost"]
+
+
+def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """The focal classification cost of assigning each prediction to each target.
+
+    With ``p = sigmoid(logit)`` of the target's class, the cost is the focal loss of calling that class
+    positive minus the focal loss of calling it negative:
+
+        cost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p))
+
+    **Arguments**
+    - `logits`: ``[N, C]`` class logits.
+    - `labels`: ``[M]`` target labels in ``0..C-1``.
+
+    **Returns** the ``[N, M]`` cost.
+    """
+    logits = logits[:, labels]
+    p = logits.sigmoid()
+    # log(sigmoid(x)) through logsigmoid stays finite for large |x|, where log(p) would hit log(0).
+    pos = alpha * (1 - p) ** gamma * -nn.functional.logsigmoid(logits)
+    neg = (1 - alpha) * p**gamma * -nn.functional.logsigmoid(-logits)
+    return pos - neg
+
+
+class HungarianMatcher(nn.Module):
+    """Match each image's predictions to its targets at the least total cost (DEQDet's / AdaMixer's costs).
+
+    The cost of prediction ``i`` for target ``j`` is
+
+        C_ij = w_cls focal_cost(logit_i, label_j) + w_l1 ||b_i - t_j||_1 - w_giou GIoU(b_i, t_j)
+
+    on normalised xyxy boxes; ``scipy.optimize.linear_sum_assignment`` picks the assignment of least total
+    cost, matching ``min(N, M)`` pairs.
+
+    **Arguments**
+    - `cost_class`, `cost_bbox`, `cost_giou`: the weights ``w_cls`` (2.0), ``w_l1`` (5.0), ``w_giou`` (2.0).
+    - `focal_alpha`, `focal_gamma`: of the focal cost (0.25, 2.0).
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor) -> Tensor:
+        """The ``[N, M]`` cost of one image: ``logits`` [N, C], ``boxes`` [N, 4], ``labels`` [M],
+        ``target_boxes`` [M, 4] (boxes normalised xyxy)."""
+        logits, boxes, target_boxes = logits.float(), boxes.float(), target_boxes.float()
+        cls = focal_cost(logits, labels, self.focal_alpha, self.focal_gamma)
+        l1 = torch.cdist(boxes, target_boxes, p=1)
+        giou = generalized_box_iou(boxes, target_boxes)
+        return self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Match a batch.
+
+        **Arguments**
+        - `outputs`: ``pred_logits`` [B, N, C] and ``pred_boxes`` [B, N, 4] (normalised xyxy).
+        - `targets`: per image, ``labels`` [M_b] and ``boxes_normalized`` [M_b, 4].
+
+        **Returns** per image ``(pred_idx, tgt_idx)``, int64 tensors of length ``min(N, M_b)``, sorted by
+        ``pred_idx``; empty when the image has no targets.
+
+        **Raises** ``FloatingPointError`` if a cost is NaN or infinite (usually NaN predicted boxes or
+        logits from a diverged model).
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} images in the outputs but {len(targets)} targets")
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in targets]
+
+        # One cost matrix over all targets of the batch, moved to the CPU at once, then split per image.
+        labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        tgt_boxes = torch.cat([t["boxes_normalized"] for t in targets]).to(boxes.device)
+        bsz, n = logits.shape[:2]
+        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, tgt_boxes)
+        cost = cost.view(bsz, n, -1).cpu()
+
+        indices = []
+        for b, block in enumerate(cost.split(sizes, dim=-1)):
+            c = block[b]
+            if not torch.isfinite(c).all():
+                raise FloatingPointError(
+                    f"matching cost of image {b} (image_id {targets[b].get('image_id')}) is NaN or infinite: "
+                    f"pred_logits finite: {bool(torch.isfinite(logits[b]).all())}, pred_boxes finite: "
+                    f"{bool(torch.isfinite(boxes[b]).all())}, target boxes finite: "
+                    f"{bool(torch.isfinite(targets[b]['boxes_normalized']).all())}. The model has likely "
+                    "diverged: lower the learning rate or check the inputs."
+                )
+            rows, cols = linear_sum_assignment(c.numpy())
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
+        return indices

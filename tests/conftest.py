@@ -1,4 +1,4 @@
-"""Shared problems with known answers for the core tests."""
+"""Fixtures for the core tests (shared problems live in ``problems.py``: conftest is not importable by name)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import pytest
 import torch
 
 
-def contraction(dim: int, rate: float, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
-    """A random ``dim x dim`` matrix with spectral norm exactly ``rate``."""
-    a = torch.randn(dim, dim, generator=generator, dtype=dtype)
-    return rate * a / torch.linalg.matrix_norm(a, ord=2)
-
-
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+# Each pytest-xdist worker gets one thread: on a 2-core runner two workers with two threads each
+# oversubscribe the cores, and the small tensors here gain nothing from intra-op parallelism.
+torch.set_num_threads(1)

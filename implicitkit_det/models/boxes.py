@@ -1,0 +1,97 @@
+"""Box parametrisations of the query decoders: ``xyzr`` <-> ``xyxy``, its sinusoidal encoding, and IoF.
+
+A query's box is kept as ``(x, y, z, r)``: the centre in pixels, the log-scale and the log-aspect
+
+    z = log2 sqrt(w h),      r = log2(h / w),      so   w = 2^(z - r/2),   h = 2^(z + r/2).
+
+Scale and aspect live on a log axis, so an additive update changes a box multiplicatively and can never
+make it negative, and ``z`` compares directly with ``log2`` of a feature map's stride.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert
+
+__all__ = ["box_iof", "position_encoding", "xyxy_to_xyzr", "xyzr_to_xyxy"]
+
+
+def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-6) -> Tensor:
+    """Corner boxes to ``(x, y, z, r)``.
+
+        x = (x0 + x1) / 2,  y = (y0 + y1) / 2,  z = (log2 w + log2 h) / 2,  r = log2 h - log2 w
+
+    **Arguments**
+    - `boxes`: ``[..., 4]`` as ``(x0, y0, x1, y1)`` with ``x1 >= x0`` and ``y1 >= y0``.
+    - `min_size`: sides are clamped to at least this before the logarithm, so a degenerate box stays finite.
+
+    **Returns** ``[..., 4]`` as ``(x, y, z, r)``.
+    """
+    cxcywh = box_convert(boxes, "xyxy", "cxcywh")
+    log_wh = cxcywh[..., 2:].clamp_min(min_size).log2()
+    z = 0.5 * (log_wh[..., :1] + log_wh[..., 1:])
+    r = log_wh[..., 1:] - log_wh[..., :1]
+    return torch.cat([cxcywh[..., :2], z, r], dim=-1)
+
+
+def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
+    """``(x, y, z, r)`` to corner boxes: ``w = 2^(z - r/2)``, ``h = 2^(z + r/2)``.
+
+    **Arguments**
+    - `xyzr`: ``[..., 4]``.
+
+    **Returns** ``[..., 4]`` as ``(x0, y0, x1, y1)``.
+    """
+    z, r = xyzr[..., 2:3], xyzr[..., 3:4]
+    wh = torch.cat([torch.exp2(z - 0.5 * r), torch.exp2(z + 0.5 * r)], dim=-1)
+    return box_convert(torch.cat([xyzr[..., :2], wh], dim=-1), "cxcywh", "xyxy")
+
+
+def position_encoding(xyzr: Tensor, num_feats: int = 64, temperature: float = 10000.0) -> Tensor:
+    """Sinusoidal encoding of ``(x / 1000, y / 1000, z, r)`` with ``num_feats`` features per coordinate.
+
+    For each coordinate ``v`` and feature ``k = 0 .. num_feats - 1``, with ``t_k = T^(2 floor(k/2) / num_feats)``:
+
+        PE_k(v) = sin(v / t_k) for even k,   cos(v / t_k) for odd k
+
+    The centre is divided by 1000 so that pixel positions fall in the range where the lowest frequencies
+    still vary; ``z`` and ``r`` are already of order 1.
+
+    **Arguments**
+    - `xyzr`: ``[..., 4]`` boxes.
+    - `num_feats`: features per coordinate (the content dimension over 4); even.
+    - `temperature`: ``T``.
+
+    **Returns** ``[..., 4 * num_feats]``: the encodings of x, y, z, r one after another.
+    """
+    if num_feats % 2:
+        raise ValueError(f"num_feats must be even, got {num_feats}")
+    scale = xyzr.new_tensor([1000.0, 1000.0, 1.0, 1.0])
+    k = torch.arange(num_feats, device=xyzr.device, dtype=xyzr.dtype)
+    periods = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / num_feats)
+    angles = (xyzr / scale)[..., None] / periods  # [..., 4, num_feats]
+    features = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1)
+    return features.flatten(-3)  # (sin, cos) pairs interleaved, then the four coordinates
+
+
+def box_iof(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection over the first box's area ("intersection over foreground"), batched.
+
+        IoF(a, b) = |a ∩ b| / |a|
+
+    Unlike IoU it is asymmetric: a small box lying inside a large one has IoF 1 towards it, while the large
+    box has a small IoF towards the small one.
+
+    **Arguments**
+    - `boxes1`: ``[..., N, 4]`` xyxy.
+    - `boxes2`: ``[..., M, 4]`` xyxy.
+
+    **Returns** ``[..., N, M]`` in ``[0, 1]``.
+    """
+    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (bottom_right - top_left).clamp_min(0)
+    inter = wh[..., 0] * wh[..., 1]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    return inter / area1[..., :, None].clamp_min(torch.finfo(inter.dtype).tiny)

@@ -1,0 +1,148 @@
+"""Named model configurations and ``build_model``: the paper-scale detectors and tiny CPU ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .adamixer import AdaMixer
+from .adamixer_stage import AdaMixerStage
+from .backbone import ResNetBackbone
+from .deqdet import DEQDet
+from .detector import QueryDetector
+from .neck import ChannelMapper
+from .queries import InitialQueries
+from .rap import RAP
+
+__all__ = ["CONFIGS", "ModelConfig", "build_model"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every choice that shapes a detector; :func:`build_model` turns one into a model.
+
+    **Attributes**
+    - `arch`: ``"deqdet"`` or ``"adamixer"``.
+    - `backbone`, `backbone_weights`, `frozen_bn`, `frozen_stages`: of :class:`~.backbone.ResNetBackbone`.
+    - `neck_kernel`, `neck_relu`, `gn_groups`: of :class:`~.neck.ChannelMapper`.
+    - `dim`: channels of the features and of the query content.
+    - `num_queries`: ``N``.
+    - `num_heads`, `num_points`, `out_points`, `num_groups`, `ffn_dim`: of each
+      :class:`~.adamixer_stage.AdaMixerStage` (``P`` = `num_points`).
+    - `num_stages`: AdaMixer's stage count.
+    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: DEQDet's schedule.
+    - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: DEQDet's :class:`~.rap.RAP`.
+    - `num_select`: detections per image at inference.
+    """
+
+    arch: Literal["deqdet", "adamixer"] = "deqdet"
+    backbone: str = "resnet50"
+    backbone_weights: str | None = None
+    frozen_bn: bool | None = None
+    frozen_stages: int | None = None
+    neck_kernel: int = 3
+    neck_relu: bool = True
+    gn_groups: int = 32
+    dim: int = 256
+    num_queries: int = 100
+    num_heads: int = 8
+    num_points: int = 64
+    out_points: int = 128
+    num_groups: int = 4
+    ffn_dim: int = 2048
+    num_stages: int = 6
+    train_steps: int = 20
+    test_steps: int = 21
+    supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
+    init_refinements: int = 2
+    rag_steps: int = 2
+    rap_content_prob: float = 0.2
+    rap_content_scale: float = 0.1
+    rap_box_prob: float = 0.2
+    rap_box_pixels: float = 25.0
+    num_select: int = 100
+
+
+_DEQDET_R50 = ModelConfig()
+_ADAMIXER_R50 = ModelConfig(arch="adamixer", neck_kernel=1, neck_relu=False, num_points=32)
+# CPU-sized (a training step well under a second on 2 cores at 128-192 px): ResNet-10, 64 channels, 20
+# queries, 4 points per group; the DEQ schedule is the paper's. Box noise is scaled like the images
+# (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights=...
+_TINY = dict(
+    backbone="resnet10",
+    dim=64,
+    gn_groups=8,
+    num_queries=20,
+    num_heads=4,
+    num_points=4,
+    out_points=16,
+    ffn_dim=256,
+)
+
+CONFIGS: dict[str, ModelConfig] = {
+    "deqdet_r50_1x": _DEQDET_R50,
+    "deqdet_r50_2x": dataclasses.replace(_DEQDET_R50, num_queries=300, num_select=300),
+    "adamixer_r50_1x": _ADAMIXER_R50,
+    "deqdet_tiny": dataclasses.replace(_DEQDET_R50, **_TINY, rap_box_pixels=4.0),
+    "adamixer_tiny": dataclasses.replace(_ADAMIXER_R50, **_TINY),
+}
+
+
+def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -> QueryDetector:
+    """Build a detector from a named (or given) configuration.
+
+    **Arguments**
+    - `config`: a key of :data:`CONFIGS` (``deqdet_r50_1x``, ``deqdet_r50_2x``, ``adamixer_r50_1x``,
+      ``deqdet_tiny``, ``adamixer_tiny``) or a :class:`ModelConfig`.
+    - `num_classes`: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
+    - `**overrides`: fields of :class:`ModelConfig` to change, e.g. ``num_queries=50`` or
+      ``backbone_weights="resnet50.pth"``.
+
+    **Returns** a :class:`~.deqdet.DEQDet` or :class:`~.adamixer.AdaMixer` in training mode.
+
+    Build on the meta device (``with torch.device("meta"): ...``) to inspect shapes and parameter counts
+    without allocating memory.
+    """
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
+        config = CONFIGS[config]
+    cfg = dataclasses.replace(config, **overrides)
+    backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.frozen_bn, cfg.frozen_stages)
+    neck = ChannelMapper(backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups)
+    queries = InitialQueries(cfg.num_queries, cfg.dim)
+
+    def layer() -> AdaMixerStage:
+        return AdaMixerStage(
+            num_classes,
+            cfg.dim,
+            cfg.num_heads,
+            cfg.num_points,
+            cfg.out_points,
+            cfg.num_groups,
+            cfg.ffn_dim,
+            backbone.strides,
+        )
+
+    if cfg.arch == "adamixer":
+        return AdaMixer(
+            backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
+        )
+    if cfg.arch == "deqdet":
+        rap = RAP(cfg.rap_content_prob, cfg.rap_content_scale, cfg.rap_box_prob, cfg.rap_box_pixels)
+        return DEQDet(
+            backbone,
+            neck,
+            queries,
+            layer(),
+            layer(),
+            train_steps=cfg.train_steps,
+            test_steps=cfg.test_steps,
+            supervise_steps=cfg.supervise_steps,
+            init_refinements=cfg.init_refinements,
+            rag_steps=cfg.rag_steps,
+            perturbation=rap,
+            num_select=cfg.num_select,
+        )
+    raise ValueError(f"unknown arch {cfg.arch!r}; choose 'deqdet' or 'adamixer'")

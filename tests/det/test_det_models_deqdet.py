@@ -1,0 +1,259 @@
+"""DEQDet: the refinement as a fixed point, its supervised branches, RAP, and the detector conventions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from implicitkit_det.models import RAP, BoxPerturbation, DEQDet, build_model, xyxy_to_xyzr, xyzr_to_xyxy
+
+SUPERVISED = (1, 3, 6, 9, 12, 20)
+BRANCHES = {"init", "init_f1", "init_f2", *(f"rag_s{i}" for i in SUPERVISED)}
+TERMS = {"focal", "l1", "giou", "loss_focal", "loss_l1", "loss_giou", "loss"}
+
+
+def tiny(seed: int = 0, **overrides) -> DEQDet:
+    torch.manual_seed(seed)
+    overrides = {"num_queries": 6, **overrides}
+    return build_model("deqdet_tiny", 10, **overrides)
+
+
+def batch():
+    """Two images padded to 64 x 96; the second is really 48 x 80."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    images[1, :, 48:], images[1, :, :, 80:] = 0, 0
+    mask[1, 48:], mask[1, :, 80:] = True, True
+    targets = [
+        {
+            "labels": torch.tensor([1, 4]),
+            "boxes_normalized": torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.4, 0.9, 0.9]]),
+            "size": torch.tensor([64, 96]),
+            "orig_size": torch.tensor([128, 192]),
+        },
+        {
+            "labels": torch.tensor([7]),
+            "boxes_normalized": torch.tensor([[0.2, 0.3, 0.6, 0.7]]),
+            "size": torch.tensor([48, 80]),
+            "orig_size": torch.tensor([48, 80]),
+        },
+    ]
+    return images, mask, targets
+
+
+def unrolled_prediction(model: DEQDet, images, mask, steps: int):
+    """The reference: G, then F applied ``steps`` times, written out."""
+    sizes = model.image_sizes(images, mask=mask)
+    features = model.features(images)
+    y = model.init_layer(model.queries(sizes), features, sizes)
+    for _ in range(steps):
+        y = model.refine_layer(y, features, sizes)
+    return model.refine_layer.predict(y, sizes)
+
+
+@torch.no_grad()
+def test_inference_applies_f_exactly_test_steps_times():
+    model = tiny().eval()
+    images, mask, _ = batch()
+    assert model.test_steps == 21
+    got = model.predict(images, mask=mask)
+    want = unrolled_prediction(model, images, mask, 21)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    model.test_steps = 4  # a run-time setting
+    torch.testing.assert_close(model.predict(images, mask=mask), unrolled_prediction(model, images, mask, 4))
+
+
+def test_mask_passed_as_targets_is_a_clear_error():
+    images, mask, _ = batch()
+    with pytest.raises(TypeError, match="as mask="):
+        tiny().eval()(images, mask)
+
+
+def test_image_sizes_from_targets_mask_or_padding():
+    images, mask, targets = batch()
+    want = torch.tensor([[64.0, 96.0], [48.0, 80.0]])
+    torch.testing.assert_close(DEQDet.image_sizes(images, targets), want)
+    torch.testing.assert_close(DEQDet.image_sizes(images, mask=mask), want)
+    torch.testing.assert_close(DEQDet.image_sizes(images), torch.tensor([[64.0, 96.0], [64.0, 96.0]]))
+
+
+def test_eval_returns_detections_in_original_pixels():
+    model = tiny().eval()
+    images, mask, targets = batch()
+    with torch.no_grad():
+        detections = model(images, targets, mask=mask)
+        raw = model.predict(images, mask=mask)
+    assert len(detections) == 2
+    for det, (h, w) in zip(detections, [(128, 192), (48, 80)]):
+        assert set(det) == {"boxes", "scores", "labels"}
+        assert det["boxes"].shape == (60, 4) and det["scores"].shape == (60,)  # k = min(100, N x C)
+        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+        assert det["labels"].dtype == torch.int64 and det["labels"].max() < 10
+    # The best detection of image 0 is its query's box scaled to the original 128 x 192 image.
+    q = int(raw["pred_logits"][0].sigmoid().flatten().argmax()) // 10
+    scale = torch.tensor([192.0, 128.0, 192.0, 128.0])
+    torch.testing.assert_close(detections[0]["boxes"][0], raw["pred_boxes"][0, q] * scale)
+
+
+def test_training_losses_and_gradients_reach_every_part():
+    model = tiny()
+    images, mask, targets = batch()
+    losses = model(images, targets, mask=mask)
+    assert set(losses) == {f"{b}_{t}" for b in BRANCHES for t in TERMS} | {"loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    torch.testing.assert_close(losses["loss"], sum(losses[f"{b}_loss"] for b in BRANCHES))
+    losses["loss"].backward()
+    for part in ("backbone", "neck", "queries", "init_layer", "refine_layer"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(part) and p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part
+    # The initial box is the whole real image: normalised, it is the unit box for both images.
+    assert model.queries(model.image_sizes(images, targets))["xyzr"].shape == (2, 6, 4)
+
+
+def test_branches_are_what_the_design_says():
+    """init = G(q0); init_f{k} = F^k(G(q0)); rag_s{i} = F(F(y_i)) with y_i the i-th no-grad iterate."""
+    model = tiny()
+    model.perturbation = None
+    images, _, targets = batch()
+    sizes = model.image_sizes(images, targets)
+    features = model.features(images)
+    groups = list(model.training_branches(features, sizes))
+    assert [set(g) for g in groups] == [{"init", "init_f1", "init_f2"}, *({f"rag_s{i}"} for i in SUPERVISED)]
+    outputs = {k: v for g in groups for k, v in g.items()}
+    F, G = model.refine_layer, model.init_layer
+    with torch.no_grad():
+        y = G(model.queries(sizes), features, sizes)
+        want = {"init": G.predict(y, sizes)}
+        z = y
+        for k in (1, 2):
+            z = F(z, features, sizes)
+            want[f"init_f{k}"] = F.predict(z, sizes)
+        for step in range(1, 21):
+            y = F(y, features, sizes)
+            if step in SUPERVISED:
+                want[f"rag_s{step}"] = F.predict(F(F(y, features, sizes), features, sizes), sizes)
+    for name, out in want.items():
+        for key in out:
+            torch.testing.assert_close(outputs[name][key], out[key], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_gradient_routes_of_the_branches():
+    """F(G) trains G; a RAG branch trains F (and the features) but never G: it starts from sg(y_i)."""
+    model = tiny()
+    images, _, targets = batch()
+    sizes = model.image_sizes(images, targets)
+    groups = model.training_branches(model.features(images), sizes)
+    init_group = next(groups)
+    model.criterion(init_group["init_f2"], targets)["loss"].backward(retain_graph=True)
+    assert model.init_layer.attention.in_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    rag = next(groups)["rag_s1"]
+    model.criterion(rag, targets)["loss"].backward()
+    assert all(p.grad is None for p in model.init_layer.parameters())
+    assert model.queries.embedding.weight.grad is None
+    assert model.refine_layer.mixing.generator.weight.grad.abs().sum() > 0
+    assert model.neck.convs[0].weight.grad.abs().sum() > 0
+
+
+def test_forward_backward_equals_one_graph():
+    images, mask, targets = batch()
+    want_model = tiny(seed=3)
+    want_model.perturbation = RAP(1.0, 0.1, 1.0, 4.0, generator=torch.Generator().manual_seed(5))
+    want_losses = want_model(images, targets, mask=mask)
+    want_losses["loss"].backward()
+    got_model = tiny(seed=3)
+    got_model.perturbation = RAP(1.0, 0.1, 1.0, 4.0, generator=torch.Generator().manual_seed(5))
+    got_losses = got_model.forward_backward(images, targets, mask=mask)
+    assert set(got_losses) == set(want_losses) and not got_losses["loss"].requires_grad
+    torch.testing.assert_close(got_losses["loss"], want_losses["loss"].detach())
+    for (name, p), q in zip(want_model.named_parameters(), got_model.parameters()):
+        if p.grad is not None:  # summed in another order: equal up to float32 rounding of the largest entry
+            atol = 1e-5 * float(p.grad.abs().max())
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=atol, msg=name)
+
+
+def test_rap_is_off_in_eval_and_reproducible_with_a_generator():
+    images, mask, targets = batch()
+    model = tiny()
+    reference = model.eval().predict(images, mask=mask)
+    model.perturbation = RAP(1.0, 0.5, 1.0, 25.0)  # would change every step in training
+    torch.testing.assert_close(model.predict(images, mask=mask), reference, rtol=0, atol=0)
+
+    model.train()
+
+    def losses(seed):
+        model.perturbation = RAP(1.0, 0.1, 1.0, 4.0, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return model(images, targets, mask=mask)["rag_s20_loss"]
+
+    assert losses(0) == losses(0)
+    assert losses(0) != losses(1)
+    model.perturbation = None
+    with torch.no_grad():
+        assert model(images, targets, mask=mask)["rag_s20_loss"] != losses(0)
+
+
+def test_training_losses_do_not_depend_on_the_grad_mode():
+    images, mask, targets = batch()
+    model = tiny()
+    model.perturbation = RAP(generator=torch.Generator().manual_seed(0))
+    with_grad = model(images, targets, mask=mask)
+    model.perturbation = RAP(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        without = model(images, targets, mask=mask)
+    for name, value in with_grad.items():
+        torch.testing.assert_close(without[name], value.detach(), msg=name)
+
+
+def test_box_perturbation():
+    xyzr = xyxy_to_xyzr(torch.tensor([[[10.0, 10.0, 30.0, 20.0], [40.0, 5.0, 41.0, 6.0]]]))
+    state = {"content": torch.randn(1, 2, 8), "xyzr": xyzr}
+    assert BoxPerturbation(prob=0.0)(state, 1) is state
+    out = BoxPerturbation(prob=1.0, pixels=25.0, generator=torch.Generator().manual_seed(0))(state, 1)
+    gen = torch.Generator().manual_seed(0)
+    torch.rand((), generator=gen)  # the step's Bernoulli draw
+    noisy = xyzr_to_xyxy(xyzr) + 25.0 * torch.randn(xyzr.shape, generator=gen)
+    lo, hi = torch.minimum(noisy[..., :2], noisy[..., 2:]), torch.maximum(noisy[..., :2], noisy[..., 2:])
+    torch.testing.assert_close(xyzr_to_xyxy(out["xyzr"]), torch.cat([lo, hi], -1), rtol=1e-5, atol=1e-4)
+    assert out["content"] is state["content"]
+
+
+def test_rap_composes_content_and_box_parts():
+    rap = RAP(generator=torch.Generator().manual_seed(0))
+    assert rap.content.prob == 0.2 and rap.content.scale == 0.1 and rap.content.leaves == [("content",)]
+    assert rap.box.prob == 0.2 and rap.box.pixels == 25.0
+    state = {"content": torch.randn(2, 3, 8), "xyzr": torch.randn(2, 3, 4)}
+    changed = [not torch.equal(rap(state, k)["content"], state["content"]) for k in range(200)]
+    assert 20 < sum(changed) < 80  # about one step in five
+
+
+def test_paper_scale_forward():
+    """deqdet_r50_1x at its real widths (ResNet-50, 256 channels, P = 64), on one 256 px image, few queries."""
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = build_model("deqdet_r50_1x", 80, num_queries=4, test_steps=2).eval()
+    images = torch.randn(1, 3, 256, 256)
+    mask = torch.zeros(1, 256, 256, dtype=torch.bool)
+    mask[:, 200:] = True
+    with torch.no_grad():
+        features = model.features(images)
+        raw = model.predict(images, mask=mask)
+        detections = model(images, mask=mask)
+    assert [f.shape for f in features] == [(1, 256, 256 // s, 256 // s) for s in (4, 8, 16, 32)]
+    assert raw["pred_logits"].shape == (1, 4, 80) and raw["pred_boxes"].shape == (1, 4, 4)
+    assert detections[0]["boxes"].shape == (100, 4)
+    assert torch.isfinite(raw["pred_boxes"]).all()
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("name", ["deqdet_tiny", "adamixer_tiny"])
+def test_build_model_rejects_unknown_names_and_applies_overrides(name):
+    with torch.device("meta"):
+        model = build_model(name, 3, num_queries=7)
+    assert model.queries.embedding.num_embeddings == 7
+    with pytest.raises(KeyError, match="unknown model config"):
+        build_model("nope", 3)

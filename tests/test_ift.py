@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import contraction
+from problems import contraction
 from torch import nn
 
 import implicitkit as ik

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-from conftest import contraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import contraction
 
 import implicitkit as ik
 

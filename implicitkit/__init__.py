@@ -5,8 +5,13 @@ attaches a gradient to it, and an optional perturbation disturbs the path while 
 """
 
 from .deq import DEQ
+from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
 from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, Unrolled
+from .graph_memory import GraphMemory
+from .perturbation import GaussianPerturbation, Perturbation
+from .regularize import jacobian_frobenius
+from .shared_inputs import SharedInputs
 from .solution import Path, Solution
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
 from .stats import FixedPointError, SolverStats
@@ -22,13 +27,21 @@ __all__ = [
     "Broyden",
     "FixedPointError",
     "FixedPointIteration",
+    "GaussianPerturbation",
+    "GradientAudit",
     "GradientEstimator",
+    "GraphMemory",
     "Neumann",
     "Path",
+    "Perturbation",
     "Phantom",
+    "SharedInputs",
     "Solution",
     "Solver",
     "SolverStats",
     "Unrolled",
     "fixed_point",
+    "gradient_audit",
+    "jacobian_frobenius",
+    "spectral_radius",
 ]

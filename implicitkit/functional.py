@@ -8,10 +8,11 @@ import torch
 
 from ._tree import State, flatten, spec_of, tree_map, unflatten
 from .gradients import IFT, GradientEstimator
+from .perturbation import Perturbation
 from .solution import Path, Solution
 from .solvers import Anderson, Solver
 
-Perturbation = Callable[[State, int], State]
+__all__ = ["Perturbation", "fixed_point"]
 
 
 def fixed_point(
@@ -37,7 +38,9 @@ def fixed_point(
         gradient: default ``IFT()``.
         perturbation: ``(state, step) -> state`` applied before each solver step (steps count from 1); pass it
             in training only (:class:`~implicitkit.DEQ` does this for you).
-        capture: solver steps after which to keep the state for path supervision (``Solution.path``).
+        capture: solver steps after which to keep the state for path supervision: ``Solution.path`` holds
+            the state after each (ascending, ``Solution.path.steps``) passed through ``gradient``, built when
+            accessed (see ``docs/path_supervision.md``).
 
     Returns:
         A :class:`Solution`: ``value, stats = fixed_point(...)``.
@@ -68,7 +71,7 @@ def fixed_point(
             return z
         return gradient.attach(f, tree_map(lambda x: x.detach(), z), solution.backward_stats.append)
 
-    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]))
+    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=gradient.unrolled)
     solution = Solution(None, result.stats, path)
     solution.value = attach(result.value)
     return solution

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
+from torch import Tensor
+
 from ._tree import State
 from .stats import SolverStats
 
@@ -11,15 +14,28 @@ from .stats import SolverStats
 class Path(Sequence):
     """States after chosen solver steps, each passed through the gradient estimator when accessed.
 
-    Branches are built lazily, one graph per access, so a training loop that back-propagates each branch's
-    loss before touching the next keeps at most one branch graph alive::
+    A branch is built when it is indexed (one graph per access, nothing is cached), so a loop that
+    back-propagates each branch's loss before touching the next keeps at most one branch graph alive, and
+    peak memory does not grow with the number of branches::
 
-        for step, z in zip(sol.path.steps, sol.path):
-            loss(z).backward()
+        for z in sol.path:
+            criterion(z).backward()  # this branch's graph is freed here
+
+    :meth:`backward` is that loop. Inputs that every branch shares (backbone features) need
+    :class:`~implicitkit.SharedInputs`, or the first backward frees their graph for the others.
+
+    Attributes:
+        steps: the solver steps captured, ascending.
+        shared_graph: the branches share one graph with the value (the solver ran with autograd, as with
+            :class:`~implicitkit.Unrolled`); :meth:`backward` then retains it, for the value's loss, and memory
+            grows with the solver's steps whatever the branches do.
     """
 
-    def __init__(self, steps: Sequence[int], make_branch: Callable[[int], State]) -> None:
+    def __init__(
+        self, steps: Sequence[int], make_branch: Callable[[int], State], *, shared_graph: bool = False
+    ) -> None:
         self.steps = tuple(steps)
+        self.shared_graph = shared_graph
         self._make_branch = make_branch
 
     def __len__(self) -> int:
@@ -29,6 +45,37 @@ class Path(Sequence):
         if isinstance(index, slice):
             return [self._make_branch(k) for k in self.steps[index]]
         return self._make_branch(self.steps[index])
+
+    def backward(self, loss_fn: Callable[[State], Tensor], weights: Sequence[float] | None = None) -> Tensor:
+        """Back-propagate ``weights[i] * loss_fn(branch_i)`` one branch at a time; return the losses.
+
+        Gradients accumulate in ``.grad`` exactly as for ``sum_i weights[i] * loss_fn(branch_i)`` in one
+        graph, while only one branch graph exists at a time.
+
+        Arguments:
+            loss_fn: maps a branch's state to a scalar loss.
+            weights: one weight per captured step; default all 1.
+
+        Returns:
+            The detached weighted losses, shape ``[len(self)]``.
+        """
+        if weights is not None and len(weights) != len(self):
+            raise ValueError(f"Got {len(weights)} weights for {len(self)} captured steps {self.steps}.")
+        losses = []
+        for i in range(len(self)):
+            loss = loss_fn(self[i])
+            if weights is not None:
+                loss = weights[i] * loss
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}.")
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    f"The loss of the branch at step {self.steps[i]} has no graph: build the path with "
+                    "gradients enabled and make loss_fn depend on the state."
+                )
+            loss.backward(retain_graph=self.shared_graph)
+            losses.append(loss.detach())
+        return torch.stack(losses) if losses else torch.zeros(0)
 
     def __repr__(self) -> str:
         return f"Path(steps={self.steps})"
@@ -42,8 +89,8 @@ class Solution:
         stats: the forward solve's :class:`SolverStats` (per-sample ``nstep``, ``residual``, ``converged``,
             ``trace``).
         path: the states after the requested ``capture`` steps (:class:`Path`), empty when none were asked.
-        backward_stats: stats of every adjoint solve run by backward passes through this solution (IFT),
-            appended as they happen.
+        backward_stats: stats of every adjoint solve run by backward passes through this solution or its
+            path (IFT), appended as they happen.
     """
 
     def __init__(self, value: State, stats: SolverStats, path: Path) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .._tree import State
 from ..solvers import Anderson, Solver
-from ..stats import FixedPointError
+from ..stats import FixedPointError, SolverStats
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, Recorder
 
@@ -24,13 +25,20 @@ class IFT(GradientEstimator):
     convergence) are passed to the ``record`` callback of :func:`~implicitkit.fixed_point` (they appear on
     ``Solution.backward_stats``) and to ``callback`` if given.
 
+    What happened to samples whose adjoint solve did not converge is written into those stats:
+    ``stats.extra["fell_back"]`` is the ``[B]`` mask of such samples (all false when every sample
+    converged) and ``stats.extra["fallback"]`` says what they received: ``None`` (nothing to do),
+    ``"best_iterate"`` (``on_failure="warn"``) or the fallback estimator's class name (``"JFB"``,
+    ``"Neumann"``).
+
     Arguments:
         solver: solver of the adjoint fixed point; default ``Anderson(tol=1e-6, max_iter=50)``.
-        on_failure: what to do for samples whose adjoint solve did not converge: ``"raise"`` (a
-            :class:`FixedPointError` naming the cause), ``"warn"`` (keep the best adjoint iterate and warn),
-            or a cheaper estimator usable as a fallback (``JFB()``, ``Neumann(k)``) whose adjoint replaces
-            those samples'. The stats say which happened (``stats.extra["fallback"]``).
-        callback: called with the adjoint's :class:`SolverStats` after each backward solve.
+        on_failure: ``"raise"`` (a :class:`~implicitkit.FixedPointError` naming the cause), ``"warn"``
+            (keep the best adjoint iterate and emit a ``RuntimeWarning``), or a cheaper estimator whose adjoint
+            replaces the failed samples' (``JFB()``, ``Neumann(k)``).
+        callback: called with the adjoint's :class:`~implicitkit.SolverStats` after each backward solve.
+
+    Reference: Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019.
     """
 
     def __init__(
@@ -38,46 +46,53 @@ class IFT(GradientEstimator):
         solver: Solver | None = None,
         *,
         on_failure: str | GradientEstimator = "warn",
-        callback=None,
+        callback: Callable[[SolverStats], None] | None = None,
     ) -> None:
         self.solver = solver if solver is not None else Anderson(tol=1e-6, max_iter=50)
         if isinstance(on_failure, str):
             if on_failure not in _ON_FAILURE:
-                raise ValueError(f"on_failure must be 'raise', 'warn' or an estimator, got {on_failure!r}.")
+                raise ValueError(
+                    f"on_failure must be 'raise', 'warn' or an estimator such as JFB(), got {on_failure!r}."
+                )
+        elif not isinstance(on_failure, GradientEstimator):
+            raise TypeError(
+                f"on_failure must be 'raise', 'warn' or a GradientEstimator, got {type(on_failure).__name__}."
+            )
         elif type(on_failure).adjoint_vector is GradientEstimator.adjoint_vector:
             raise TypeError(
-                f"{type(on_failure).__name__} cannot be IFT's fallback: a fallback must compute its adjoint from "
-                "VJPs at z* (JFB() or Neumann(k))."
+                f"{type(on_failure).__name__} cannot be IFT's fallback: a fallback must compute its adjoint "
+                "from VJPs at z* (JFB() or Neumann(k))."
             )
         self.on_failure = on_failure
         self.callback = callback
 
     def adjoint_vector(self, g: Tensor, vjp: VJP, record: Recorder | None = None) -> Tensor:
         result = self.solver.solve(lambda u: vjp(u) + g, g)
-        stats = result.stats
-        u = result.value
+        stats, u = result.stats, result.value
+        failed = ~stats.converged
+        stats.solver = f"IFT adjoint ({stats.solver})"
+        stats.extra["fell_back"] = failed
         stats.extra["fallback"] = None
-        if not stats.all_converged:
-            failed = ~stats.converged
-            if self.on_failure == "raise":
-                raise FixedPointError("IFT adjoint solve: " + (stats.failure_message() or ""))
-            if self.on_failure == "warn":
-                warnings.warn(
-                    f"IFT adjoint solve did not converge for {int(failed.sum())} samples; using the best "
-                    f"adjoint iterate. {stats.failure_message()}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                u = torch.where(failed.unsqueeze(1), self.on_failure.adjoint_vector(g, vjp), u)
-                stats.extra["fallback"] = type(self.on_failure).__name__
-            stats.extra["fell_back"] = failed
-        for sink in (record, self.callback):
+        if bool(failed.any()) and self.on_failure == "warn":
+            stats.extra["fallback"] = "best_iterate"
+            warnings.warn(
+                f"{stats.failure_message()} Using the best adjoint iterate for those samples; pass "
+                "IFT(on_failure=JFB()) to fall back to a cheaper estimator instead.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif bool(failed.any()) and isinstance(self.on_failure, GradientEstimator):
+            u = torch.where(failed.unsqueeze(1), self.on_failure.adjoint_vector(g, vjp), u)
+            stats.extra["fallback"] = type(self.on_failure).__name__
+        for sink in (record, self.callback):  # recorded before raising, so the failure can be inspected
             if sink is not None:
                 sink(stats)
+        if bool(failed.any()) and self.on_failure == "raise":
+            raise FixedPointError(
+                f"{stats.failure_message()} To train through it with a cheaper gradient for those samples, "
+                "pass IFT(on_failure=JFB())."
+            )
         return u
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         return attach_adjoint(f, z_star, lambda g, vjp: self.adjoint_vector(g, vjp, record))
-
-

@@ -17,6 +17,8 @@ class Neumann(GradientEstimator):
 
     Arguments:
         k: highest power of ``J`` kept (``k = 0`` is JFB).
+
+    Reference: Liao et al., "Reviving and improving recurrent back-propagation", ICML 2018.
     """
 
     def __init__(self, k: int = 5) -> None:

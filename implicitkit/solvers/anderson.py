@@ -12,9 +12,10 @@ from .base import Solver, replace_row
 
 @dataclass
 class _History:
-    z: Tensor  # [B, m, D] past iterates
-    fz: Tensor  # [B, m, D] their images
-    gram: Tensor  # [B, m, m] Gram matrix of the residuals fz - z, updated one row per step
+    fz: Tensor  # [B, m, D] images f(z_i) of the last m iterates
+    g: Tensor  # [B, m, D] their residuals f(z_i) - z_i
+    ones: Tensor  # [B, m, 1] right-hand side of the weights' linear system
+    eye: Tensor  # [m, m] identity; its column i is the plain step's weights (all on iterate i)
     count: int = 0
 
 
@@ -26,8 +27,9 @@ class Anderson(Solver):
     ``alpha = argmin ||sum_i alpha_i G_i||^2 + lam ||alpha||^2   subject to   sum_i alpha_i = 1``
 
     and moves to ``z_{k+1} = beta sum_i alpha_i f(z_i) + (1 - beta) sum_i alpha_i z_i``. The constrained
-    problem is solved through its KKT system with the Gram matrix kept in at least float32. ``lam`` is
-    relative to the Gram matrix's mean diagonal, so the step does not depend on the scale of the state.
+    problem has the closed form ``alpha = y / sum(y)`` with ``(G G^T + lam s I) y = 1`` (``G`` the ``n x D``
+    residual history), solved in at least float32. ``lam`` is relative to the Gram matrix's mean diagonal
+    ``s``, so the step does not depend on the scale of the state.
 
     Arguments:
         m: history size.
@@ -48,51 +50,53 @@ class Anderson(Solver):
 
     def init(self, z0: Tensor) -> _History:
         batch, dim = z0.shape
-        zeros = z0.new_zeros(batch, self.m, dim)
-        return _History(zeros, zeros.clone(), z0.new_zeros(batch, self.m, self.m))
+        m = self.m
+        return _History(
+            fz=z0.new_zeros(batch, m, dim),
+            g=z0.new_zeros(batch, m, dim),
+            ones=z0.new_ones(batch, m, 1),
+            eye=torch.eye(m, dtype=z0.dtype, device=z0.device),
+        )
 
     def step(self, memory: _History, z: Tensor, fz: Tensor) -> Tensor:
         slot = memory.count % self.m
         memory.count += 1
         n = min(memory.count, self.m)
+        g = fz - z
         # Functional writes (not in-place) keep the history differentiable for unrolled backprop.
-        memory.z = replace_row(memory.z, slot, z)
         memory.fz = replace_row(memory.fz, slot, fz)
-        residuals = memory.fz[:, :n] - memory.z[:, :n]
-        new_row = torch.bmm(residuals, (fz - z).unsqueeze(2)).squeeze(2)  # [B, n]
-        gram = memory.gram.clone() if memory.gram.requires_grad else memory.gram
-        gram[:, slot, :n] = new_row
-        gram[:, :n, slot] = new_row
-        memory.gram = gram
-        alpha = _mixing_weights(gram[:, :n, :n], self.lam, newest=slot)  # [B, n]
-        mixed_fz = torch.bmm(alpha.unsqueeze(1), memory.fz[:, :n]).squeeze(1)
+        memory.g = replace_row(memory.g, slot, g)
+        if n == 1:  # a single iterate: the plain (damped) step
+            return fz if self.beta == 1.0 else z + self.beta * g
+        history = memory.g[:, :n]
+        # One bmm for the whole Gram matrix costs no more on small n than one row and two scattered writes.
+        gram = torch.bmm(history, history.mT)
+        eye = memory.eye[:n, :n]
+        alpha = _mixing_weights(gram, self.lam, memory.ones[:, :n], eye, eye[:, slot : slot + 1])
+        alpha = alpha.mT  # [B, 1, n]
+        mixed = torch.bmm(alpha, memory.fz[:, :n]).squeeze(1)
         if self.beta == 1.0:
-            return mixed_fz
-        mixed_z = torch.bmm(alpha.unsqueeze(1), memory.z[:, :n]).squeeze(1)
-        return self.beta * mixed_fz + (1.0 - self.beta) * mixed_z
+            return mixed
+        # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i)
+        return mixed - (1.0 - self.beta) * torch.bmm(alpha, history).squeeze(1)
 
 
-def _mixing_weights(gram: Tensor, lam: float, newest: int) -> Tensor:
-    """Per-sample weights ``alpha`` with ``sum(alpha) = 1`` minimising ``alpha^T (G + lam s I) alpha``.
+def _mixing_weights(gram: Tensor, lam: float, ones: Tensor, eye: Tensor, plain: Tensor) -> Tensor:
+    """Weights ``alpha`` ``[B, n, 1]`` with ``sum(alpha) = 1`` minimising ``alpha^T (G + lam s I) alpha``.
 
-    Solves the KKT system ``[[0, 1^T], [1, G + lam s I]] [mu, alpha] = [1, 0]`` with ``s`` the mean diagonal.
-    A sample whose system is singular or non-finite (an exactly converged or NaN sample) takes the plain
-    step instead (all weight on the newest iterate) rather than failing the whole batch.
+    The minimiser is ``y / sum(y)`` with ``(G + lam s I) y = 1`` and ``s`` the mean diagonal of ``G``. For
+    ``lam > 0`` the system is positive definite for every finite ``G``, so ``sum(y) > 0``; a sample with a
+    non-finite ``G`` has already been stopped by the loop, which discards its proposal. With ``lam = 0`` a
+    sample whose system is singular takes the ``plain`` weights ``[n, 1]`` (all on the newest iterate)
+    instead of failing the whole batch.
     """
-    batch, n, _ = gram.shape
-    if n == 1:
-        return gram.new_ones(batch, 1)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(gram.dtype).tiny ** 0.5)
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    kkt = gram.new_zeros(batch, n + 1, n + 1)
-    kkt[:, 0, 1:] = 1.0
-    kkt[:, 1:, 0] = 1.0
-    kkt[:, 1:, 1:] = gram + (lam * scale)[:, None, None] * eye
-    rhs = gram.new_zeros(batch, n + 1)
-    rhs[:, 0] = 1.0
-    solution, info = torch.linalg.solve_ex(kkt, rhs)
-    alpha = solution[:, 1:]
-    ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-    plain = torch.zeros_like(alpha)
-    plain[:, newest] = 1.0
-    return torch.where(ok.unsqueeze(1), alpha, plain)
+    n = gram.shape[-1]
+    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)
+    reg = torch.add(torch.finfo(gram.dtype).tiny ** 0.5, trace, alpha=lam / n)
+    system = torch.addcmul(gram, reg[:, None, None], eye)
+    # A [B, n, 1] right-hand side comes back in a layout bmm takes without a slow per-sample loop.
+    y, _ = torch.linalg.solve_ex(system, ones)
+    total = y.sum(dim=1, keepdim=True)
+    if lam > 0:
+        return y / total
+    return torch.where(total > 0, y / total, plain)

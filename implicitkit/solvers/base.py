@@ -128,66 +128,94 @@ class Solver(ABC):
             )
         capture_set = set(capture)
         batch = z0.shape[0]
-        device = z0.device
         memory = self.init(z0)
         z = z0
-        active = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        nstep = torch.zeros(batch, dtype=torch.long, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=z0.device)
         best_value = z0
-        best_res = torch.full((batch,), float("inf"), dtype=z0.dtype, device=device)
-        first_abs = None
-        diverged = torch.zeros(batch, dtype=torch.bool, device=device)
-        nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
-        trace: list[Tensor] = []
+        best_res = torch.full((batch,), float("inf"), dtype=z0.dtype, device=z0.device)
+        limit = None  # divergence_factor times each sample's first absolute residual
+        # Per step only what the stop rule and the best iterate need; counts, flags and the trace are
+        # rebuilt from these histories once the loop is over (fewer small ops per step).
+        res_hist: list[Tensor] = []
+        abs_hist: list[Tensor] = []
+        active_hist: list[Tensor] = []
         captured: dict[int, Tensor] = {}
+        autocast_on = torch.is_autocast_enabled(z0.device.type)
 
+        all_active = True  # known from the last host sync; lets a full batch skip its masking ops
         for k in range(1, self.max_iter + 1):
             if perturbation is not None:
                 z = perturbation(z, k)
             fz = f(z)
-            abs_res, rel_res = residual_norms(z, fz)
-            res = abs_res if self.stop_mode == "abs" else rel_res
-            act = active.squeeze(1)
-            bad = ~torch.isfinite(res)
-            if first_abs is None:
-                first_abs = abs_res
-            grew = abs_res > self.divergence_factor * first_abs
-            improved = act & ~bad & (res < best_res)
+            abs_res, res = self._residuals(z, fz)
+            act = active
+            if limit is None:
+                limit = self.divergence_factor * abs_res
+            improved = res < best_res  # NaN compares false: a non-finite step never improves
+            if not all_active:
+                improved = improved & act
             best_res = torch.where(improved, res, best_res)
             best_value = torch.where(improved.unsqueeze(1), fz, best_value)
-            nstep = nstep + act
-            trace.append(torch.where(act, res, best_res))
+            res_hist.append(res)
+            abs_hist.append(abs_res)
+            active_hist.append(act)
             if k in capture_set:
-                captured[k] = torch.where(active, fz, best_value)
-            nonfinite = nonfinite | (act & bad)
-            diverged = diverged | (act & grew & ~bad)
-            active = active & ~(bad | grew | (res <= self.tol)).unsqueeze(1)
-            if k == self.max_iter or not bool(active.any()):  # the one host synchronisation per step
+                captured[k] = torch.where(act.unsqueeze(1), fz, best_value)
+            # Continue while above tol and not grown past the limit; NaN fails both tests and stops.
+            active = (res > self.tol) & (abs_res <= limit)
+            if not all_active:
+                active = active & act
+            n_active = int(active.sum()) if k < self.max_iter else 0  # the one host synchronisation per step
+            if n_active == 0:
                 break
-            # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
-            # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
-            with torch.autocast(z.device.type, enabled=False):
+            if autocast_on:
+                # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state
+                # is kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
+                with torch.autocast(z.device.type, enabled=False):
+                    proposal = self.step(memory, z, fz)
+            else:
                 proposal = self.step(memory, z, fz)
-            z = torch.where(active, proposal, z)
+            all_active = n_active == batch
+            z = proposal if all_active else torch.where(active.unsqueeze(1), proposal, z)
 
         for k in capture:  # every sample stopped before these steps: their state is the returned value
             captured.setdefault(k, best_value)
-        stats = SolverStats(
+        stats = self._stats(
+            best_res, limit, torch.stack(res_hist), torch.stack(abs_hist), torch.stack(active_hist)
+        )
+        if self.throw and not stats.all_converged:
+            raise FixedPointError(stats.failure_message())
+        return SolveResult(best_value, stats, captured)
+
+    def _residuals(self, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+        """Absolute residual and the residual of the stop mode, per sample."""
+        abs_res = torch.linalg.vector_norm(fz - z, dim=1)
+        if self.stop_mode == "abs":
+            return abs_res, abs_res
+        return abs_res, abs_res / (torch.linalg.vector_norm(fz, dim=1) + _REL_EPS)
+
+    def _stats(
+        self, best_res: Tensor, limit: Tensor, res: Tensor, abs_res: Tensor, act: Tensor
+    ) -> SolverStats:
+        """Per-sample stats from the ``[T, B]`` histories of residuals and of which samples were active."""
+        nstep = act.sum(dim=0)
+        last = (nstep - 1).unsqueeze(0)  # the step at which each sample stopped
+        last_res = res.gather(0, last).squeeze(0)
+        last_abs = abs_res.gather(0, last).squeeze(0)
+        nonfinite = ~torch.isfinite(last_res)
+        return SolverStats(
             nstep=nstep,
             residual=best_res,
             converged=best_res <= self.tol,
-            diverged=diverged,
+            diverged=~nonfinite & (last_abs > limit),
             nonfinite=nonfinite,
-            trace=torch.stack(trace),
+            trace=torch.where(act, res, best_res),  # a stopped sample repeats its best residual
             tol=self.tol,
             stop_mode=self.stop_mode,
             max_iter=self.max_iter,
             solver=type(self).__name__,
             extra={"divergence_factor": self.divergence_factor},
         )
-        if self.throw and not stats.all_converged:
-            raise FixedPointError(stats.failure_message())
-        return SolveResult(best_value, stats, captured)
 
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]

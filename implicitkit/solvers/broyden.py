@@ -12,9 +12,9 @@ from .base import Solver, replace_row
 
 @dataclass
 class _InverseJacobian:
-    """``H = -I + sum_i u_i v_i^T``, an approximation of ``(J - I)^-1``, stored as rank-one factors."""
+    """``H = -I + sum_{i < count} u_i v_i^T``, an approximation of ``(J - I)^-1``, stored as rank-one factors."""
 
-    u: Tensor  # [B, m, D]
+    u: Tensor  # [B, m, D]; rows at and after ``count`` are unused
     v: Tensor  # [B, m, D]
     prev_z: Tensor | None = None
     prev_g: Tensor | None = None
@@ -22,11 +22,20 @@ class _InverseJacobian:
 
     def apply(self, x: Tensor) -> Tensor:
         """``H x`` per sample."""
-        return -x + torch.bmm((self.v @ x.unsqueeze(2)).transpose(1, 2), self.u).squeeze(1)
+        return _minus_identity_plus(x, self.v[:, : self.count], self.u[:, : self.count])
 
     def apply_transposed(self, x: Tensor) -> Tensor:
         """``x^T H`` per sample."""
-        return -x + torch.bmm((self.u @ x.unsqueeze(2)).transpose(1, 2), self.v).squeeze(1)
+        return _minus_identity_plus(x, self.u[:, : self.count], self.v[:, : self.count])
+
+
+def _minus_identity_plus(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``-x + sum_i (a_i . x) b_i`` per sample, for ``x`` ``[B, D]`` and factors ``a``, ``b`` ``[B, n, D]``."""
+    if a.shape[1] == 0:
+        return -x
+    # Both products keep their operands in the layouts CPU bmm handles without a per-sample loop.
+    coef = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))  # [B, 1, n]
+    return torch.baddbmm(x.unsqueeze(1), coef, b, beta=-1).squeeze(1)
 
 
 class Broyden(Solver):
@@ -66,13 +75,13 @@ class Broyden(Solver):
             s_h = memory.apply_transposed(s)
             denom = (s_h * y).sum(dim=1, keepdim=True)
             tiny = torch.finfo(z.dtype).eps * (s.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True))
-            usable = denom.abs() > tiny
-            u_new = torch.where(usable, (s - h_y) / torch.where(usable, denom, torch.ones_like(denom)), 0.0)
-            v_new = torch.where(usable, s_h, 0.0)
+            # A skipped update (vanishing denominator) gets scale 1/inf = 0: a zero rank-one term (and, unrolled,
+            # a zero gradient rather than the NaN of 0 * d(1/denom)).
+            scale = torch.where(denom.abs() > tiny, denom, torch.inf).reciprocal()
             if memory.count == self.m:  # restart; see the class docstring
-                memory.u, memory.v, memory.count = torch.zeros_like(memory.u), torch.zeros_like(memory.v), 0
-            memory.u = replace_row(memory.u, memory.count, u_new)
-            memory.v = replace_row(memory.v, memory.count, v_new)
+                memory.count = 0
+            memory.u = replace_row(memory.u, memory.count, (s - h_y) * scale)
+            memory.v = replace_row(memory.v, memory.count, s_h)
             memory.count += 1
         memory.prev_z, memory.prev_g = z, g
         return z - memory.apply(g)

@@ -1,0 +1,178 @@
+"""Perturbations: the protocol in the solver loop, training-mode only, reproducible, and the Gaussian rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import implicitkit as ik
+
+
+class Recorder:
+    """A perturbation that changes nothing and records the steps it was called at."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, state, step):
+        self.steps.append(step)
+        return state
+
+
+def cell(z, x):
+    return 0.5 * torch.tanh(z) + x
+
+
+def test_called_before_every_step_from_one():
+    rec = Recorder()
+    x = torch.randn(3, 4)
+    sol = ik.fixed_point(
+        lambda z: cell(z, x),
+        torch.zeros_like(x),
+        solver=ik.FixedPointIteration(max_iter=7, tol=0),
+        perturbation=rec,
+    )
+    assert rec.steps == list(range(1, 8)) and sol.stats.nstep.tolist() == [7, 7, 7]
+    assert isinstance(rec, ik.Perturbation) and isinstance(ik.GaussianPerturbation(), ik.Perturbation)
+
+
+def test_off_in_eval_mode():
+    rec = Recorder()
+    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=5, tol=0), perturbation=rec)
+    x = torch.randn(2, 4)
+    deq.eval()
+    deq(torch.zeros_like(x), x)
+    assert rec.steps == []
+    deq.train()
+    deq(torch.zeros_like(x), x)
+    assert rec.steps == [1, 2, 3, 4, 5]
+
+
+def test_eval_result_equals_an_unperturbed_solve():
+    x = torch.randn(2, 4)
+    noisy = ik.DEQ(
+        cell, solver=ik.Anderson(tol=1e-6), perturbation=ik.GaussianPerturbation(prob=1.0, scale=0.5)
+    )
+    plain = ik.DEQ(cell, solver=ik.Anderson(tol=1e-6))
+    noisy.eval()
+    torch.testing.assert_close(
+        noisy(torch.zeros_like(x), x).value, plain(torch.zeros_like(x), x).value, atol=0, rtol=0
+    )
+
+
+def perturbed_solve(seed: int):
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(9))
+    deq = ik.DEQ(
+        cell,
+        solver=ik.FixedPointIteration(max_iter=10, tol=0),
+        perturbation=ik.GaussianPerturbation(
+            prob=0.5, scale=0.3, generator=torch.Generator().manual_seed(seed)
+        ),
+    )
+    return deq(torch.zeros_like(x), x, capture=(3, 10)).path[0].detach()
+
+
+def test_reproducible_with_a_generator():
+    torch.manual_seed(0)
+    a = perturbed_solve(1)
+    torch.manual_seed(123)  # the global generator plays no part
+    b = perturbed_solve(1)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, perturbed_solve(2))
+
+
+def test_the_rule_replayed_with_the_same_generator():
+    """One uniform draw decides the step, then eps ~ N(0, I): q <- (1 - s) q + s ||q|| eps, norm per query."""
+    q = torch.randn(3, 7, 16, dtype=torch.float64)
+    pert = ik.GaussianPerturbation(prob=1.0, scale=0.25, generator=torch.Generator().manual_seed(5))
+    out = pert(q, 1)
+    replay = torch.Generator().manual_seed(5)
+    assert float(torch.rand((), generator=replay)) < 1.0
+    eps = torch.randn(q.shape, generator=replay, dtype=q.dtype)
+    want = 0.75 * q + 0.25 * q.norm(dim=-1, keepdim=True) * eps
+    torch.testing.assert_close(out, want, atol=1e-15, rtol=0)
+
+
+def test_noise_scale_follows_each_querys_norm():
+    q = torch.randn(2, 2, 4096, dtype=torch.float64)
+    q[:, 0] *= 1000.0 / q[:, 0].norm(dim=-1, keepdim=True)
+    q[:, 1] *= 0.001 / q[:, 1].norm(dim=-1, keepdim=True)
+    out = ik.GaussianPerturbation(prob=1.0, scale=1.0, generator=torch.Generator().manual_seed(0))(q, 1)
+    per_entry_std = out.std(dim=-1) / q.norm(dim=-1)  # eps has unit std whatever the query's norm
+    torch.testing.assert_close(per_entry_std, torch.ones_like(per_entry_std), atol=0.05, rtol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(scale=st.floats(1e-3, 1.0), seed=st.integers(0, 100))
+def test_perturbation_is_a_convex_mix_of_state_and_noise(scale, seed):
+    q = torch.randn(2, 3, 8, dtype=torch.float64)
+    out = ik.GaussianPerturbation(prob=1.0, scale=scale, generator=torch.Generator().manual_seed(seed))(q, 1)
+    eps = (out - (1 - scale) * q) / (scale * q.norm(dim=-1, keepdim=True))
+    assert eps.abs().max() < 8 and 0.3 < eps.std() < 3  # a standard normal draw, recovered
+
+
+def test_zero_scale_or_probability_is_the_identity():
+    q = torch.randn(2, 3, 8)
+    assert ik.GaussianPerturbation(prob=1.0, scale=0.0)(q, 1) is q
+    assert ik.GaussianPerturbation(prob=0.0, scale=0.5)(q, 1) is q
+
+
+def test_one_draw_per_step_for_the_whole_batch():
+    pert = ik.GaussianPerturbation(prob=0.2, scale=0.1, generator=torch.Generator().manual_seed(0))
+    q = torch.ones(4, 3, 8)
+    n, hits = 2000, 0
+    for step in range(n):
+        changed = (pert(q, step) != q).flatten(1).any(dim=1)
+        assert changed.all() or not changed.any()
+        hits += int(changed.all())
+    sigma = math.sqrt(0.2 * 0.8 / n)
+    assert abs(hits / n - 0.2) < 4 * sigma
+
+
+def test_chooses_leaves_of_a_structured_state():
+    box, content, other = torch.randn(2, 5, 4), torch.randn(2, 5, 8), torch.randn(2, 3)
+    out = ik.GaussianPerturbation(prob=1.0, leaves=1)((box, content, other), 1)
+    assert out[0] is box and out[2] is other and not torch.equal(out[1], content)
+
+    state = {"query": {"box": box, "content": content}, "extra": other}
+    out = ik.GaussianPerturbation(prob=1.0, leaves=[("query", "content")])(state, 1)
+    assert (
+        out["query"]["box"] is box
+        and out["extra"] is other
+        and not torch.equal(out["query"]["content"], content)
+    )
+
+    out = ik.GaussianPerturbation(prob=1.0, leaves=["query"])(state, 1)  # a subtree
+    assert out["extra"] is other and not torch.equal(out["query"]["box"], box)
+
+
+def test_unknown_leaf_names_the_available_ones():
+    with pytest.raises(ValueError, match=r"names 'contnet'.*\('query', 'content'\)"):
+        ik.GaussianPerturbation(leaves="contnet")({"query": {"content": torch.ones(2, 3)}}, 1)
+
+
+def test_a_leaf_without_feature_dimension_is_refused():
+    with pytest.raises(ValueError, match="feature dimension"):
+        ik.GaussianPerturbation(prob=1.0)(torch.ones(4), 1)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"prob": 1.5}, "prob"), ({"scale": -0.1}, "scale")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ik.GaussianPerturbation(**kwargs)
+
+
+def test_perturbed_path_is_kept_and_training_still_gets_gradients():
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    pert = ik.GaussianPerturbation(prob=1.0, scale=0.5, generator=torch.Generator().manual_seed(0))
+    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=4, tol=0), gradient=ik.IFT(), perturbation=pert)
+    sol = deq(torch.zeros_like(x), x, capture=(2,))
+    with torch.no_grad():
+        clean = cell(cell(torch.zeros_like(x), x), x)
+    assert not torch.allclose(sol.path[0], clean)  # step 2 started from a perturbed state
+    sol.value.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

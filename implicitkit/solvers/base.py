@@ -152,20 +152,25 @@ class Solver(ABC):
             if limit is None:
                 limit = self.divergence_factor * abs_res
             improved = res < best_res  # NaN compares false: a non-finite step never improves
+            # Continue while above tol and not grown past the limit; NaN fails both tests and stops.
+            active = (res > self.tol) & (abs_res <= limit)
             if not all_active:
                 improved = improved & act
-            best_res = torch.where(improved, res, best_res)
-            best_value = torch.where(improved.unsqueeze(1), fz, best_value)
+                active = active & act
+            if k < self.max_iter:  # the one host synchronisation per step
+                n_active, n_improved = torch.stack((active.sum(), improved.sum())).tolist()
+            else:
+                n_active, n_improved = 0, -1
+            if n_improved == batch:  # the usual case: every sample improved, no masking needed
+                best_res, best_value = res, fz
+            else:
+                best_res = torch.where(improved, res, best_res)
+                best_value = torch.where(improved.unsqueeze(1), fz, best_value)
             res_hist.append(res)
             abs_hist.append(abs_res)
             active_hist.append(act)
             if k in capture_set:
                 captured[k] = torch.where(act.unsqueeze(1), fz, best_value)
-            # Continue while above tol and not grown past the limit; NaN fails both tests and stops.
-            active = (res > self.tol) & (abs_res <= limit)
-            if not all_active:
-                active = active & act
-            n_active = int(active.sum()) if k < self.max_iter else 0  # the one host synchronisation per step
             if n_active == 0:
                 break
             if autocast_on:

@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end at their smallest sizes and write their tables and figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchdeq")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gradient_estimators
+import solvers
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """The scripts set the thread count and the global seed; leave both as they were for other tests."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+
+
+def test_solvers_benchmark_quick(tmp_path):
+    result = solvers.main(["--quick", "--out", str(tmp_path)])
+    text = result["report"].read_text()
+    assert "| Anderson |" in text
+    assert "Mixed difficulty" in text
+    assert {p.name for p in tmp_path.glob("*.png")} == {"solvers_trace.png", "solvers_ratio.png"}
+    for comparison in result["comparisons"]:
+        assert comparison.ours.run.calls >= 1 and comparison.theirs.run.calls >= 1
+        assert comparison.wall_ratio > 0
+
+
+def test_gradient_estimators_benchmark_quick(tmp_path):
+    result = gradient_estimators.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "gradient_estimators.md").read_text()
+    for name in gradient_estimators.estimators(1e-4):
+        assert f"| {name} |" in text
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "gradient_estimators_cost.png",
+        "gradient_estimators_training.png",
+    }
+    # Unrolled keeps every step's graph: its memory grows with the forward steps, IFT's does not.
+    sweep = {(c.estimator, c.steps): c.peak_bytes for c in result["sweep_costs"]}
+    steps = sorted({s for _, s in sweep})
+    assert sweep[("Unrolled (Anderson)", steps[-1])] > sweep[("Unrolled (Anderson)", steps[0])]
+    assert sweep[("Unrolled (FPI)", steps[-1])] > sweep[("Unrolled (FPI)", steps[0])]
+    assert sweep[("IFT", steps[-1])] == sweep[("IFT", steps[0])]
+    assert all(len(run.test_accuracy) == 1 for run in result["runs"])

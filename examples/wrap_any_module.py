@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    # A 64-wide cell is far too small for intra-op parallelism to pay; extra threads only spin-wait.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_data(args.seed)
     model = DEQClassifier(gradient=GRADIENTS[args.gradient]())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)

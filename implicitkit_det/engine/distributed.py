@@ -1,0 +1,120 @@
+"""Process-group set-up from ``torchrun``'s environment, samplers and the DDP wrapper.
+
+``torchrun --nproc_per_node=K ...`` starts K processes and gives each ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed` reads them; without them the
+run is a single process and every helper here (and in :mod:`implicitkit_det.distributed`) gives the
+single-process answer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+
+from ..distributed import get_rank, get_world_size, is_dist
+
+__all__ = ["DistInfo", "build_sampler", "cleanup_distributed", "init_distributed", "unwrap", "wrap_ddp"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank, the number of processes, its local rank and device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes, or stay single-process.
+
+    **Arguments**
+    - `device`: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available). Under ``torchrun`` each process
+      takes GPU ``LOCAL_RANK``.
+
+    **Returns** a :class:`DistInfo`. The backend is NCCL for CUDA and gloo for the CPU. A ``WORLD_SIZE``
+    of 1 (``torchrun --nproc_per_node=1``) still forms a group, so the code path matches a larger run.
+    """
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {kind} was asked for but CUDA is not available here; use --device cpu")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device(kind))
+    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if kind.startswith("cuda"):
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                "start at most that many processes per node (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(kind)
+    if not is_dist():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any (a no-op for a single process)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def build_sampler(dataset: Dataset, *, shuffle: bool, seed: int = 0) -> DistributedSampler:
+    """A ``DistributedSampler`` over this process's share of `dataset` (all of it for one process).
+
+    Used for a single process too, so that the order of every epoch depends only on ``(seed, epoch)``:
+    call ``sampler.set_epoch(epoch)`` before each epoch. With ``drop_last=False`` (used here), when the
+    dataset does not divide evenly the sampler repeats the first samples so that every process gets
+    ``ceil(len / world_size)`` samples, hence the same number of batches, which DDP's collective
+    operations need. In evaluation the repeated images are dropped by ``CocoEvaluator``, so the score is
+    over each image exactly once; in training a handful of images are seen twice per epoch.
+    """
+    return DistributedSampler(
+        dataset,
+        num_replicas=get_world_size(),
+        rank=get_rank(),
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=False,
+    )
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
+    """Wrap `model` in ``DistributedDataParallel`` when there is a process group, else return it.
+
+    `find_unused_parameters` costs a graph traversal per iteration; it is only needed when some trainable
+    parameters get no gradient in an iteration (DDP then stops with an error that says so).
+    """
+    if not is_dist():
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

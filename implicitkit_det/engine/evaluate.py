@@ -1,0 +1,105 @@
+"""Evaluation: run the model over a loader, turn its detections into COCO results, score them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DetectionBatch
+from ..distributed import is_main_process
+from ..evaluation import CocoEvaluator, to_coco_results
+from .train import autocast
+
+__all__ = ["evaluate", "forward_eval", "rescale_to_original"]
+
+BoxFrame = Literal["input", "original"]
+
+
+def forward_eval(model: nn.Module, batch: DetectionBatch) -> list[dict[str, Tensor]]:
+    """``model(images, mask=mask)`` in evaluation mode, checked to be a list of detections per image.
+
+    The targets are not passed, so the model cannot see the answers; it learns each image's real size from
+    the padding mask and returns boxes in the input image's pixels.
+    """
+    detections = model(batch.images, mask=batch.mask)
+    if not isinstance(detections, Sequence) or len(detections) != len(batch):
+        raise TypeError(
+            f"in evaluation mode the model returned {type(detections).__name__}; the engine needs a list "
+            "with one {'boxes', 'scores', 'labels'} dict per image (torchvision's convention). Is it in eval "
+            "mode?"
+        )
+    return list(detections)
+
+
+def rescale_to_original(
+    detections: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Tensor]]:
+    """Scale xyxy boxes from the network input's pixels (``target["size"]``) to the stored image's.
+
+    The evaluation transform keeps the aspect ratio, so each axis has its own factor only up to rounding.
+    """
+    out = []
+    for det, t in zip(detections, targets, strict=True):
+        boxes = det["boxes"].float()
+        (h, w), (oh, ow) = t["size"].tolist(), t["orig_size"].tolist()
+        scale = boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
+        out.append({**det, "boxes": boxes * scale})
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[DetectionBatch],
+    evaluator: CocoEvaluator,
+    *,
+    device: torch.device,
+    label_to_category_id: Sequence[int] | None = None,
+    boxes_in: BoxFrame = "input",
+    amp: bool = False,
+    max_iters: int | None = None,
+    verbose: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score the model on the loader's images with COCO's protocol.
+
+    **Arguments**
+    - `model`: the detector (plain or in DDP); set to evaluation mode here.
+    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
+      ``orig_size`` in the targets. Under several processes each sees its share (a
+      ``DistributedSampler``); the evaluator gathers and de-duplicates.
+    - `evaluator`: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
+    - `label_to_category_id`: the dataset's map from contiguous labels to the file's category ids.
+    - `boxes_in`: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
+      here) or already in the stored image's (``"original"``).
+    - `amp`: run the model under :func:`~implicitkit_det.engine.train.autocast`.
+    - `max_iters`: stop after this many batches; only the images seen are then scored.
+    - `verbose`: print the COCO table on rank 0.
+
+    **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, and
+    ``images`` / ``time_s`` of this process's share.
+    """
+    model.eval()
+    evaluator.reset()
+    start, images = time.perf_counter(), 0
+    for i, batch in enumerate(loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, amp):
+            detections = forward_eval(model, batch)
+        if boxes_in == "input":
+            detections = rescale_to_original(detections, batch.targets)
+        ids = [t["image_id"] for t in batch.targets]
+        evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
+        images += len(ids)
+    evaluator.synchronize()
+    elapsed = time.perf_counter() - start
+    if verbose and is_main_process():
+        log(f"evaluated {images} images in {elapsed:.1f}s ({images / max(elapsed, 1e-9):.1f} images/s)")
+    stats = evaluator.summarize(verbose=verbose)
+    return {**stats, "images": images, "time_s": elapsed}

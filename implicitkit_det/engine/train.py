@@ -1,0 +1,206 @@
+"""One training epoch: forward, one backward of the total loss, clipped AdamW step, per-iteration schedule.
+
+The model follows the torchvision convention: in training mode ``model(images, targets, mask=mask)``
+returns a dict of scalar losses whose ``"loss"`` entry is the total to minimise. A model with several
+supervised branches (DEQDet) sums them into ``"loss"`` itself; the engine back-propagates that one tensor
+once per iteration, which is what keeps ``DistributedDataParallel``'s gradient reduction correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import DetectionBatch
+from ..distributed import all_reduce_mean, is_main_process
+
+__all__ = [
+    "NonFiniteLossError",
+    "autocast",
+    "forward_train",
+    "headline",
+    "make_grad_scaler",
+    "train_one_epoch",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The total loss became NaN or infinite; training cannot go on from here."""
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: bfloat16 on the CPU, float16 on CUDA (a no-op if disabled)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for float16 autocast (CUDA); bfloat16 needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+
+def forward_train(model: nn.Module, batch: DetectionBatch) -> dict[str, torch.Tensor]:
+    """``model(images, targets, mask=mask)`` in training mode, checked to be a dict of losses."""
+    losses = model(batch.images, batch.targets, mask=batch.mask)
+    if not isinstance(losses, Mapping) or "loss" not in losses:
+        raise TypeError(
+            f"in training mode the model returned {type(losses).__name__}; the engine needs a dict of scalar "
+            "loss tensors with the total under 'loss' (torchvision's convention). Is the model in train mode?"
+        )
+    return dict(losses)
+
+
+def _scalar_entries(losses: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # Everything scalar is logged: the losses and any per-iteration statistic the model adds.
+    return {
+        k: v.detach().float().reshape(())
+        for k, v in losses.items()
+        if isinstance(v, torch.Tensor) and v.numel() == 1
+    }
+
+
+def headline(values: Mapping[str, float]) -> dict[str, float]:
+    """The entries worth a progress line: the total, each branch's total and any unprefixed raw term.
+
+    A multi-branch model reports ``{branch}_{term}`` for every term of every branch; the line shows
+    ``{branch}`` totals (from ``{branch}_loss``) and leaves the rest to the metrics file.
+    """
+    out = {"loss": values["loss"]} if "loss" in values else {}
+    for k, v in values.items():
+        if k.endswith("_loss"):
+            out[k[: -len("_loss")]] = v
+        elif k in ("focal", "l1", "giou"):
+            out[k] = v
+    return out
+
+
+def _format(values: Mapping[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[DetectionBatch],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_max_norm: float | None = 1.0,
+    max_iters: int | None = None,
+    print_freq: int = 20,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Train for one pass over `loader` (or `max_iters` batches).
+
+    Each iteration: forward under :func:`autocast`; the scalar entries of the loss dict are averaged over
+    processes (one all-reduce) for logging and for the NaN check, so that every process sees the same
+    values and stops together; backward of ``"loss"``; gradient clipping to a total 2-norm of
+    `clip_max_norm`; optimizer step; ``scheduler.step()`` (the schedule counts iterations).
+
+    **Arguments**
+    - `model`: the model (plain or wrapped in DDP); set to training mode here.
+    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch`.
+    - `optimizer`, `scheduler`: the optimizer and an iteration-based scheduler (or None).
+    - `device`: where the batches go.
+    - `epoch`: the epoch number, for messages.
+    - `amp`: mixed precision (:func:`autocast`); `scaler` is the float16 gradient scaler, if any.
+    - `clip_max_norm`: gradient clipping threshold; None or 0 disables clipping.
+    - `max_iters`: stop after this many iterations.
+    - `print_freq`, `log`: a progress line every `print_freq` iterations, on rank 0.
+
+    **Returns** the epoch's averages of every logged entry (over iterations and processes), and
+    ``lr`` (the first group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
+
+    **Raises** :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the
+    backward pass, naming the epoch, the iteration and every loss entry.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    grad_norm_sum, iters = 0.0, 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_iters is not None:
+        total = min(total, max_iters)
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        batch = batch.to(device, non_blocking=True)
+        try:
+            with autocast(device, amp):
+                losses = forward_train(model, batch)
+        except FloatingPointError as err:  # e.g. the matcher meeting NaN predictions
+            raise NonFiniteLossError(
+                f"non-finite values in the forward pass at epoch {epoch}, iteration {i}: {err}"
+            ) from err
+        logged = _scalar_entries(losses)
+        # One all-reduce for all entries, stacked in sorted order so that every process agrees on the layout.
+        keys = sorted(logged)
+        means = dict(zip(keys, all_reduce_mean(torch.stack([logged[k] for k in keys])).tolist(), strict=True))
+        reduced = {k: means[k] for k in logged}
+        if not math.isfinite(reduced["loss"]):
+            raise NonFiniteLossError(
+                f"the loss is {reduced['loss']} at epoch {epoch}, iteration {i} (averaged over processes); "
+                f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
+                "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        loss = losses["loss"]
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = _clip(model, clip_max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            grad_norm = _clip(model, clip_max_norm)
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+        iters += 1
+        grad_norm_sum += grad_norm
+        for k, v in reduced.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
+            shown = headline(reduced)
+            lr = optimizer.param_groups[0]["lr"]
+            log(
+                f"epoch {epoch} [{i + 1}/{total if total is not None else '?'}] lr {lr:.3g}  "
+                f"{_format(shown)}  grad_norm {grad_norm:.3f}  {time.perf_counter() - start:.1f}s"
+            )
+    if iters == 0:
+        raise ValueError(
+            f"epoch {epoch} ran no iterations: the training loader is empty (is the dataset empty, or "
+            "--max-iters 0?)"
+        )
+    stats = {k: v / iters for k, v in sums.items()}
+    stats.update(
+        lr=optimizer.param_groups[0]["lr"],
+        grad_norm=grad_norm_sum / iters,
+        iters=iters,
+        time_s=time.perf_counter() - start,
+    )
+    return stats
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    """Clip gradients to `max_norm` (when set) and return their total 2-norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))

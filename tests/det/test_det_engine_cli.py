@@ -1,0 +1,85 @@
+"""The command line end to end on a tiny digits set, resuming, evaluating a checkpoint, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from implicitkit_det import cli
+
+# A DEQDet small enough for a few seconds per run: 64-pixel images, a short solver path.
+SIZES = ["--image-size", "64", "--max-size", "96", "--workers", "0"]
+FAST = [
+    "--config", "deqdet_tiny", *SIZES, "--batch-size", "2",
+    "--max-iters", "2", "--warmup-iters", "2", "--print-freq", "1", "--deq-steps", "2",
+    "--model-arg", "train_steps=2", "--model-arg", "supervise_steps=[1,2]", "--model-arg", "num_queries=8",
+]  # fmt: skip
+
+
+def data_args(files) -> list[str]:
+    return ["--data-root", str(files.root)]
+
+
+def test_train_resume_and_evaluate(tiny_digits, tmp_path, capsys):
+    out = tmp_path / "run"
+    stats = cli.main([*FAST, *data_args(tiny_digits), "--epochs", "1", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "training" in printed and "deqdet_tiny" in printed and "Average Precision" in printed
+    assert 0.0 <= stats["AP"] <= 1.0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["epoch"] == 0
+    assert lines[0]["train"]["iters"] == 2 and "init_loss" in lines[0]["train"]
+    assert set(lines[0]["eval"]) >= {"AP", "AP50", "AR100", "per_class_AP"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["name"] == "deqdet_tiny" and config["model"]["num_classes"] == 10
+
+    # Resume for a second epoch (under bf16 autocast): picks up at epoch 1 with the checkpoint's config.
+    ckpt = out / "checkpoint.pth"
+    resume = ["--epochs", "2", "--output-dir", str(out), "--resume", str(ckpt), "--amp"]
+    cli.main([*FAST[2:], *data_args(tiny_digits), *resume])
+    assert "(epoch 0 done)" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+
+    # Evaluate the checkpoint alone.
+    stats = cli.main(
+        ["--eval-only", "--resume", str(ckpt), *data_args(tiny_digits), *SIZES,
+         "--output-dir", str(tmp_path / "eval"), "--deq-steps", "3"]
+    )  # fmt: skip
+    assert "evaluation only" in capsys.readouterr().out and 0.0 <= stats["AP"] <= 1.0
+    assert json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "nope"], "unknown --config 'nope'; choose one of"),
+        (["--data-root", "/does/not/exist"], "--data-root /does/not/exist is not a folder"),
+        (["--train-ann", "/no/train.json"], "no --train-images"),
+        (["--eval-only"], "--eval-only evaluates a trained model: pass its checkpoint with --resume"),
+        (["--resume", "/no/ckpt.pth"], "checkpoint /no/ckpt.pth does not exist"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--model-arg", "novalue"], "not KEY=VALUE"),
+        (
+            ["--model-arg", "num_querys=5"],
+            "--model-arg ['num_querys']: not model config fields; the fields are",
+        ),
+        (["--lr-drops", "8,x"], "give epochs separated by commas"),
+        (["--epochs", "12", "--lr-drops", "11,8"], "drops must be increasing"),
+    ],
+)
+def test_bad_input_is_named(argv, message, capsys, tmp_path):
+    with pytest.raises((SystemExit, FileNotFoundError)) as info:
+        cli.main([*argv, "--output-dir", str(tmp_path)])
+    text = capsys.readouterr().err + str(info.value)
+    assert message in text
+
+
+def test_missing_files_under_data_root(tmp_path, capsys):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        cli.main(["--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"--train-images: the image folder {tmp_path}/train2017 does not exist" in err

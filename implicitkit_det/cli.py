@@ -15,7 +15,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from .engine.evaluate import evaluate
 from .engine.optim import SCHEDULES, Schedule, build_scheduler, param_groups, parse_drops
 from .engine.train import headline, make_grad_scaler, train_one_epoch
 from .evaluation import CocoEvaluator
+from .models import CONFIGS, ModelConfig, build_model
 
 __all__ = ["build_parser", "main"]
 
@@ -306,27 +307,8 @@ def make_loader(
 
 # --------------------------------------------------------------------------------------------------------
 # Model.
-def _model_builder() -> Callable[..., nn.Module]:
-    from .models import build_model
-
-    return build_model
-
-
-def _known_configs() -> list[str]:
-    from .models import CONFIGS
-
-    return sorted(CONFIGS)
-
-
 def _config_fields() -> list[str]:
-    from .models import ModelConfig
-
     return [f.name for f in dataclasses.fields(ModelConfig)]
-
-
-def build_detector(config: str, num_classes: int, overrides: dict[str, Any]) -> nn.Module:
-    """``build_model(config, num_classes, **overrides)`` from :mod:`implicitkit_det.models`."""
-    return _model_builder()(config, num_classes, **overrides)
 
 
 def _set_test_steps(model: nn.Module, steps: int) -> None:
@@ -389,7 +371,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
         parser.error(
             f"--config {config} but {args.resume} was trained with {saved['name']}; drop --config or fix it"
         )
-    known = _known_configs()
+    known = sorted(CONFIGS)
     if config not in known:
         parser.error(f"unknown --config {config!r}; choose one of {known}")
     overrides = {**saved.get("overrides", {}), **args.model_overrides}
@@ -408,7 +390,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     paths = resolve_data(args, parser)
     train_set, val_set = build_datasets(paths, args, schedule_name)
     num_classes = val_set.num_classes
-    model = build_detector(config, num_classes, overrides).to(info.device)
+    model = build_model(config, num_classes, **overrides).to(info.device)
     if args.deq_steps is not None:
         _set_test_steps(model, args.deq_steps)
     model_config = {"name": config, "num_classes": num_classes, "overrides": overrides}

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> float:
             steps.append(solution.stats.nstep.float().mean().item())
             for adjoint in solution.backward_stats:  # filled by IFT's backward solve
                 backward_steps.append(adjoint.nstep.float().mean().item())
-                fallbacks += int(adjoint.extra.get("fell_back", torch.zeros(1, dtype=torch.bool)).sum())
+                fallbacks += int(adjoint.fell_back.sum())
         accuracy, test_stats = evaluate(model, x_test, y_test)
         print(
             f"epoch {epoch:2d}  loss {sum(losses) / len(losses):.3f}  forward steps {sum(steps) / len(steps):5.1f}"

@@ -9,12 +9,13 @@ from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
 from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, Unrolled
 from .graph_memory import GraphMemory
+from .linearize import Linearization
 from .perturbation import GaussianPerturbation, Perturbation
 from .regularize import jacobian_frobenius
 from .shared_inputs import SharedInputs
 from .solution import Path, Solution
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
-from .stats import FixedPointError, SolverStats
+from .stats import AdjointStats, FixedPointError, Result, SolverStats
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "IFT",
     "JFB",
     "RAG",
+    "AdjointStats",
     "Anderson",
     "Broyden",
     "FixedPointError",
@@ -31,10 +33,12 @@ __all__ = [
     "GradientAudit",
     "GradientEstimator",
     "GraphMemory",
+    "Linearization",
     "Neumann",
     "Path",
     "Perturbation",
     "Phantom",
+    "Result",
     "SharedInputs",
     "Solution",
     "Solver",

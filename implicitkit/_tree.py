@@ -87,7 +87,7 @@ def solver_dtype(spec: StateSpec) -> torch.dtype:
 def flatten(state: State, spec: StateSpec) -> Tensor:
     """``[B, D]`` matrix holding every leaf of ``state`` (a view when the state is a single tensor)."""
     leaves, treespec = leaves_of(state)
-    check_same_structure(spec, treespec, leaves)
+    leaves = check_same_structure(spec, treespec, leaves, state)
     dtype = solver_dtype(spec)
     batch = spec.batch_size
     if len(leaves) == 1:
@@ -102,20 +102,37 @@ def unflatten(flat: Tensor, spec: StateSpec) -> State:
     return pytree.tree_unflatten(leaves, spec.treespec)
 
 
-def check_same_structure(spec: StateSpec, treespec: pytree.TreeSpec, leaves: list[Tensor]) -> None:
-    """Raise a clear error when a cell returns a state whose structure or shapes differ from its input."""
+def check_same_structure(
+    spec: StateSpec, treespec: pytree.TreeSpec, leaves: list[Tensor], state: State
+) -> list[Tensor]:
+    """The leaves of ``state`` in ``spec``'s order; a clear error when its structure or shapes differ.
+
+    A dict returned with the same keys in another order is the same structure (as for pytrees in general):
+    its leaves are put back in the order of ``spec``.
+    """
     if treespec != spec.treespec:
-        raise ValueError(
-            "The cell returned a state with a different structure than it was given: expected "
-            f"{spec.treespec}, got {treespec}. A fixed-point cell must map a state to a state of the same "
-            "structure (same container types, keys and number of tensors)."
-        )
+        leaves = _leaves_in_order_of(spec, state)
     for i, (leaf, shape) in enumerate(zip(leaves, spec.shapes)):
         if leaf.shape != shape:
             raise ValueError(
                 f"The cell changed the shape of state leaf {i}: input {tuple(shape)}, output "
                 f"{tuple(leaf.shape)}. A fixed-point cell must return every tensor with its input's shape."
             )
+    return leaves
+
+
+def _leaves_in_order_of(spec: StateSpec, state: State) -> list[Tensor]:
+    """Match leaves by their key paths (dict keys, indices); raise when the paths differ."""
+    found = dict(pytree.tree_flatten_with_path(state)[0])
+    template = pytree.tree_unflatten([0] * len(spec.shapes), spec.treespec)
+    wanted = [path for path, _ in pytree.tree_flatten_with_path(template)[0]]
+    if set(found) != set(wanted) or len(found) != len(wanted):
+        raise ValueError(
+            "The cell returned a state with a different structure than it was given: expected "
+            f"{spec.treespec}, got {pytree.tree_structure(state)}. A fixed-point cell must map a state to a "
+            "state of the same structure (same container types, keys and number of tensors)."
+        )
+    return [found[path] for path in wanted]
 
 
 def tree_map(fn, *states: State) -> State:

@@ -46,7 +46,8 @@ class DEQ(nn.Module):
         self.perturbation = perturbation
 
     def forward(self, z0: State, *inputs, capture: Iterable[int] = ()) -> Solution:
-        return fixed_point(
+        """Solve ``z = cell(z, *inputs)`` from ``z0``; ``value`` is built here, where DDP looks for it."""
+        sol = fixed_point(
             lambda z: self.cell(z, *inputs),
             z0,
             solver=self.solver,
@@ -54,6 +55,8 @@ class DEQ(nn.Module):
             perturbation=self.perturbation if self.training else None,
             capture=capture,
         )
+        sol.value  # noqa: B018 (a module's output must hold its tensors when forward returns)
+        return sol
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, gradient={self.gradient!r}, perturbation={self.perturbation!r}"

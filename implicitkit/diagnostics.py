@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._tree import State, flatten, leaves_of, spec_of, tree_map, unflatten
+from ._tree import State, flatten, spec_of
 from .functional import fixed_point
 from .gradients import IFT, GradientEstimator
+from .linearize import Linearization
 from .solvers import Anderson, Solver
 from .stats import SolverStats
 
@@ -48,15 +49,10 @@ def spectral_radius(
     """
     if n_iter < 2:
         raise ValueError(f"n_iter must be at least 2, got {n_iter}.")
-    spec = spec_of(z)
     # One graph of f at z, reused for every VJP. Plain autograd rather than torch.func keeps any cell
     # working, including ones built from custom autograd Functions (or containing a DEQ of their own).
-    z_in = tree_map(lambda x: x.detach().requires_grad_(), z)
-    z_leaves, _ = leaves_of(z_in)
-    with torch.enable_grad():
-        fz_leaves, _ = leaves_of(f(z_in))
-    outputs = [y for y in fz_leaves if y.requires_grad]
-    z_flat = flatten(z_in, spec).detach()
+    lin = Linearization(f, z)
+    z_flat = flatten(z, lin.spec).detach()
     device = generator.device if generator is not None else z_flat.device
     v = torch.randn(z_flat.shape, generator=generator, device=device, dtype=z_flat.dtype).to(z_flat.device)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
@@ -64,23 +60,12 @@ def spectral_radius(
     log_growth = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     tail_start = n_iter // 2
     for k in range(n_iter):
-        w = _vjp(outputs, fz_leaves, z_leaves, unflatten(v, spec), spec)
+        w = lin.vjp(v)
         norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min(tiny)
         if k >= tail_start:
             log_growth = log_growth + norm.squeeze(1).log()
         v = w / norm
     return torch.exp(log_growth / (n_iter - tail_start))
-
-
-def _vjp(outputs, fz_leaves, z_leaves, v: State, spec) -> Tensor:
-    """Flat ``v J`` through the graph of ``f(z)``, kept for the next product."""
-    if not outputs:  # f does not depend on z
-        return torch.zeros_like(flatten(v, spec))
-    v_leaves, _ = leaves_of(v)
-    cotangents = [u.to(y.dtype) for u, y in zip(v_leaves, fz_leaves, strict=True) if y.requires_grad]
-    grads = torch.autograd.grad(outputs, z_leaves, cotangents, retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, z_leaves, strict=True)]
-    return flatten(spec.treespec.unflatten(grads), spec)
 
 
 @dataclass

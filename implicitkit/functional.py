@@ -1,16 +1,18 @@
-"""``fixed_point``: solve ``z = f(z)`` without a graph, then attach the chosen gradient."""
+"""``fixed_point``: solve ``z = f(z)`` as the gradient estimator says, then attach its gradient."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+from torch._C._functorch import TransformType, peek_interpreter_stack
 
-from ._tree import State, flatten, spec_of, tree_map, unflatten
+from ._tree import State, StateSpec, flatten, leaves_of, spec_of, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
 from .solvers import Anderson, Solver
+from .stats import Result, SolverStats
 
 __all__ = ["Perturbation", "fixed_point"]
 
@@ -26,15 +28,15 @@ def fixed_point(
 ) -> Solution:
     """Find ``z* = f(z*)`` from ``z0`` and return it with a gradient estimate attached.
 
-    The solver runs under ``torch.no_grad()`` (except for :class:`~implicitkit.Unrolled`), so memory does
-    not grow with its steps; the gradient estimator then rebuilds what backward needs from ``z*``. Gradients
+    The estimator decides how the solve runs: all but :class:`~implicitkit.Unrolled` run it without
+    autograd, so memory does not grow with its steps, and rebuild what backward needs from ``z*``. Gradients
     reach every parameter and input that ``f`` closes over.
 
     Arguments:
         f: maps a state to a state of the same structure: a tensor ``[B, ...]`` or a tuple/list/dict of
             tensors whose first dimension is the batch ``B``. Samples must not interact inside ``f``.
-        z0: the starting state.
-        solver: default ``Anderson()``.
+        z0: the starting state. An empty batch (``B = 0``) returns an empty solution without calling ``f``.
+        solver: default ``Anderson()``; ``tol=None`` on any solver is a fixed count of ``max_iter`` steps.
         gradient: default ``IFT()``.
         perturbation: ``(state, step) -> state`` applied before each solver step (steps count from 1); pass it
             in training only (:class:`~implicitkit.DEQ` does this for you).
@@ -43,11 +45,14 @@ def fixed_point(
             accessed (see ``docs/path_supervision.md``).
 
     Returns:
-        A :class:`Solution`: ``value, stats = fixed_point(...)``.
+        A :class:`Solution`: ``value, stats = fixed_point(...)``; also ``.last`` and ``.path``.
     """
     solver = solver if solver is not None else Anderson()
     gradient = gradient if gradient is not None else IFT()
+    _refuse_vmap()
     spec = spec_of(z0)
+    if spec.batch_size == 0:
+        return _empty_solution(z0, solver, capture)
 
     def f_flat(z):
         return flatten(f(unflatten(z, spec)), spec)
@@ -58,20 +63,51 @@ def fixed_point(
         def flat_perturbation(z, step):
             return flatten(perturbation(unflatten(z, spec), step), spec)
 
-    z0_flat = flatten(z0, spec)
-    if gradient.unrolled:
-        result = solver.solve(f_flat, z0_flat, perturbation=flat_perturbation, capture=capture)
-    else:
-        with torch.no_grad():
-            result = solver.solve(f_flat, z0_flat.detach(), perturbation=flat_perturbation, capture=capture)
+    result = gradient.solve(
+        solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
+    )
+    backward_stats: list = []
 
     def attach(z_flat):
-        z = unflatten(z_flat, spec)
-        if gradient.unrolled or not torch.is_grad_enabled():
-            return z
-        return gradient.attach(f, tree_map(lambda x: x.detach(), z), solution.backward_stats.append)
+        return gradient.attach(f, unflatten(z_flat, spec), backward_stats.append)
 
-    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=gradient.unrolled)
-    solution = Solution(None, result.stats, path)
-    solution.value = attach(result.value)
-    return solution
+    shared_graph = any(x.requires_grad for x in result.captured.values())
+    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=shared_graph)
+    return Solution(
+        result.stats,
+        unflatten(result.last, spec),
+        path,
+        backward_stats,
+        _make_value=lambda: attach(result.value),
+    )
+
+
+def _refuse_vmap() -> None:
+    interpreter = peek_interpreter_stack()
+    if interpreter is not None and interpreter.key() == TransformType.Vmap:
+        raise RuntimeError(
+            "fixed_point cannot run under torch.func.vmap: every sample stops on its own, which needs its "
+            "residual read on the host. Put the samples in the state's first (batch) dimension instead; the "
+            "solver already treats each one independently, with its own stopping and stats."
+        )
+
+
+def _empty_solution(z0: State, solver: Solver, capture: Iterable[int]) -> Solution:
+    """The solution of an empty batch: ``z0`` itself (with its structure) and zero-sized stats."""
+    spec: StateSpec = spec_of(z0)
+    leaves, _ = leaves_of(z0)
+    device = leaves[0].device
+    empty = torch.zeros(0, device=device)
+    stats = SolverStats(
+        nstep=torch.zeros(0, dtype=torch.long, device=device),
+        residual=empty,
+        result=torch.full((0,), Result.successful, dtype=torch.int8, device=device),
+        trace=torch.zeros(0, 0, device=device),
+        tol=solver.tol,
+        stop_mode=solver.stop_mode,
+        max_iter=solver.max_iter,
+        divergence_factor=solver.divergence_factor,
+        solver=type(solver).__name__,
+    )
+    steps = sorted({int(k) for k in capture})
+    return Solution(stats, z0, Path(steps, lambda k: z0), _value=spec.treespec.unflatten(leaves))

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._tree import State, leaves_of, tree_map
+from ._tree import State, flatten
+from .linearize import Linearization
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -51,29 +52,16 @@ def jacobian_frobenius(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
     create_graph = torch.is_grad_enabled()
-    z_in = tree_map(lambda x: x.detach().requires_grad_(), z)
-    z_leaves, _ = leaves_of(z_in)
-    with torch.enable_grad():
-        fz_leaves, _ = leaves_of(f(z_in))
-    outputs = [y for y in fz_leaves if y.requires_grad]
-    batch = z_leaves[0].shape[0]
-    total = z_leaves[0].new_zeros(batch, dtype=torch.promote_types(z_leaves[0].dtype, torch.float32))
-    for i in range(n_samples if outputs else 0):  # no output depends on z: J = 0
-        probes = [_gaussian_like(y, generator) for y in outputs]
-        vjps = torch.autograd.grad(
-            outputs,
-            z_leaves,
-            probes,
-            create_graph=create_graph,
-            retain_graph=create_graph or i < n_samples - 1,
-            allow_unused=True,
-        )
-        for v in vjps:
-            if v is not None:
-                total = total + v.reshape(batch, -1).to(total.dtype).square().sum(dim=1)
+    lin = Linearization(f, z)
+    dtype = torch.promote_types(lin.z_leaves[0].dtype, torch.float32)
+    total = lin.z_leaves[0].new_zeros(lin.spec.batch_size, dtype=dtype)
+    for i in range(n_samples if lin.depends_on_z else 0):  # no output depends on z: J = 0
+        probe = _gaussian(flatten(z, lin.spec), generator)
+        vjp = lin.vjp(probe, create_graph=create_graph, retain_graph=create_graph or i < n_samples - 1)
+        total = total + vjp.to(dtype).square().sum(dim=1)
     estimate = total / n_samples
     if normalize:
-        estimate = estimate / sum(x[0].numel() for x in z_leaves)
+        estimate = estimate / sum(lin.spec.sizes)
     if reduction == "mean":
         return estimate.mean()
     if reduction == "sum":
@@ -81,6 +69,6 @@ def jacobian_frobenius(
     return estimate
 
 
-def _gaussian_like(y: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else y.device
-    return torch.randn(y.shape, generator=generator, device=device, dtype=y.dtype).to(y.device)
+def _gaussian(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

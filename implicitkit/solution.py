@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from ._tree import State
-from .stats import SolverStats
+from .stats import AdjointStats, SolverStats
 
 
 class Path(Sequence):
@@ -81,23 +84,42 @@ class Path(Sequence):
         return f"Path(steps={self.steps})"
 
 
+_UNREAD = object()
+
+
+@dataclass(eq=False)
 class Solution:
     """What :func:`~implicitkit.fixed_point` returns; unpacks as ``value, stats = solution``.
 
+    A dataclass and a registered pytree node, so ``DistributedDataParallel`` (with or without
+    ``find_unused_parameters``) and ``torch.utils._pytree`` see the tensors inside.
+
     Attributes:
-        value: the fixed point with the estimator's gradient attached (same structure as ``z0``).
-        stats: the forward solve's :class:`SolverStats` (per-sample ``nstep``, ``residual``, ``converged``,
-            ``trace``).
+        value: the best iterate (lowest residual) passed through the gradient estimator: same structure as
+            ``z0``, with the estimator's gradient when autograd is on. Built when first read (and then kept),
+            so a caller that only needs ``last`` or ``path`` never pays for it.
+        last: the final iterate as the solver left it, without an estimator: detached, except under
+            :class:`~implicitkit.Unrolled`. With ``tol=None`` it is exactly the ``max_iter``-th iterate.
+        stats: the forward solve's :class:`~implicitkit.SolverStats` (per-sample ``nstep``, ``residual``,
+            ``result`` codes, ``trace``).
         path: the states after the requested ``capture`` steps (:class:`Path`), empty when none were asked.
-        backward_stats: stats of every adjoint solve run by backward passes through this solution or its
-            path (IFT), appended as they happen.
+        backward_stats: the :class:`~implicitkit.AdjointStats` of every adjoint solve run by backward passes
+            through this solution or its path (IFT), appended as they happen.
     """
 
-    def __init__(self, value: State, stats: SolverStats, path: Path) -> None:
-        self.value = value
-        self.stats = stats
-        self.path = path
-        self.backward_stats: list[SolverStats] = []
+    stats: SolverStats
+    last: State
+    path: Path
+    backward_stats: list[AdjointStats] = field(default_factory=list)
+    _value: Any = field(default=_UNREAD, repr=False)
+    _make_value: Callable[[], State] | None = field(default=None, repr=False)
+
+    @property
+    def value(self) -> State:
+        if self._value is _UNREAD:
+            self._value = self._make_value()
+            self._make_value = None
+        return self._value
 
     def __iter__(self) -> Iterator:
         yield self.value
@@ -105,3 +127,18 @@ class Solution:
 
     def __repr__(self) -> str:
         return f"Solution({self.stats.summary()}, path={self.path.steps})"
+
+
+def _flatten_solution(sol: Solution):
+    return [sol.value, sol.last], (sol.stats, sol.path, sol.backward_stats)
+
+
+def _unflatten_solution(children, context) -> Solution:
+    value, last = children
+    stats, path, backward_stats = context
+    return Solution(stats, last, path, backward_stats, _value=value)
+
+
+pytree.register_pytree_node(
+    Solution, _flatten_solution, _unflatten_solution, serialized_type_name="implicitkit.Solution"
+)

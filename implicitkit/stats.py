@@ -1,14 +1,57 @@
-"""What a solve reports: per-sample step counts, residuals, convergence and failure causes."""
+"""What a solve reports: per-sample result codes whose text says what failed and what to do, and stats."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
+class Result(enum.IntEnum):
+    """The outcome of one sample's solve; ``SolverStats.result`` holds one code per sample.
+
+    Each code's :attr:`message` is what a user needs: what happened, the likely causes and the fix.
+    """
+
+    successful = 0
+    max_steps_reached = 1
+    diverged = 2
+    nonfinite = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Result.successful: "reached the tolerance (or, with tol=None, took its max_iter steps)",
+    Result.max_steps_reached: (
+        "did not reach tol within max_iter: raise max_iter, loosen tol, or use Anderson/Broyden; if the "
+        "residual stalls, the map may not be contractive here (add damping or a Jacobian regulariser)"
+    ),
+    Result.diverged: (
+        "diverged (the residual grew past divergence_factor times its first value): the map is likely not "
+        "contractive; add damping, normalisation or a Jacobian regulariser"
+    ),
+    Result.nonfinite: (
+        "produced NaN or inf: check the inputs and initial state for NaN, and the cell for overflow (lower "
+        "the learning rate, add normalisation, or compute in float32)"
+    ),
+}
+
+
 class FixedPointError(RuntimeError):
-    """Raised by a solver created with ``throw=True`` when some sample did not converge."""
+    """A solve failed under a raising failure policy (``throw=True``, ``IFT(on_failure="raise")``).
+
+    Attributes:
+        stats: the :class:`SolverStats` of the failed solve, for inspection.
+    """
+
+    def __init__(self, message: str, stats: SolverStats | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 
 @dataclass
@@ -16,64 +59,74 @@ class SolverStats:
     """Per-sample outcome of a fixed-point solve.
 
     Every tensor field has shape ``[B]`` except ``trace``, which is ``[T, B]``: the residual of each sample
-    at each of the ``T`` steps taken (a sample that stopped early repeats its last value).
+    at each of the ``T`` steps taken (a sample that stopped early repeats its best value).
 
     Attributes:
         nstep: number of steps (applications of the map) each sample used.
         residual: the lowest residual seen, under the solver's stop mode; it belongs to the returned value.
-        converged: ``residual <= tol``.
-        diverged: the residual grew past ``divergence_factor`` times its first value.
-        nonfinite: the map produced NaN or inf for this sample.
-        tol, stop_mode, max_iter: the rule the solve was judged by.
+        result: a :class:`Result` code per sample (int8).
+        trace: the residuals step by step.
+        tol, stop_mode, max_iter: the rule the solve was judged by (``tol=None``: a fixed step count).
+        divergence_factor: the growth of the residual at which a sample counts as diverged.
+        solver: the solver's name, used in messages.
     """
 
     nstep: Tensor
     residual: Tensor
-    converged: Tensor
-    diverged: Tensor
-    nonfinite: Tensor
+    result: Tensor
     trace: Tensor
-    tol: float
+    tol: float | None
     stop_mode: str
     max_iter: int
+    divergence_factor: float
     solver: str = ""
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def converged(self) -> Tensor:
+        """``[B]``: the sample's result is :attr:`Result.successful`."""
+        return self.result == Result.successful
+
+    @property
+    def diverged(self) -> Tensor:
+        return self.result == Result.diverged
+
+    @property
+    def nonfinite(self) -> Tensor:
+        return self.result == Result.nonfinite
 
     @property
     def all_converged(self) -> bool:
         return bool(self.converged.all())
 
+    def message(self, sample: int) -> str:
+        """One sample's outcome in words."""
+        return f"{self.solver}: sample {sample} {Result(int(self.result[sample])).message}."
+
     def failure_message(self) -> str | None:
-        """A message naming what went wrong, how often, and what to try; ``None`` when all converged."""
-        if self.all_converged:
-            return None
-        batch = self.converged.numel()
+        """The failures by cause, with counts and the fix; ``None`` when every sample succeeded."""
+        counts = torch.bincount(self.result.long(), minlength=len(Result)).tolist()
+        batch = self.result.numel()
         parts = []
-        n_nan = int(self.nonfinite.sum())
-        if n_nan:
-            parts.append(
-                f"{n_nan}/{batch} samples produced NaN or inf: check the inputs and initial state for NaN, and "
-                "the cell for overflow (lower the learning rate, add normalisation, or use float32)"
-            )
-        n_div = int((self.diverged & ~self.nonfinite).sum())
-        if n_div:
-            parts.append(
-                f"{n_div}/{batch} samples diverged (residual grew over {self.extra.get('divergence_factor')}x): "
-                "the map is likely not contractive; add damping, normalisation or a Jacobian regulariser"
-            )
-        n_slow = int((~self.converged & ~self.diverged & ~self.nonfinite).sum())
-        if n_slow:
-            worst = float(self.residual[~self.converged & ~self.diverged & ~self.nonfinite].max())
-            parts.append(
-                f"{n_slow}/{batch} samples did not reach tol={self.tol:g} ({self.stop_mode}) within "
-                f"max_iter={self.max_iter} (worst residual {worst:.3g}): raise max_iter, loosen tol, or use "
-                "Anderson/Broyden"
-            )
+        for code in (Result.nonfinite, Result.diverged, Result.max_steps_reached):
+            if counts[code]:
+                text = code.message
+                if code == Result.max_steps_reached:
+                    worst = float(self.residual[self.result == code].max())
+                    what, _, fix = text.partition(": ")
+                    text = (
+                        f"{what} (tol={self.tol:g} {self.stop_mode}, max_iter={self.max_iter}, worst "
+                        f"residual {worst:.3g}): {fix}"
+                    )
+                parts.append(f"{counts[code]}/{batch} samples {text}")
+        if not parts:
+            return None
         return f"{self.solver or 'fixed-point solve'}: " + "; ".join(parts) + "."
 
     def summary(self) -> str:
-        """One line: steps (mean/max), residual (max) and how many samples converged."""
-        n = self.converged.numel()
+        """One line: steps (mean/max), residual (max) and how many samples succeeded."""
+        n = self.result.numel()
+        if n == 0:
+            return f"{self.solver}: empty batch"
         return (
             f"{self.solver}: steps mean {self.nstep.float().mean():.1f} max {int(self.nstep.max())}, "
             f"residual max {float(self.residual.max()):.2e} ({self.stop_mode}), "
@@ -82,3 +135,18 @@ class SolverStats:
 
     def __repr__(self) -> str:
         return f"SolverStats({self.summary()})"
+
+
+@dataclass(repr=False)
+class AdjointStats(SolverStats):
+    """Stats of a backward (adjoint) solve, with what the samples that failed received instead.
+
+    Attributes:
+        fell_back: ``[B]`` bool, the samples whose adjoint did not converge and were handled by the
+            estimator's failure policy.
+        fallback: what those samples received: ``None`` (no sample failed), ``"best_iterate"`` (the best
+            adjoint iterate, ``on_failure="warn"``) or the fallback estimator's name (``"JFB"``, ``"Neumann"``).
+    """
+
+    fell_back: Tensor | None = None
+    fallback: str | None = None

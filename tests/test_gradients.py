@@ -270,8 +270,8 @@ def test_fallback_replaces_only_failed_samples(fallback):
     a, b, x, c, s = scaled_problem()
     gx, sol = scaled_grad(ik.IFT(one_step_adjoint(), on_failure=fallback), a, b, x, c, s)
     (stats,) = sol.backward_stats
-    assert stats.extra["fallback"] == type(fallback).__name__
-    assert stats.extra["fell_back"].tolist() == [False, True, True, True]
+    assert stats.fallback == type(fallback).__name__
+    assert stats.fell_back.tolist() == [False, True, True, True]
     assert stats.converged.tolist() == [True, False, False, False]
     eye = torch.eye(D, dtype=torch.float64)
     for i in range(N):
@@ -286,7 +286,7 @@ def test_no_fallback_when_the_adjoint_converges():
     a, b, x, c, s = scaled_problem()
     _, sol = scaled_grad(ik.IFT(ik.Anderson(**TIGHT), on_failure=ik.JFB()), a, b, x, c, s)
     (stats,) = sol.backward_stats
-    assert stats.extra["fallback"] is None and not stats.extra["fell_back"].any()
+    assert stats.fallback is None and not stats.fell_back.any()
 
 
 def test_fallback_raise_names_the_problem():
@@ -302,7 +302,7 @@ def test_fallback_raise_still_records_the_stats():
     seen = []
     with pytest.raises(ik.FixedPointError):
         scaled_grad(ik.IFT(one_step_adjoint(), on_failure="raise", callback=seen.append), a, b, x, c, s)
-    assert seen and seen[0].extra["fell_back"].sum() == 3
+    assert seen and seen[0].fell_back.sum() == 3
 
 
 def test_fallback_warn_keeps_the_best_iterate():
@@ -310,7 +310,7 @@ def test_fallback_warn_keeps_the_best_iterate():
     with pytest.warns(RuntimeWarning, match="best adjoint iterate"):
         gx, sol = scaled_grad(ik.IFT(one_step_adjoint(), on_failure="warn"), a, b, x, c, s)
     (stats,) = sol.backward_stats
-    assert stats.extra["fallback"] == "best_iterate" and stats.extra["fell_back"].sum() == 3
+    assert stats.fallback == "best_iterate" and stats.fell_back.sum() == 3
     # one step of u <- u J + g from u = g gives g (I + J): the best (only) iterate
     eye = torch.eye(D, dtype=torch.float64)
     torch.testing.assert_close(gx[1], c[1] @ (eye + s[1] * a) @ b, atol=1e-12, rtol=0)
@@ -336,7 +336,11 @@ def test_bad_arguments_are_rejected(k):
 
 
 def test_estimators_share_the_protocol():
+    w = torch.ones(2, requires_grad=True)
     for estimator in (ik.IFT(), ik.JFB(), ik.Phantom(), ik.RAG(), ik.Neumann(), ik.Unrolled()):
         assert isinstance(estimator, ik.GradientEstimator)
-        assert estimator.unrolled is isinstance(estimator, ik.Unrolled)
+        result = estimator.solve(ik.FixedPointIteration(max_iter=2), lambda z: 0.5 * z * w, torch.ones(1, 2))
+        assert result.value.requires_grad is isinstance(
+            estimator, ik.Unrolled
+        )  # the estimator runs the solve
         assert type(estimator).__name__ in repr(estimator)

@@ -120,7 +120,7 @@ def test_backward_stats_are_observable(gen):
     (stats,) = sol.backward_stats
     assert seen == [stats]
     assert stats.nstep.shape == (3,) and stats.converged.all() and (stats.residual <= 1e-10).all()
-    assert stats.extra["fallback"] is None
+    assert stats.fallback is None
 
 
 def test_module_used_twice_in_one_graph(gen):

@@ -4,6 +4,9 @@ The forward pass returns ``z*`` unchanged; the function's inputs are the leaves 
 graph to the parameters and inputs. Its backward hands ``u`` to those leaves, so autograd finishes with
 ``u df/dtheta`` and ``u df/dx``. No hook is registered on any module or parameter, which keeps this safe
 under DistributedDataParallel and with modules that appear twice in a graph.
+
+Second derivatives through this backward would need the adjoint system itself differentiated (``u``
+depends on ``z*`` and ``theta`` through ``J``); they are refused with an error rather than returned wrong.
 """
 
 from __future__ import annotations
@@ -12,81 +15,67 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._tree import StateSpec, check_same_structure, flatten, leaves_of, spec_of, unflatten
+from .._tree import State, flatten, leaves_of, unflatten
+from ..linearize import Linearization
 
 AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
-
-class _AdjointProblem:
-    """What the backward pass needs: ``f(z)`` with its graph, the leaf ``z`` and the rule for ``u``."""
-
-    def __init__(self, fz_leaves: list[Tensor], z_leaves: list[Tensor], spec: StateSpec, rule: AdjointRule):
-        self.fz_leaves, self.z_leaves, self.spec, self.rule = fz_leaves, z_leaves, spec, rule
-
-    def vjp(self, u_flat: Tensor) -> Tensor:
-        """``u J`` for flat ``u`` ``[B, D]``, as one reverse pass through ``f`` (graph kept for reuse)."""
-        u_leaves, _ = leaves_of(unflatten(u_flat, self.spec))
-        # A leaf of f(z) without a graph (a detached box, a constant) contributes nothing to u J.
-        pairs = [
-            (fz, u.to(fz.dtype)) for u, fz in zip(u_leaves, self.fz_leaves, strict=True) if fz.requires_grad
-        ]
-        if not pairs:
-            return torch.zeros_like(u_flat)
-        outputs, cotangents = zip(*pairs, strict=True)
-        grads = torch.autograd.grad(outputs, self.z_leaves, cotangents, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z_leaves, strict=True)]
-        return flatten(self.spec.treespec.unflatten(grads), self.spec)
+HIGHER_ORDER_MESSAGE = (
+    "{name} does not differentiate its own backward pass: a second derivative through it would treat the "
+    "adjoint as a constant and be wrong, so it is refused. For higher-order gradients (create_graph=True) use "
+    "gradient=Unrolled() with FixedPointIteration (exact for the steps taken), or Phantom/RAG, whose "
+    "graphs are ordinary autograd."
+)
 
 
 class _Adjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem: _AdjointProblem, z_star_leaves: list[Tensor], *fz_leaves: Tensor):
-        ctx.problem = problem
-        return tuple(z.clone() for z in z_star_leaves)
+    def forward(
+        ctx, lin: Linearization, rule: AdjointRule, name: str, z_star: list[Tensor], *fz_leaves: Tensor
+    ):
+        ctx.lin, ctx.rule, ctx.name = lin, rule, name
+        return tuple(z.clone() for z in z_star)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: Tensor):
-        problem: _AdjointProblem = ctx.problem
-        grads = [
-            torch.zeros_like(z) if g is None else g for g, z in zip(grads, problem.z_leaves, strict=True)
-        ]
-        g_flat = flatten(problem.spec.treespec.unflatten(grads), problem.spec)
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
+            raise RuntimeError(HIGHER_ORDER_MESSAGE.format(name=ctx.name))
+        lin: Linearization = ctx.lin
+        grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, lin.z_leaves, strict=True)]
+        g_flat = flatten(lin.spec.treespec.unflatten(grads), lin.spec)
         with torch.enable_grad():
-            u_flat = problem.rule(g_flat, problem.vjp)
-        u_leaves, _ = leaves_of(unflatten(u_flat, problem.spec))
+            u_flat = ctx.rule(g_flat, lin.vjp)
+        u_leaves, _ = leaves_of(unflatten(u_flat, lin.spec))
         return (
+            None,
+            None,
             None,
             None,
             *(
                 u.to(fz.dtype) if fz.requires_grad else None
-                for u, fz in zip(u_leaves, problem.fz_leaves, strict=True)
+                for u, fz in zip(u_leaves, lin.fz_leaves, strict=True)
             ),
         )
 
 
-def attach_adjoint(f: Callable, z_star, rule: AdjointRule):
+def attach_adjoint(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
     """Return ``z_star`` whose backward applies ``rule(g, vjp) -> u`` and then backpropagates ``u`` through f.
+
+    Without autograd, or when nothing but ``z`` could receive a gradient through ``f`` (a frozen cell with
+    inputs that need none), ``z_star`` is returned as it is and no adjoint is ever solved.
 
     Arguments:
         f: the map, with a graph to its parameters and inputs.
         z_star: the detached fixed point (any supported structure).
         rule: computes the flat adjoint ``u`` from the flat ``g`` and a flat VJP ``v -> v J``.
+        name: the estimator's name, for the message that refuses second derivatives.
     """
-    spec = spec_of(z_star)
-    z_in = _tree_detach_requires_grad(z_star)
-    z_leaves, _ = leaves_of(z_in)
-    fz = f(z_in)
-    fz_leaves, fz_treespec = leaves_of(fz)
-    check_same_structure(spec, fz_treespec, fz_leaves)
-    problem = _AdjointProblem(fz_leaves, z_leaves, spec, rule)
+    if not torch.is_grad_enabled():
+        return z_star
+    lin = Linearization(f, z_star)
+    if not lin.reaches_beyond_z():
+        return z_star
     z_star_leaves, _ = leaves_of(z_star)
-    out = _Adjoint.apply(problem, z_star_leaves, *fz_leaves)
-    return spec.treespec.unflatten(list(out))
-
-
-def _tree_detach_requires_grad(state):
-    leaves, treespec = leaves_of(state)
-    return treespec.unflatten([x.detach().requires_grad_() for x in leaves])
+    out = _Adjoint.apply(lin, rule, name, z_star_leaves, *lin.fz_leaves)
+    return lin.spec.treespec.unflatten(list(out))

@@ -1,13 +1,16 @@
-"""The gradient-estimator protocol: how a gradient is attached to a fixed point found without one."""
+"""The gradient-estimator protocol: how the solve runs, and how a gradient is attached to its result."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import Tensor
 
 from .._tree import State
+from ..solvers import Solver, SolveResult, iterate
+from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
 
 Map = Callable[[State], State]
@@ -16,26 +19,41 @@ Recorder = Callable[[SolverStats], None]
 
 
 class GradientEstimator(ABC):
-    """Turns a detached fixed point ``z*`` into a state whose backward is the chosen gradient estimate.
+    """Decides how the forward solve runs and what gradient its result carries.
 
     With ``g = dL/dz*`` and ``J = df/dz`` at ``z*``, the exact gradient is ``g (I - J)^-1 df/dtheta``; each
     estimator replaces ``(I - J)^-1`` by something cheaper (see ``docs/gradients.md``).
 
-    Subclasses implement :meth:`attach`. An estimator whose backward is ``u df/dtheta`` for an adjoint
-    vector ``u`` that is a fixed polynomial in ``J`` (JFB, Neumann) also implements :meth:`adjoint_vector`,
-    which lets :class:`~implicitkit.IFT` use it as a fallback inside its backward pass.
+    - :meth:`solve` runs the solver; by default without autograd, so memory does not grow with its steps
+      (:class:`~implicitkit.Unrolled` overrides it to backprop through the steps).
+    - :meth:`attach` maps a solver state to the estimator's output: its forward value (``z*`` for IFT,
+      ``f(f(z*))`` for RAG(2)) is the same with or without autograd; with autograd it carries the gradient.
+
+    An estimator whose backward is ``u df/dtheta`` for an adjoint ``u`` that is a fixed polynomial in ``J``
+    (JFB, Neumann) also implements :meth:`adjoint_vector`, which lets :class:`~implicitkit.IFT` use it as a
+    fallback inside its backward pass.
     """
 
-    #: True when the solver itself must run with autograd on (backprop through the solver's steps).
-    unrolled: bool = False
+    def solve(
+        self,
+        solver: Solver,
+        f: FlatMap,
+        z0: Tensor,
+        *,
+        perturbation: FlatPerturbation | None = None,
+        capture: Iterable[int] = (),
+    ) -> SolveResult:
+        """Run ``solver`` on the flat map from ``z0``; here without autograd."""
+        with torch.no_grad():
+            return iterate(solver, f, z0.detach(), perturbation=perturbation, capture=capture)
 
     @abstractmethod
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
-        """Return a state numerically (close to) ``z_star`` whose graph carries this estimator's gradient.
+        """The estimator's output at a solver state ``z_star``, with its gradient when autograd is on.
 
         Arguments:
             f: the map ``z -> f(z, x; theta)`` with autograd to its parameters and inputs.
-            z_star: the detached fixed point, a state of any supported structure.
+            z_star: the state the solve returned (detached unless :meth:`solve` kept a graph).
             record: called with the stats of any solve done in the backward pass (IFT's adjoint solve).
         """
 
@@ -45,6 +63,11 @@ class GradientEstimator(ABC):
             f"{type(self).__name__} is not a polynomial in J and cannot serve as IFT's fallback; "
             "use JFB() or Neumann(k)."
         )
+
+    @property
+    def can_fall_back(self) -> bool:
+        """This estimator implements :meth:`adjoint_vector` and can stand in for failed IFT samples."""
+        return type(self).adjoint_vector is not GradientEstimator.adjoint_vector
 
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]

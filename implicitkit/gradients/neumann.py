@@ -13,7 +13,8 @@ class Neumann(GradientEstimator):
     """``u = g sum_{t=0}^{k} J^t`` with ``J`` frozen at ``z*``, by ``k`` vector-Jacobian products.
 
     The series converges to ``g (I - J)^-1`` when the spectral radius of ``J`` is below one; unlike Phantom it
-    evaluates every power of the same Jacobian, so it needs one forward application of f, not ``k``.
+    evaluates every power of the same Jacobian, so it needs one forward application of f, not ``k``. Its
+    forward value is ``z*``. Second derivatives through it are refused (see :class:`IFT`).
 
     Arguments:
         k: highest power of ``J`` kept (``k = 0`` is JFB).
@@ -34,4 +35,4 @@ class Neumann(GradientEstimator):
         return total
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
-        return attach_adjoint(f, z_star, self.adjoint_vector)
+        return attach_adjoint(f, z_star, self.adjoint_vector, repr(self))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 import implicitkit as ik
@@ -26,7 +25,7 @@ class DEQDet(QueryDetector):
     is ``F``'s equilibrium reached from ``G``'s output. With :mod:`implicitkit`:
 
         sol = ik.fixed_point(lambda y: F(y, features, sizes), y_0,
-                             solver=ik.FixedPointIteration(tol=0, max_iter=steps),   # no damping
+                             solver=ik.FixedPointIteration(tol=None, max_iter=steps),  # exactly `steps`
                              gradient=ik.RAG(k=2), perturbation=RAP(), capture=...)
 
     **Inference** applies ``F`` exactly ``test_steps`` times (21) and predicts from that state.
@@ -99,24 +98,21 @@ class DEQDet(QueryDetector):
         features: Sequence[Tensor],
         image_sizes: Tensor,
         steps: int,
-        capture: Sequence[int],
+        capture: Sequence[int] = (),
     ) -> ik.Solution:
-        """``steps`` undamped, no-grad iterations of ``F`` from ``sg(y0)``, keeping the states after ``capture``.
+        """Exactly ``steps`` undamped, no-grad iterations of ``F`` from ``sg(y0)``, perturbed in training.
 
-        The RAG branch of a captured step is built when ``sol.path[i]`` is read with gradients enabled. The
-        solution's own value (the lowest-residual iterate) is not used by DEQDet, so the solve runs under
-        ``no_grad`` and no branch is built for it.
+        ``sol.last`` is ``F^steps(y0)``; ``sol.path[i]`` is the RAG branch ``F^k(sg(y_i))`` of the ``i``-th
+        captured step, built when read (with its graph when autograd is on).
         """
-        solver = ik.FixedPointIteration(tol=0.0, max_iter=steps)  # tol 0: always exactly `steps` steps
-        with torch.no_grad():
-            return ik.fixed_point(
-                lambda y: self.refine_layer(y, features, image_sizes),
-                y0,
-                solver=solver,
-                gradient=self.gradient,
-                perturbation=self.perturbation if self.training else None,
-                capture=capture,
-            )
+        return ik.fixed_point(
+            lambda y: self.refine_layer(y, features, image_sizes),
+            y0,
+            solver=ik.FixedPointIteration(tol=None, max_iter=steps),
+            gradient=self.gradient,
+            perturbation=self.perturbation if self.training else None,
+            capture=capture,
+        )
 
     def training_branches(
         self, features: Sequence[Tensor], image_sizes: Tensor
@@ -130,24 +126,16 @@ class DEQDet(QueryDetector):
             group[f"init_f{k}"] = self.refine_layer.predict(y, image_sizes)
         yield group
         sol = self.solve(y0, features, image_sizes, self.train_steps, self.supervise_steps)
-        for i, step in enumerate(sol.path.steps):
-            state = sol.path[i]
-            if not torch.is_grad_enabled():
-                # Without autograd the path hands back the bare iterate (no estimator is attached); apply
-                # RAG's k refinements here so the losses do not depend on the grad mode.
-                for _ in range(self.gradient.k):
-                    state = self.refine_layer(state, features, image_sizes)
+        for step, state in zip(sol.path.steps, sol.path, strict=True):
             yield {f"rag_s{step}": self.refine_layer.predict(state, image_sizes)}
 
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The prediction from ``F^test_steps(G(q_0))``."""
         state = self.init_layer(self.queries(image_sizes), features, image_sizes)
-        if self.test_steps > 0:
-            sol = self.solve(state, features, image_sizes, self.test_steps, (self.test_steps,))
-            with torch.no_grad():  # the exact iterate after the last step, no gradient estimator
-                state = sol.path[0]
-            return self.refine_layer.predict(state, image_sizes)
-        return self.init_layer.predict(state, image_sizes)
+        if self.test_steps == 0:
+            return self.init_layer.predict(state, image_sizes)
+        state = self.solve(state, features, image_sizes, self.test_steps).last
+        return self.refine_layer.predict(state, image_sizes)
 
     def extra_repr(self) -> str:
         return (

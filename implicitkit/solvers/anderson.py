@@ -16,6 +16,7 @@ class _History:
     g: Tensor  # [B, m, D] their residuals f(z_i) - z_i
     ones: Tensor  # [B, m, 1] right-hand side of the weights' linear system
     eye: Tensor  # [m, m] identity; its column i is the plain step's weights (all on iterate i)
+    inv_scale: Tensor | None = None  # [B, 1] 1 / max |G_1|: residuals are stored scaled (see step)
     count: int = 0
 
 
@@ -63,9 +64,14 @@ class Anderson(Solver):
         memory.count += 1
         n = min(memory.count, self.m)
         g = fz - z
+        if memory.inv_scale is None:
+            # The weights do not change when every residual of a sample is scaled by one constant; scaling
+            # by the first residual's largest entry keeps the Gram matrix finite for states near 1e20.
+            scale = torch.linalg.vector_norm(g.detach(), ord=torch.inf, dim=1, keepdim=True)
+            memory.inv_scale = torch.where(scale > 0, scale, 1.0).reciprocal()
         # Functional writes (not in-place) keep the history differentiable for unrolled backprop.
         memory.fz = replace_row(memory.fz, slot, fz)
-        memory.g = replace_row(memory.g, slot, g)
+        memory.g = replace_row(memory.g, slot, g * memory.inv_scale)
         if n == 1:  # a single iterate: the plain (damped) step
             return fz if self.beta == 1.0 else z + self.beta * g
         history = memory.g[:, :n]
@@ -78,7 +84,7 @@ class Anderson(Solver):
         if self.beta == 1.0:
             return mixed
         # sum_i alpha_i z_i = sum_i alpha_i (f(z_i) - G_i)
-        return mixed - (1.0 - self.beta) * torch.bmm(alpha, history).squeeze(1)
+        return mixed - (1.0 - self.beta) * torch.bmm(alpha, history).squeeze(1) / memory.inv_scale
 
 
 def _mixing_weights(gram: Tensor, lam: float, ones: Tensor, eye: Tensor, plain: Tensor) -> Tensor:

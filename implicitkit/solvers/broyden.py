@@ -18,6 +18,7 @@ class _InverseJacobian:
     v: Tensor  # [B, m, D]
     prev_z: Tensor | None = None
     prev_g: Tensor | None = None
+    inv_scale: Tensor | None = None  # [B, 1] 1 / max |g_1|: secant pairs are stored scaled (see step)
     count: int = 0
 
     def apply(self, x: Tensor) -> Tensor:
@@ -68,9 +69,14 @@ class Broyden(Solver):
 
     def step(self, memory: _InverseJacobian, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
+        if memory.inv_scale is None:
+            # H does not change when s and y are scaled by one constant per sample; scaling by the first
+            # residual's largest entry keeps their products finite for states near 1e20.
+            scale = torch.linalg.vector_norm(g.detach(), ord=torch.inf, dim=1, keepdim=True)
+            memory.inv_scale = torch.where(scale > 0, scale, 1.0).reciprocal()
         if memory.prev_z is not None:
-            s = z - memory.prev_z
-            y = g - memory.prev_g
+            s = (z - memory.prev_z) * memory.inv_scale
+            y = (g - memory.prev_g) * memory.inv_scale
             h_y = memory.apply(y)
             s_h = memory.apply_transposed(s)
             denom = (s_h * y).sum(dim=1, keepdim=True)

@@ -7,6 +7,7 @@ then a process's memory grows with the step count even though nothing large is k
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,43 +70,46 @@ def iterate(
     history = _History(steps, batch, z0.device, z0.dtype)
     memory = solver.init(z0)
     z = last = best_value = z0
-    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-    best_res = torch.full((batch,), torch.inf, dtype=z0.dtype, device=z0.device)
-    limit = best_res  # divergence_factor times each sample's first absolute residual, set at step 1
+    best_res = history.best_res
+    limit = history.limit  # divergence_factor times each sample's first absolute residual
     captured: dict[int, Tensor] = {}
     autocast_on = torch.is_autocast_enabled(z0.device.type)
     all_active = True  # known from the last host sync; a full batch skips its masking ops
-    taken = 0
+    taken, active = 0, history.active[0]
     for k in range(1, steps + 1):
         taken = k
-        act = active
+        act = history.active[k - 1]  # the samples this step moves
+        if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
+            act = act.clone()
         if perturbation is not None:
             z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
         fz = f(z)
         with torch.no_grad():
-            abs_res, res = _residuals(solver.stop_mode, z, fz, safe=fixed_count)
+            abs_res, res, probe = _residuals(solver.stop_mode, z, fz, safe=fixed_count)
+            abs_res, res = history.record(k, abs_res, res)
         if k == 1:
-            limit = solver.divergence_factor * abs_res
+            limit.copy_(abs_res).mul_(solver.divergence_factor)
         improved = res < best_res  # NaN compares false: a non-finite step never improves
         if fixed_count:
             n_active, n_improved = batch, -1  # no stopping, no host sync
         else:
-            active = solver.terminate(res, abs_res, limit)
-            if not all_active:
-                improved, active = improved & act, active & act
-            n_active, n_improved = torch.stack((active.sum(), improved.sum())).tolist()
-            if n_improved < batch and _overflowed(res, act, z, fz):
-                abs_res, res = _residuals(solver.stop_mode, z, fz, safe=True)
-                improved, active = res < best_res, solver.terminate(res, abs_res, limit)
-                improved, active = improved & act, active & act
-                n_active, n_improved = torch.stack((active.sum(), improved.sum())).tolist()
+            n_active, n_improved, improved, active, probe = _stop(
+                solver, history, k, res, abs_res, improved, all_active, probe
+            )
+            if not math.isfinite(probe) and _overflowed(act, z, fz):
+                with torch.no_grad():
+                    abs_res, res, _ = _residuals(solver.stop_mode, z, fz, safe=True)
+                    abs_res, res = history.record(k, abs_res, res)
+                n_active, n_improved, improved, active, _ = _stop(
+                    solver, history, k, res, abs_res, res < best_res, False, res.new_zeros(())
+                )
         if n_improved == batch:  # the usual case: every sample improved, no masking needed
-            best_res, best_value = res, fz
+            best_res.copy_(res)
+            best_value = fz
         else:
-            best_res = torch.where(improved, res, best_res)
+            best_res.copy_(torch.where(improved, res, best_res))
             best_value = torch.where(improved[:, None], fz, best_value)
         last = fz if all_active else torch.where(act[:, None], fz, last)
-        history.record(k, res, abs_res, act)
         if k in capture:
             captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
         if n_active == 0 or k == steps:
@@ -122,33 +126,64 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, best_res, limit, last)
+    stats = history.stats(solver, taken, last)
     if (solver.throw if throw is None else throw) and not stats.all_converged:
         raise FixedPointError(stats.failure_message(), stats)
     return SolveResult(best_value, last, stats, captured)
 
 
+def _stop(
+    solver: Solver,
+    history: _History,
+    k: int,
+    res: Tensor,
+    abs_res: Tensor,
+    improved: Tensor,
+    all_active: bool,
+    probe: Tensor,
+) -> tuple[int, int, Tensor, Tensor, float]:
+    """Apply the stop rule after step ``k``: write who goes on into the history; the one host sync.
+
+    Returns the numbers of active and of improved samples, the masks, and the overflow probe's value.
+    """
+    act = history.active[k - 1]
+    active = solver.terminate(res, abs_res, history.limit)
+    if not all_active:
+        improved, active = improved & act, active & act
+    if k < history.steps:
+        history.active[k].copy_(active)
+    counts = torch.stack((active.sum().to(probe.dtype), improved.sum().to(probe.dtype), probe)).tolist()
+    return int(counts[0]), int(counts[1]), improved, active, counts[2]
+
+
 class _History:
-    """``[max_iter, B]`` buffers of residuals and activity, written in place once per step."""
+    """Everything the loop keeps between steps, in buffers allocated once and written in place.
+
+    ``active[k - 1]`` marks the samples that step ``k`` moves; ``res`` and ``abs`` hold each step's residuals.
+    """
 
     def __init__(self, steps: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.steps = steps
         self.res = torch.empty(steps, batch, device=device, dtype=dtype)
         self.abs = torch.empty(steps, batch, device=device, dtype=dtype)
-        self.active = torch.zeros(steps, batch, device=device, dtype=torch.bool)
+        self.active = torch.ones(steps, batch, device=device, dtype=torch.bool)
+        self.best_res = torch.full((batch,), torch.inf, dtype=dtype, device=device)
+        self.limit = torch.full((batch,), torch.inf, dtype=dtype, device=device)
 
-    def record(self, k: int, res: Tensor, abs_res: Tensor, active: Tensor) -> None:
-        self.res[k - 1].copy_(res)
+    def record(self, k: int, abs_res: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+        """Store step ``k``'s residuals; return views of the stored rows, which outlive the temporaries."""
         self.abs[k - 1].copy_(abs_res)
-        self.active[k - 1].copy_(active)
+        self.res[k - 1].copy_(res)
+        return self.abs[k - 1], self.res[k - 1]
 
-    def stats(self, solver: Solver, taken: int, best_res: Tensor, limit: Tensor, last: Tensor) -> SolverStats:
-        """Per-sample stats from the first ``taken`` rows."""
+    def stats(self, solver: Solver, taken: int, last: Tensor) -> SolverStats:
+        """Per-sample stats from the first ``taken`` steps."""
         res, abs_res, act = self.res[:taken], self.abs[:taken], self.active[:taken]
+        best_res, limit = self.best_res.clone(), self.limit
         nstep = act.sum(dim=0)
         stop = (nstep - 1).clamp_min(0).unsqueeze(0)  # the step at which each sample stopped
         last_res = res.gather(0, stop).squeeze(0)
         last_abs = abs_res.gather(0, stop).squeeze(0)
-        best_res = best_res.detach()
         if solver.tol is None:
             nonfinite = ~torch.isfinite(last.detach()).all(dim=1)
             result = torch.where(nonfinite, Result.nonfinite, Result.successful)
@@ -171,33 +206,32 @@ class _History:
         )
 
 
-def _residuals(stop_mode: str, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor]:
-    """Absolute residual ``||f(z) - z||`` and the residual of the stop mode, per sample."""
-    norm = _scaled_norm if safe else _plain_norm
-    abs_res = norm(fz - z)
+def _residuals(stop_mode: str, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Absolute residual ``||f(z) - z||``, the residual of the stop mode, and an overflow probe, per sample.
+
+    The probe (the sum of the norms) is non-finite whenever a norm is: it tells the loop, at no extra host
+    sync, when to check for an overflowed norm of finite states.
+    """
+    diff = fz - z
+    abs_res = _scaled_norm(diff, inplace=True) if safe else torch.linalg.vector_norm(diff, dim=1)
     if stop_mode == "abs":
-        return abs_res, abs_res
-    return abs_res, abs_res / (norm(fz) + _REL_EPS)
+        return abs_res, abs_res, abs_res.sum()
+    fz_norm = _scaled_norm(fz, inplace=False) if safe else torch.linalg.vector_norm(fz, dim=1)
+    return abs_res, abs_res / (fz_norm + _REL_EPS), (abs_res + fz_norm).sum()
 
 
-def _plain_norm(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=1)
-
-
-def _scaled_norm(x: Tensor) -> Tensor:
-    """``||x||`` per row without overflow: the squares of entries above ~1e19 overflow float32."""
-    scale = x.abs().amax(dim=1, keepdim=True)
+def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:
+    """``||x||`` per row without overflow (squares of float32 entries above ~1e19 are inf): ``s ||x / s||``."""
+    scale = torch.linalg.vector_norm(x, ord=torch.inf, dim=1, keepdim=True)
     scale = torch.where(scale > 0, scale, 1.0)
-    return torch.linalg.vector_norm(x / scale, dim=1) * scale.squeeze(1)
+    scaled = x.div_(scale) if inplace else x / scale
+    return torch.linalg.vector_norm(scaled, dim=1) * scale.squeeze(1)
 
 
-def _overflowed(res: Tensor, active: Tensor, z: Tensor, fz: Tensor) -> bool:
-    """Some active sample's residual is inf or NaN although its states are finite (a norm overflowed)."""
-    bad = active & ~torch.isfinite(res)
-    if not bool(bad.any()):
-        return False
-    finite = torch.isfinite(z[bad]).all(dim=1) & torch.isfinite(fz[bad]).all(dim=1)
-    return bool(finite.any())
+def _overflowed(active: Tensor, z: Tensor, fz: Tensor) -> bool:
+    """Some active sample has finite states: a non-finite norm of it overflowed and must be recomputed."""
+    finite = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
+    return bool((active & finite).any())
 
 
 def _check_capture(capture: Iterable[int], max_iter: int) -> list[int]:

@@ -1,0 +1,106 @@
+"""Fixed-count solves (``tol=None``), the last iterate, result codes, and norms that do not overflow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicitkit as ik
+
+SOLVERS = [ik.FixedPointIteration, ik.Anderson, ik.Broyden]
+
+
+@pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.Unrolled()])
+def test_fixed_count_takes_exactly_max_iter_steps_and_last_is_that_iterate(gen, gradient):
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    sol = ik.fixed_point(
+        lambda z: 0.5 * z + x,
+        torch.zeros_like(x),
+        solver=ik.FixedPointIteration(tol=None, max_iter=7),
+        gradient=gradient,
+    )
+    z = torch.zeros_like(x)
+    for _ in range(7):
+        z = 0.5 * z + x
+    assert sol.stats.nstep.tolist() == [7] * 5
+    assert sol.stats.converged.all() and sol.stats.trace.shape == (7, 5)
+    torch.testing.assert_close(sol.last, z, atol=1e-12, rtol=0)
+    torch.testing.assert_close(z, 2 * x * (1 - 0.5**7), atol=1e-12, rtol=0)  # the closed form
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_fixed_count_ignores_convergence(gen, solver):
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    stats = ik.fixed_point(
+        lambda z: 0.1 * z + x, torch.zeros_like(x), solver=solver(tol=None, max_iter=25)
+    ).stats
+    assert stats.nstep.tolist() == [25] * 4 and stats.tol is None
+    assert "converged 4/4" in stats.summary()
+
+
+def test_last_differs_from_best_when_the_iteration_oscillates(gen):
+    x = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    sol = ik.fixed_point(
+        lambda z: -1.2 * z + x, torch.zeros_like(x), solver=ik.FixedPointIteration(tol=None, max_iter=6)
+    )
+    assert (sol.stats.residual < sol.stats.trace[-1]).all()  # the residual grows, the best is early
+    assert not torch.allclose(sol.value, sol.last)
+
+
+def test_result_codes_and_messages(gen):
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    stats = ik.fixed_point(
+        lambda z: 0.9 * z + x, torch.zeros_like(x), solver=ik.FixedPointIteration(tol=1e-12, max_iter=5)
+    ).stats
+    assert stats.result.dtype == torch.int8
+    assert stats.result.tolist() == [
+        ik.Result.max_steps_reached,
+        ik.Result.nonfinite,
+        ik.Result.max_steps_reached,
+    ]
+    assert "sample 1 produced NaN or inf" in stats.message(1)
+    message = stats.failure_message()
+    assert (
+        "1/3 samples produced NaN" in message
+        and "2/3 samples did not reach tol within max_iter (tol=1e-12 rel, max_iter=5" in message
+    )
+
+
+def test_fixed_count_reports_nonfinite(gen):
+    x = torch.randn(2, 3, generator=gen)
+    x[0, 1] = float("inf")
+    stats = ik.fixed_point(
+        lambda z: 0.5 * z + x, torch.zeros_like(x), solver=ik.FixedPointIteration(tol=None, max_iter=3)
+    ).stats
+    assert stats.result.tolist() == [ik.Result.nonfinite, ik.Result.successful]
+
+
+def test_throw_carries_the_stats(gen):
+    x = torch.randn(2, 3, generator=gen)
+    with pytest.raises(ik.FixedPointError) as info:
+        ik.fixed_point(
+            lambda z: 0.99 * z + x,
+            torch.zeros_like(x),
+            solver=ik.FixedPointIteration(tol=1e-9, max_iter=3, throw=True),
+        )
+    assert info.value.stats.nstep.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("tol", [1e-5, None])
+def test_huge_finite_float32_states_are_not_reported_as_nonfinite(solver, tol):
+    x = torch.full((2, 64), 1e20)  # squares overflow float32; the values do not
+    sol = ik.fixed_point(lambda z: 0.5 * z + x, torch.zeros_like(x), solver=solver(tol=tol, max_iter=60))
+    assert not sol.stats.nonfinite.any()
+    assert torch.isfinite(sol.stats.residual).all()
+    if tol is not None:
+        assert sol.stats.converged.all()
+    torch.testing.assert_close(sol.value, 2 * x, rtol=1e-4, atol=0)
+
+
+def test_tol_none_is_validated():
+    with pytest.raises(ValueError, match="tolerance"):
+        ik.IFT(ik.Anderson(tol=None))
+    with pytest.raises(ValueError, match="None for a fixed step count"):
+        ik.FixedPointIteration(tol=-1.0)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[int, tuple[int, int]]:
     torch.manual_seed(0)
     c = args.channels
     encoder = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
-    deq = ik.DEQ(Cell(c), solver=ik.FixedPointIteration(tol=0.0, max_iter=20), gradient=ik.RAG(2))
+    deq = ik.DEQ(Cell(c), solver=ik.FixedPointIteration(tol=None, max_iter=20), gradient=ik.RAG(2))
     head = nn.Linear(c, 4)
     images = torch.randn(args.batch, args.queries, c)
 

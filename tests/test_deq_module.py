@@ -42,7 +42,7 @@ def test_perturbation_only_in_training_mode():
 
     deq = ik.DEQ(
         lambda z, x: 0.5 * z + x,
-        solver=ik.FixedPointIteration(tol=0.0, max_iter=3),
+        solver=ik.FixedPointIteration(tol=None, max_iter=3),
         perturbation=perturbation,
     )
     x = torch.randn(2, 3)

@@ -37,7 +37,7 @@ class Model(nn.Module):
 
 
 def solve(model, feats, estimator, steps=STEPS):
-    deq = ik.DEQ(model.cell, solver=ik.FixedPointIteration(tol=0.0, max_iter=20), gradient=estimator)
+    deq = ik.DEQ(model.cell, solver=ik.FixedPointIteration(tol=None, max_iter=20), gradient=estimator)
     return deq(torch.zeros_like(feats), feats, capture=steps)
 
 

@@ -33,7 +33,7 @@ def test_called_before_every_step_from_one():
     sol = ik.fixed_point(
         lambda z: cell(z, x),
         torch.zeros_like(x),
-        solver=ik.FixedPointIteration(max_iter=7, tol=0),
+        solver=ik.FixedPointIteration(max_iter=7, tol=None),
         perturbation=rec,
     )
     assert rec.steps == list(range(1, 8)) and sol.stats.nstep.tolist() == [7, 7, 7]
@@ -42,7 +42,7 @@ def test_called_before_every_step_from_one():
 
 def test_off_in_eval_mode():
     rec = Recorder()
-    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=5, tol=0), perturbation=rec)
+    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=5, tol=None), perturbation=rec)
     x = torch.randn(2, 4)
     deq.eval()
     deq(torch.zeros_like(x), x)
@@ -68,7 +68,7 @@ def perturbed_solve(seed: int):
     x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(9))
     deq = ik.DEQ(
         cell,
-        solver=ik.FixedPointIteration(max_iter=10, tol=0),
+        solver=ik.FixedPointIteration(max_iter=10, tol=None),
         perturbation=ik.GaussianPerturbation(
             prob=0.5, scale=0.3, generator=torch.Generator().manual_seed(seed)
         ),
@@ -169,7 +169,7 @@ def test_bad_arguments(kwargs, match):
 def test_perturbed_path_is_kept_and_training_still_gets_gradients():
     x = torch.randn(2, 5, 4, requires_grad=True)
     pert = ik.GaussianPerturbation(prob=1.0, scale=0.5, generator=torch.Generator().manual_seed(0))
-    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=4, tol=0), gradient=ik.IFT(), perturbation=pert)
+    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=4, tol=None), gradient=ik.IFT(), perturbation=pert)
     sol = deq(torch.zeros_like(x), x, capture=(2,))
     with torch.no_grad():
         clean = cell(cell(torch.zeros_like(x), x), x)

@@ -198,7 +198,7 @@ def test_bad_solver_settings_are_named(kwargs, message):
 
 
 def test_capture_returns_states_after_requested_steps():
-    solver = ik.FixedPointIteration(tol=0.0, max_iter=5, stop_mode="abs")
+    solver = ik.FixedPointIteration(tol=None, max_iter=5, stop_mode="abs")
     sol = ik.fixed_point(
         lambda z: 0.5 * z + 1.0, torch.zeros(1, 1, dtype=torch.float64), solver=solver, capture=(1, 3)
     )

@@ -2,7 +2,7 @@
 
 The subpackages follow the usual split of a detection code base: ``data`` (COCO-format datasets, the
 bundled digits set, transforms, batching), ``losses`` (matcher, set criterion), ``evaluation``
-(post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, ``build_model``) and ``distributed`` (helpers that work without a process group).
+(post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, Sparse R-CNN, DEQ Sparse R-CNN, ``build_model``) and ``distributed`` (helpers that work without a process group).
 """
 
 from .data import (
@@ -18,7 +18,7 @@ from .data import (
 )
 from .evaluation import CocoEvaluator, PostProcess, to_coco_results
 from .losses import HungarianMatcher, SetCriterion
-from .models import CONFIGS, AdaMixer, DEQDet, build_model
+from .models import CONFIGS, AdaMixer, DEQDet, DEQSparseRCNN, SparseRCNN, build_model
 
 __all__ = [
     "CONFIGS",
@@ -27,11 +27,13 @@ __all__ = [
     "CocoEvaluator",
     "CocoFormatError",
     "DEQDet",
+    "DEQSparseRCNN",
     "DetectionBatch",
     "DigitsDetectionConfig",
     "HungarianMatcher",
     "PostProcess",
     "SetCriterion",
+    "SparseRCNN",
     "build_digits_detection",
     "build_model",
     "collate_detection",

@@ -44,7 +44,7 @@ from .engine.distributed import (
     wrap_ddp,
 )
 from .engine.evaluate import evaluate
-from .engine.optim import SCHEDULES, Schedule, build_scheduler, param_groups, parse_drops
+from .engine.optim import SCHEDULES, Schedule, build_scheduler, param_groups, parse_drops, recipe_for
 from .engine.train import headline, make_grad_scaler, train_one_epoch
 from .evaluation import CocoEvaluator
 from .models import CONFIGS, ModelConfig, build_model
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line options (``--help`` lists them with their defaults)."""
     p = argparse.ArgumentParser(
         prog="python -m implicitkit_det.cli",
-        description="Train and evaluate DEQDet / AdaMixer. Without data options: the bundled digits set.",
+        description="Train and evaluate DEQDet, AdaMixer, Sparse R-CNN or DEQ Sparse R-CNN. Without data "
+        "options: the bundled digits set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--schedule", choices=sorted(SCHEDULES), default=None, help="default: from the config name, else 1x"
     )
-    g.add_argument("--epochs", type=int, default=None, help="default: the schedule's (12 for 1x, 24 for 2x)")
+    g.add_argument(
+        "--epochs", type=int, default=None, help="default: the schedule's (12 for 1x, 24 for 2x, 36 for 3x)"
+    )
     g.add_argument(
         "--lr-drops",
         default=None,
@@ -125,14 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--warmup-iters", type=int, default=500)
     g.add_argument("--batch-size", type=int, default=2, help="images per process (total = this x processes)")
-    g.add_argument("--lr", type=float, default=2.5e-5, help="base AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--decoder-lr-mult", type=float, default=4.0)
-    g.add_argument("--decoder-wd-mult", type=float, default=10.0)
+    recipe = "default: the config's recipe (engine.optim.RECIPES; DEQDet: {}, Sparse R-CNN: {})"
+    g.add_argument(
+        "--lr", type=float, default=None, help="base AdamW learning rate; " + recipe.format(2.5e-5, 2.5e-5)
+    )
+    g.add_argument("--weight-decay", type=float, default=None, help=recipe.format(0.01, 1e-4))
+    g.add_argument("--decoder-lr-mult", type=float, default=None, help=recipe.format(4, 1))
+    g.add_argument("--decoder-wd-mult", type=float, default=None, help=recipe.format(10, 1))
     g.add_argument(
         "--no-decay-norm-bias", action="store_true", help="no weight decay on biases and norm layers"
     )
-    g.add_argument("--clip-max-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument(
+        "--clip-max-norm", type=float, default=None, help="gradient clipping (0: off); " + recipe.format(1, 1)
+    )
     g.add_argument(
         "--amp", action="store_true", help="mixed precision: bf16 on the CPU, fp16 + grad scaling on CUDA"
     )
@@ -178,7 +186,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.workers < 0 or args.warmup_iters < 0 or (args.deq_steps is not None and args.deq_steps < 0):
         parser.error("--workers, --warmup-iters and --deq-steps must be >= 0")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         parser.error("--lr must be > 0")
     if args.eval_only and args.resume is None:
         parser.error("--eval-only evaluates a trained model: pass its checkpoint with --resume PATH")
@@ -271,7 +279,7 @@ def build_datasets(
         train_tf = make_train_transforms(
             scales=range(size - 32, size + 33, 16), max_size=max_size, hflip_prob=0.0
         )
-    elif schedule_name == "2x":  # the multi-scale + crop recipe, scaled with the input size
+    elif schedule_name in ("2x", "3x"):  # the multi-scale + crop recipe, scaled with the input size
         scales = [round(s * size / COCO_SIZE) for s in MULTI_SCALES]
         train_tf = make_train_transforms(scales=scales, max_size=max_size, crop=True)
     else:
@@ -318,6 +326,14 @@ def _set_test_steps(model: nn.Module, steps: int) -> None:
             f"--deq-steps: {type(target).__name__} has no test-time step count (not a DEQ model)"
         )
     target.test_steps = steps
+
+
+def _apply_recipe(args: argparse.Namespace, arch: str) -> None:
+    """Fill the optimiser options left unset from the architecture's :class:`OptimizerRecipe`."""
+    recipe = recipe_for(arch)
+    for field in dataclasses.fields(recipe):
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, getattr(recipe, field.name))
 
 
 def _schedule(args: argparse.Namespace, config: str) -> tuple[str, Schedule]:
@@ -379,6 +395,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         parser.error(f"--model-arg {unknown}: not model config fields; the fields are {fields}")
+    try:
+        _apply_recipe(args, overrides.get("arch", CONFIGS[config].arch))
+    except KeyError as err:
+        parser.error(f"--model-arg arch: {err.args[0]}")
     try:
         schedule_name, schedule = _schedule(args, config)
     except ValueError as err:

@@ -3,13 +3,24 @@
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import DistInfo, build_sampler, cleanup_distributed, init_distributed, unwrap, wrap_ddp
 from .evaluate import evaluate, rescale_to_original
-from .optim import SCHEDULES, Schedule, build_optimizer, build_scheduler, param_groups
+from .optim import (
+    RECIPES,
+    SCHEDULES,
+    OptimizerRecipe,
+    Schedule,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    recipe_for,
+)
 from .train import NonFiniteLossError, autocast, make_grad_scaler, train_one_epoch
 
 __all__ = [
+    "RECIPES",
     "SCHEDULES",
     "DistInfo",
     "NonFiniteLossError",
+    "OptimizerRecipe",
     "Schedule",
     "autocast",
     "build_optimizer",
@@ -22,6 +33,7 @@ __all__ = [
     "make_grad_scaler",
     "param_groups",
     "read_checkpoint",
+    "recipe_for",
     "rescale_to_original",
     "save_checkpoint",
     "train_one_epoch",

@@ -1,9 +1,11 @@
-"""AdamW parameter groups and the warm-up + step learning-rate schedule of DEQDet and AdaMixer.
+"""AdamW parameter groups, each detector's optimiser recipe, and the warm-up + step learning-rate schedule.
 
-The recipe (DESIGN.md, section 3): AdamW with lr 2.5e-5 and weight decay 0.01 for a total batch of 16;
-the decoder gets 4x the learning rate and 10x the weight decay; the learning rate rises linearly from
-0.001x over the first 500 iterations, then drops by 10x at fixed epochs (1x: 12 epochs, drops at 8 and
-11; 2x: 24 epochs, drops at 16 and 22).
+DEQDet's recipe (DESIGN.md, section 3): AdamW with lr 2.5e-5 and weight decay 0.01 for a total batch of
+16; the decoder gets 4x the learning rate and 10x the weight decay. Sparse R-CNN's (mmdetection's
+configuration): lr 2.5e-5, weight decay 1e-4, the same for every parameter. Both clip the gradient norm at
+1. The learning rate rises linearly from 0.001x over the first 500 iterations, then drops by 10x at fixed
+epochs (1x: 12 epochs, drops at 8 and 11; 2x: 24 epochs, drops at 16 and 22; 3x: 36 epochs, drops at 27
+and 33).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from .distributed import unwrap
 
 __all__ = [
+    "RECIPES",
     "SCHEDULES",
+    "OptimizerRecipe",
     "Schedule",
     "build_optimizer",
     "build_scheduler",
     "is_decoder_parameter",
     "param_groups",
+    "recipe_for",
 ]
 
 # Normalisation layers, whose affine parameters are exempt from weight decay when asked.
@@ -102,6 +107,44 @@ def build_optimizer(
 
 
 @dataclass(frozen=True)
+class OptimizerRecipe:
+    """The AdamW settings a detector family was published with (the arguments of :func:`param_groups`).
+
+    **Attributes**
+    - `lr`, `weight_decay`: the base values.
+    - `decoder_lr_mult`, `decoder_wd_mult`: multipliers for the decoder's parameters.
+    - `clip_max_norm`: gradient clipping threshold (total 2-norm).
+    """
+
+    lr: float = 2.5e-5
+    weight_decay: float = 0.01
+    decoder_lr_mult: float = 4.0
+    decoder_wd_mult: float = 10.0
+    clip_max_norm: float = 1.0
+
+
+_SPARSE_RCNN_RECIPE = OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decoder_wd_mult=1.0)
+
+#: The recipe of each ``ModelConfig.arch``. AdaMixer runs with DEQDet's; the DEQ Sparse R-CNN head ships no
+#: configuration of its own and takes Sparse R-CNN's.
+RECIPES: dict[str, OptimizerRecipe] = {
+    "deqdet": OptimizerRecipe(),
+    "adamixer": OptimizerRecipe(),
+    "sparse_rcnn": _SPARSE_RCNN_RECIPE,
+    "deq_sparse_rcnn": _SPARSE_RCNN_RECIPE,
+}
+
+
+def recipe_for(arch: str) -> OptimizerRecipe:
+    """The :class:`OptimizerRecipe` of a model architecture (a key of :data:`RECIPES`)."""
+    if arch not in RECIPES:
+        raise KeyError(
+            f"no optimiser recipe for arch {arch!r}; add one to RECIPES (known: {sorted(RECIPES)})"
+        )
+    return RECIPES[arch]
+
+
+@dataclass(frozen=True)
 class Schedule:
     """A warm-up + step schedule, in epochs.
 
@@ -142,8 +185,12 @@ class Schedule:
         return warm * self.gamma ** sum(epoch >= d for d in self.drops)
 
 
-#: The published schedules; the 2x one goes with the multi-scale + crop augmentation.
-SCHEDULES: dict[str, Schedule] = {"1x": Schedule(12, (8, 11)), "2x": Schedule(24, (16, 22))}
+#: The published schedules; the 2x and 3x ones go with the multi-scale + crop augmentation.
+SCHEDULES: dict[str, Schedule] = {
+    "1x": Schedule(12, (8, 11)),
+    "2x": Schedule(24, (16, 22)),
+    "3x": Schedule(36, (27, 33)),
+}
 
 
 class _ScheduleLambda:

@@ -1,4 +1,5 @@
-"""Query-based detectors: DEQDet (a deep-equilibrium decoder) and its explicit baseline AdaMixer.
+"""Query-based detectors: DEQDet (a deep-equilibrium decoder) and its explicit baseline AdaMixer, Sparse R-CNN
+and its deep-equilibrium variant DEQ Sparse R-CNN.
 
 ``build_model(config_name, num_classes, **overrides)`` builds a named configuration (see
 :data:`CONFIGS`); the parts are importable for custom assemblies.
@@ -10,16 +11,26 @@ from .attention import IoFSelfAttention
 from .backbone import ResNetBackbone
 from .boxes import box_iof, position_encoding, xyxy_to_xyzr, xyzr_to_xyxy
 from .configs import CONFIGS, ModelConfig, build_model
+from .delta_coder import DELTA_STDS, decode_deltas, encode_deltas
+from .deq_sparse_rcnn import DEQSparseRCNN
 from .deqdet import DEQDet
 from .detector import Outputs, QueryDetector
+from .dynamic_conv import DynamicInteraction
+from .fpn import FPN
 from .mixing import AdaptiveMixing
 from .neck import ChannelMapper
+from .proposals import LearnedProposals, ProposalState
 from .queries import InitialQueries, QueryState
-from .rap import RAP, BoxPerturbation
+from .rap import RAP, BoxPerturbation, CornerPerturbation, SparseRCNNRAP
+from .roi import MultiLevelRoIAlign, roi_levels
 from .sampling import AdaptiveSampling3D, sample_pyramid
+from .sparse_rcnn import SparseRCNN
+from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = [
     "CONFIGS",
+    "DELTA_STDS",
+    "FPN",
     "RAP",
     "AdaMixer",
     "AdaMixerStage",
@@ -27,18 +38,30 @@ __all__ = [
     "AdaptiveSampling3D",
     "BoxPerturbation",
     "ChannelMapper",
+    "CornerPerturbation",
     "DEQDet",
+    "DEQSparseRCNN",
+    "DynamicInteraction",
     "InitialQueries",
     "IoFSelfAttention",
+    "LearnedProposals",
     "ModelConfig",
+    "MultiLevelRoIAlign",
     "Outputs",
+    "ProposalState",
     "QueryDetector",
     "QueryState",
     "ResNetBackbone",
+    "SparseRCNN",
+    "SparseRCNNRAP",
+    "SparseRCNNStage",
     "box_iof",
     "build_model",
+    "decode_deltas",
+    "encode_deltas",
     "position_encoding",
     "refine_boxes",
+    "roi_levels",
     "sample_pyramid",
     "xyxy_to_xyzr",
     "xyzr_to_xyxy",

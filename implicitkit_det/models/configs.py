@@ -9,11 +9,16 @@ from typing import Any, Literal
 from .adamixer import AdaMixer
 from .adamixer_stage import AdaMixerStage
 from .backbone import ResNetBackbone
+from .deq_sparse_rcnn import DEQSparseRCNN
 from .deqdet import DEQDet
 from .detector import QueryDetector
+from .fpn import FPN
 from .neck import ChannelMapper
+from .proposals import LearnedProposals
 from .queries import InitialQueries
-from .rap import RAP
+from .rap import RAP, SparseRCNNRAP
+from .sparse_rcnn import SparseRCNN
+from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = ["CONFIGS", "ModelConfig", "build_model"]
 
@@ -23,20 +28,26 @@ class ModelConfig:
     """Every choice that shapes a detector; :func:`build_model` turns one into a model.
 
     **Attributes**
-    - `arch`: ``"deqdet"`` or ``"adamixer"``.
+    - `arch`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"`` or ``"deq_sparse_rcnn"``.
     - `backbone`, `backbone_weights`, `frozen_bn`, `frozen_stages`: of :class:`~.backbone.ResNetBackbone`.
-    - `neck_kernel`, `neck_relu`, `gn_groups`: of :class:`~.neck.ChannelMapper`.
+    - `neck_kernel`, `neck_relu`, `gn_groups`: of :class:`~.neck.ChannelMapper` (DEQDet, AdaMixer; the
+      Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
     - `dim`: channels of the features and of the query content.
-    - `num_queries`: ``N``.
-    - `num_heads`, `num_points`, `out_points`, `num_groups`, `ffn_dim`: of each
-      :class:`~.adamixer_stage.AdaMixerStage` (``P`` = `num_points`).
-    - `num_stages`: AdaMixer's stage count.
-    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: DEQDet's schedule.
-    - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: DEQDet's :class:`~.rap.RAP`.
+    - `num_queries`: ``N`` (queries, or Sparse R-CNN's learned proposals).
+    - `num_heads`, `ffn_dim`: of every decoder layer.
+    - `num_points`, `out_points`, `num_groups`: of each :class:`~.adamixer_stage.AdaMixerStage`
+      (``P`` = `num_points`).
+    - `dynamic_dim`, `roi_size`, `clip_boxes`: of each :class:`~.sparse_rcnn_stage.SparseRCNNStage`
+      (the dynamic interaction's hidden width, the RoIAlign grid, clipping decoded boxes to the image).
+    - `num_stages`: AdaMixer's and Sparse R-CNN's stage count.
+    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: the DEQ schedule
+      (DEQDet, DEQ Sparse R-CNN).
+    - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: the DEQ models'
+      perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
     - `num_select`: detections per image at inference.
     """
 
-    arch: Literal["deqdet", "adamixer"] = "deqdet"
+    arch: Literal["deqdet", "adamixer", "sparse_rcnn", "deq_sparse_rcnn"] = "deqdet"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
     frozen_bn: bool | None = None
@@ -51,6 +62,9 @@ class ModelConfig:
     out_points: int = 128
     num_groups: int = 4
     ffn_dim: int = 2048
+    dynamic_dim: int = 64
+    roi_size: int = 7
+    clip_boxes: bool = False
     num_stages: int = 6
     train_steps: int = 20
     test_steps: int = 21
@@ -80,12 +94,23 @@ _TINY = dict(
     ffn_dim=256,
 )
 
+_SPARSE_RCNN_R50 = ModelConfig(arch="sparse_rcnn")
+_DEQ_SPARSE_RCNN_R50 = ModelConfig(arch="deq_sparse_rcnn")
+# The tiny Sparse R-CNNs: the backbone and widths of the tiny DEQDet, a 16-wide dynamic interaction.
+_SPARSE_TINY = dict(backbone="resnet10", dim=64, num_queries=20, num_heads=4, ffn_dim=256, dynamic_dim=16)
+
 CONFIGS: dict[str, ModelConfig] = {
     "deqdet_r50_1x": _DEQDET_R50,
     "deqdet_r50_2x": dataclasses.replace(_DEQDET_R50, num_queries=300, num_select=300),
     "adamixer_r50_1x": _ADAMIXER_R50,
     "deqdet_tiny": dataclasses.replace(_DEQDET_R50, **_TINY, rap_box_pixels=4.0),
     "adamixer_tiny": dataclasses.replace(_ADAMIXER_R50, **_TINY),
+    "sparse_rcnn_r50_1x": _SPARSE_RCNN_R50,
+    "sparse_rcnn_r50_3x": dataclasses.replace(_SPARSE_RCNN_R50, num_queries=300, num_select=300),
+    "deq_sparse_rcnn_r50_1x": _DEQ_SPARSE_RCNN_R50,
+    "deq_sparse_rcnn_r50_3x": dataclasses.replace(_DEQ_SPARSE_RCNN_R50, num_queries=300, num_select=300),
+    "sparse_rcnn_tiny": dataclasses.replace(_SPARSE_RCNN_R50, **_SPARSE_TINY),
+    "deq_sparse_rcnn_tiny": dataclasses.replace(_DEQ_SPARSE_RCNN_R50, **_SPARSE_TINY, rap_box_pixels=4.0),
 }
 
 
@@ -94,12 +119,15 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
 
     **Arguments**
     - `config`: a key of :data:`CONFIGS` (``deqdet_r50_1x``, ``deqdet_r50_2x``, ``adamixer_r50_1x``,
-      ``deqdet_tiny``, ``adamixer_tiny``) or a :class:`ModelConfig`.
+      ``sparse_rcnn_r50_1x``, ``sparse_rcnn_r50_3x``, ``deq_sparse_rcnn_r50_1x``,
+      ``deq_sparse_rcnn_r50_3x``, and the CPU-sized ``deqdet_tiny``, ``adamixer_tiny``,
+      ``sparse_rcnn_tiny``, ``deq_sparse_rcnn_tiny``) or a :class:`ModelConfig`.
     - `num_classes`: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
     - `**overrides`: fields of :class:`ModelConfig` to change, e.g. ``num_queries=50`` or
       ``backbone_weights="resnet50.pth"``.
 
-    **Returns** a :class:`~.deqdet.DEQDet` or :class:`~.adamixer.AdaMixer` in training mode.
+    **Returns** a :class:`~.deqdet.DEQDet`, :class:`~.adamixer.AdaMixer`, :class:`~.sparse_rcnn.SparseRCNN`
+    or :class:`~.deq_sparse_rcnn.DEQSparseRCNN` in training mode.
 
     Build on the meta device (``with torch.device("meta"): ...``) to inspect shapes and parameter counts
     without allocating memory.
@@ -110,6 +138,8 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
         config = CONFIGS[config]
     cfg = dataclasses.replace(config, **overrides)
     backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.frozen_bn, cfg.frozen_stages)
+    if cfg.arch in ("sparse_rcnn", "deq_sparse_rcnn"):
+        return _build_sparse_rcnn(cfg, backbone, num_classes)
     neck = ChannelMapper(backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups)
     queries = InitialQueries(cfg.num_queries, cfg.dim)
 
@@ -145,4 +175,44 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             perturbation=rap,
             num_select=cfg.num_select,
         )
-    raise ValueError(f"unknown arch {cfg.arch!r}; choose 'deqdet' or 'adamixer'")
+    raise ValueError(
+        f"unknown arch {cfg.arch!r}; choose 'deqdet', 'adamixer', 'sparse_rcnn' or 'deq_sparse_rcnn'"
+    )
+
+
+def _build_sparse_rcnn(cfg: ModelConfig, backbone: ResNetBackbone, num_classes: int) -> QueryDetector:
+    """Sparse R-CNN or DEQ Sparse R-CNN: an FPN, learned proposals and :class:`SparseRCNNStage` layers."""
+    neck = FPN(backbone.channels, cfg.dim)
+    proposals = LearnedProposals(cfg.num_queries, cfg.dim)
+
+    def stage(first: bool) -> SparseRCNNStage:
+        return SparseRCNNStage(
+            num_classes,
+            cfg.dim,
+            cfg.num_heads,
+            cfg.dynamic_dim,
+            cfg.roi_size,
+            cfg.ffn_dim,
+            strides=backbone.strides,
+            detach_boxes=not first,
+            clip_boxes=cfg.clip_boxes,
+        )
+
+    if cfg.arch == "sparse_rcnn":
+        stages = [stage(first=i == 0) for i in range(cfg.num_stages)]
+        return SparseRCNN(backbone, neck, proposals, stages, num_select=cfg.num_select)
+    rap = SparseRCNNRAP(cfg.rap_content_prob, cfg.rap_content_scale, cfg.rap_box_prob, cfg.rap_box_pixels)
+    return DEQSparseRCNN(
+        backbone,
+        neck,
+        proposals,
+        stage(first=True),
+        stage(first=False),
+        train_steps=cfg.train_steps,
+        test_steps=cfg.test_steps,
+        supervise_steps=cfg.supervise_steps,
+        init_refinements=cfg.init_refinements,
+        rag_steps=cfg.rag_steps,
+        perturbation=rap,
+        num_select=cfg.num_select,
+    )

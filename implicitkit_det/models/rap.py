@@ -2,7 +2,9 @@
 
 Both parts follow :mod:`implicitkit`'s perturbation protocol ``(state, step) -> state``: the solver calls
 them before each no-grad step in training, and the path continues from the disturbed state. The content
-part is :class:`implicitkit.GaussianPerturbation`; the box part needs the box parametrisation and lives here.
+part is :class:`implicitkit.GaussianPerturbation`; the box part needs the box parametrisation and lives here:
+:class:`BoxPerturbation` for DEQDet's ``xyzr`` boxes, :class:`CornerPerturbation` for Sparse R-CNN's
+``xyxy`` ones.
 """
 
 from __future__ import annotations
@@ -12,9 +14,27 @@ import torch
 from implicitkit import GaussianPerturbation
 
 from .boxes import xyxy_to_xyzr, xyzr_to_xyxy
+from .proposals import ProposalState
 from .queries import QueryState
 
-__all__ = ["RAP", "BoxPerturbation"]
+__all__ = ["RAP", "BoxPerturbation", "CornerPerturbation", "SparseRCNNRAP"]
+
+
+def _corner_noise(
+    boxes: torch.Tensor, prob: float, pixels: float, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """``pixels * eps`` shaped like ``boxes`` with probability ``prob`` (one draw), else None."""
+    device = generator.device if generator is not None else boxes.device
+    if prob == 0.0 or not bool(torch.rand((), generator=generator, device=device) < prob):
+        return None
+    eps = torch.randn(boxes.shape, generator=generator, device=device, dtype=boxes.dtype)
+    return pixels * eps.to(boxes.device)
+
+
+def _sorted_corners(boxes: torch.Tensor) -> torch.Tensor:
+    """Swap crossed corners back: ``(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))``."""
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    return torch.cat([torch.minimum(lo, hi), torch.maximum(lo, hi)], dim=-1)
 
 
 class BoxPerturbation:
@@ -40,17 +60,10 @@ class BoxPerturbation:
 
     def __call__(self, state: QueryState, step: int) -> QueryState:
         xyzr = state["xyzr"]
-        device = self.generator.device if self.generator is not None else xyzr.device
-        if self.prob == 0.0 or not bool(torch.rand((), generator=self.generator, device=device) < self.prob):
+        noise = _corner_noise(xyzr, self.prob, self.pixels, self.generator)
+        if noise is None:
             return state
-        eps = torch.randn(xyzr.shape, generator=self.generator, device=device, dtype=xyzr.dtype).to(
-            xyzr.device
-        )
-        boxes = xyzr_to_xyxy(xyzr) + self.pixels * eps
-        boxes = torch.cat(
-            [torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])], -1
-        )
-        return {**state, "xyzr": xyxy_to_xyzr(boxes)}
+        return {**state, "xyzr": xyxy_to_xyzr(_sorted_corners(xyzr_to_xyxy(xyzr) + noise))}
 
     def __repr__(self) -> str:
         return f"BoxPerturbation(prob={self.prob}, pixels={self.pixels})"
@@ -97,3 +110,79 @@ class RAP:
 
     def __repr__(self) -> str:
         return f"RAP({self.content!r}, {self.box!r})"
+
+
+class CornerPerturbation:
+    """With probability ``prob`` per step, move every corner of the ``xyxy`` boxes by ``pixels`` of noise.
+
+        (x0, y0, x1, y1) <- sort((x0, y0, x1, y1) + pixels * eps),   eps ~ N(0, I)
+
+    where ``sort`` swaps crossed corners back (``x0 <= x1``, ``y0 <= y1``), so the state stays a valid
+    corner box for RoIAlign and the delta coder. :class:`BoxPerturbation` on corner boxes: one Bernoulli
+    draw per step for the whole batch, ``eps`` per corner coordinate, the same random draws in the same
+    order.
+
+    **Arguments**
+    - `prob`: probability that a step is perturbed.
+    - `pixels`: noise scale in pixels.
+    - `generator`: source of randomness for reproducible paths; default the global generator.
+    """
+
+    def __init__(
+        self, prob: float = 0.2, pixels: float = 25.0, generator: torch.Generator | None = None
+    ) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {prob}")
+        self.prob, self.pixels, self.generator = float(prob), float(pixels), generator
+
+    def __call__(self, state: ProposalState, step: int) -> ProposalState:
+        noise = _corner_noise(state["xyxy"], self.prob, self.pixels, self.generator)
+        if noise is None:
+            return state
+        return {**state, "xyxy": _sorted_corners(state["xyxy"] + noise)}
+
+    def __repr__(self) -> str:
+        return f"CornerPerturbation(prob={self.prob}, pixels={self.pixels})"
+
+
+class SparseRCNNRAP:
+    """RAP for DEQ Sparse R-CNN's ``{content, xyxy}`` state: the box part first, then the content part.
+
+        b <- sort(b + 25 eps)              (pixels, corners) with probability 0.2 per step
+        q <- 0.9 q + 0.1 ||q|| eps         with probability 0.2 per step   (norm per proposal)
+
+    The order (box, then content) and the re-sorted corners follow the official DEQ Sparse R-CNN head;
+    DEQDet's :class:`RAP` perturbs the content first.
+
+    **Arguments**
+    - `content_prob`, `content_scale`: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
+    - `box_prob`, `box_pixels`: of the :class:`CornerPerturbation`.
+    - `generator`: shared by both parts, for reproducible paths.
+    """
+
+    def __init__(
+        self,
+        content_prob: float = 0.2,
+        content_scale: float = 0.1,
+        box_prob: float = 0.2,
+        box_pixels: float = 25.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.box = CornerPerturbation(box_prob, box_pixels, generator=generator)
+        self.content = GaussianPerturbation(
+            content_prob, content_scale, leaves="content", generator=generator
+        )
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.box.generator
+
+    @generator.setter
+    def generator(self, generator: torch.Generator | None) -> None:
+        self.content.generator = self.box.generator = generator
+
+    def __call__(self, state: ProposalState, step: int) -> ProposalState:
+        return self.content(self.box(state, step), step)
+
+    def __repr__(self) -> str:
+        return f"SparseRCNNRAP({self.box!r}, {self.content!r})"

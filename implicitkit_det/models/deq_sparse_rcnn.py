@@ -1,0 +1,87 @@
+"""DEQ Sparse R-CNN: a first Sparse R-CNN stage, then one weight-tied stage solved as a fixed point."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+import implicitkit as ik
+
+from .deqdet import DEQDet
+from .proposals import LearnedProposals
+from .rap import SparseRCNNRAP
+from .sparse_rcnn_stage import SparseRCNNStage
+
+__all__ = ["DEQSparseRCNN"]
+
+
+class DEQSparseRCNN(DEQDet):
+    """DEQDet's decoder with Sparse R-CNN's layers: ``y_0 = G(p)``, then ``y = F(y)`` iterated from ``y_0``.
+
+    ``p`` are the learned proposals, ``G`` a :class:`~.sparse_rcnn_stage.SparseRCNNStage` (Sparse R-CNN's
+    stage 0, which trains the proposal boxes) and ``F`` one more stage whose weights every later step
+    shares. Solving, inference and training are :class:`~.deqdet.DEQDet`'s, unchanged:
+
+    | branch | state | gradient reaches |
+    |---|---|---|
+    | ``init`` | ``y_0 = G(p)`` | G, proposal boxes and features |
+    | ``init_f1``, ``init_f2`` | ``F(y_0)``, ``F(F(y_0))`` | F and, through ``y_0``'s features, G |
+    | ``rag_s{i}`` | ``F(F(sg(y_i)))`` for ``i`` in ``supervise_steps`` (1, 3, 6, 9, 12, 20) | F |
+
+    with ``y_i`` the state after step ``i`` of ``train_steps`` no-grad steps of ``F`` from ``sg(y_0)``,
+    perturbed before every step by :class:`~.rap.SparseRCNNRAP` (box noise on the corners, re-sorted, then
+    content noise). Inference applies ``F`` ``test_steps`` times. Backbone and neck receive the gradients of
+    every branch. ``F`` detaches its box input, so the boxes are trained per step, as between Sparse
+    R-CNN's stages.
+
+    **Arguments**
+    - `backbone`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
+    - `neck`: an :class:`~.fpn.FPN`.
+    - `proposals`: the :class:`~.proposals.LearnedProposals` (held as ``queries``).
+    - `init_layer`: ``G`` (``detach_boxes=False``).
+    - `refine_layer`: ``F`` (``detach_boxes=True``).
+    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: as for
+      :class:`~.deqdet.DEQDet`.
+    - `perturbation`: ``"rap"`` for a default :class:`~.rap.SparseRCNNRAP`, any ``(state, step) -> state``
+      callable, or None.
+
+    References: Wang et al., "Deep equilibrium object detection", ICCV 2023; Sun et al., "Sparse R-CNN",
+    CVPR 2021.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        proposals: LearnedProposals,
+        init_layer: SparseRCNNStage,
+        refine_layer: SparseRCNNStage,
+        *,
+        train_steps: int = 20,
+        test_steps: int = 21,
+        supervise_steps: Sequence[int] = (1, 3, 6, 9, 12, 20),
+        init_refinements: int = 2,
+        rag_steps: int = 2,
+        perturbation: ik.Perturbation | Literal["rap"] | None = "rap",
+        **kwargs,
+    ) -> None:
+        if isinstance(perturbation, str) and perturbation != "rap":
+            raise ValueError(
+                f"perturbation must be 'rap', a (state, step) -> state callable or None, got {perturbation!r}"
+            )
+        super().__init__(
+            backbone,
+            neck,
+            proposals,
+            init_layer,
+            refine_layer,
+            train_steps=train_steps,
+            test_steps=test_steps,
+            supervise_steps=supervise_steps,
+            init_refinements=init_refinements,
+            rag_steps=rag_steps,
+            perturbation=SparseRCNNRAP() if perturbation == "rap" else perturbation,
+            **kwargs,
+        )

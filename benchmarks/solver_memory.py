@@ -97,7 +97,7 @@ def main() -> None:
         print(measure(solver, estimator, int(steps), args.device, args.batch, args.dim))
         return
     rows = []
-    head = f"| solver | estimator | " + " | ".join(f"{s} steps (MiB)" for s in args.steps) + " | growth |"
+    head = "| solver | estimator | " + " | ".join(f"{s} steps (MiB)" for s in args.steps) + " | growth |"
     print(f"peak memory above the pre-solve level, B={args.batch}, D={args.dim}, {args.device}")
     print(head)
     print("|" + "---|" * (3 + len(args.steps)))

@@ -55,6 +55,7 @@ def test_adjoint_estimators_refuse_second_derivatives(gradient):
         mixed_second_derivative(deq_solve(gradient))
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_refused_under_backward_with_create_graph_too():
     a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     z = deq_solve(ik.IFT())(a, torch.tensor(1.3, dtype=torch.float64))

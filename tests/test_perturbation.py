@@ -169,7 +169,9 @@ def test_bad_arguments(kwargs, match):
 def test_perturbed_path_is_kept_and_training_still_gets_gradients():
     x = torch.randn(2, 5, 4, requires_grad=True)
     pert = ik.GaussianPerturbation(prob=1.0, scale=0.5, generator=torch.Generator().manual_seed(0))
-    deq = ik.DEQ(cell, solver=ik.FixedPointIteration(max_iter=4, tol=None), gradient=ik.IFT(), perturbation=pert)
+    deq = ik.DEQ(
+        cell, solver=ik.FixedPointIteration(max_iter=4, tol=None), gradient=ik.IFT(), perturbation=pert
+    )
     sol = deq(torch.zeros_like(x), x, capture=(2,))
     with torch.no_grad():
         clean = cell(cell(torch.zeros_like(x), x), x)

@@ -4,7 +4,8 @@ Every measurement is its own subprocess: build a contracting map ``z -> tanh(z W
 ``D = 2048``, ``||W|| = 0.5``), run one solve of exactly ``steps`` steps (``tol`` too tight to reach) with the
 given solver and estimator, back-propagate ``value.sum()``, and report the peak resident set size above
 the process's RSS just before the solve (CPU), or ``torch.cuda.max_memory_allocated`` above the memory
-allocated before it (GPU). A DEQ promises that memory does not grow with the solver's steps: the growth
+allocated before it (GPU). The heap's layout varies from process to process by a few state-sized blocks
+(4 MiB here), so each cell is the median of ``--repeats`` fresh processes. A DEQ promises that memory does not grow with the solver's steps: the growth
 from 10 to 100 steps should be small next to the 10-step figure for every estimator except ``Unrolled``,
 which keeps every step's graph by design.
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--solvers", nargs="+", default=list(SOLVERS))
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per cell; the median is shown"
+    )
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,8 +113,11 @@ def main() -> None:
             for steps in args.steps:
                 cmd = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch)]
                 cmd += ["--dim", str(args.dim), "--child", solver, estimator, str(steps)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-                mib.append(float(out.stdout.strip().splitlines()[-1]))
+                runs = [
+                    subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                    for _ in range(args.repeats)
+                ]
+                mib.append(statistics.median(float(r.stdout.strip().splitlines()[-1]) for r in runs))
             growth = (mib[-1] - mib[0]) / mib[0] if mib[0] > 0 else float("inf")
             rows.append({"solver": solver, "estimator": estimator, "steps": args.steps, "mib": mib})
             cells = " | ".join(f"{m:.1f}" for m in mib)

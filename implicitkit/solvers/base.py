@@ -81,12 +81,13 @@ class Solver(ABC):
         """Propose the next iterate from ``z`` and ``f(z)``, updating ``memory`` in place."""
 
     # -- the stop rule, the same for every solver ----------------------------------------------------
-    def terminate(self, residual: Tensor, abs_residual: Tensor, limit: Tensor) -> Tensor:
-        """``[B]`` bool, True for the samples that go on: above ``tol`` and not grown past ``limit``.
+    def terminate(self, residual: Tensor, abs_residual: Tensor) -> Tensor:
+        """``[B]`` bool, True for the samples that go on: those above ``tol``.
 
+        The loop also stops a sample whose absolute residual grew past ``divergence_factor`` times its first;
         NaN fails both comparisons, so a sample that produced NaN stops.
         """
-        return (residual > self.tol) & (abs_residual <= limit)
+        return residual > self.tol
 
     def solve(
         self,

@@ -7,6 +7,7 @@ then a process's memory grows with the step count even though nothing large is k
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -67,48 +68,43 @@ def iterate(
     capture = _check_capture(capture, solver.max_iter)
     fixed_count = solver.tol is None
     batch, steps = z0.shape[0], solver.max_iter
-    history = _History(steps, batch, z0.device, z0.dtype)
+    history = _History(steps, batch, z0, solver.stop_mode)
     memory = solver.init(z0)
     z = last = best_value = z0
-    best_res = history.best_res
-    limit = history.limit  # divergence_factor times each sample's first absolute residual
+    best_res = history.best[0]
+    limit = best_res  # divergence_factor times each sample's first absolute residual, set at step 1
     captured: dict[int, Tensor] = {}
     autocast_on = torch.is_autocast_enabled(z0.device.type)
     all_active = True  # known from the last host sync; a full batch skips its masking ops
-    taken, active = 0, history.active[0]
+    taken, active = 0, history.active_rows[0]
     for k in range(1, steps + 1):
         taken = k
-        act = history.active[k - 1]  # the samples this step moves
+        act = history.active_rows[k - 1]  # the samples this step moves
         if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
             act = act.clone()
         if perturbation is not None:
             z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
         fz = f(z)
         with torch.no_grad():
-            abs_res, res, probe = _residuals(solver.stop_mode, z, fz, safe=fixed_count)
-            abs_res, res = history.record(k, abs_res, res)
-        if k == 1:
-            limit.copy_(abs_res).mul_(solver.divergence_factor)
-        improved = res < best_res  # NaN compares false: a non-finite step never improves
-        if fixed_count:
-            n_active, n_improved = batch, -1  # no stopping, no host sync
-        else:
-            n_active, n_improved, improved, active, probe = _stop(
-                solver, history, k, res, abs_res, improved, all_active, probe
-            )
-            if not math.isfinite(probe) and _overflowed(act, z, fz):
-                with torch.no_grad():
-                    abs_res, res, _ = _residuals(solver.stop_mode, z, fz, safe=True)
-                    abs_res, res = history.record(k, abs_res, res)
-                n_active, n_improved, improved, active, _ = _stop(
-                    solver, history, k, res, abs_res, res < best_res, False, res.new_zeros(())
+            abs_res, res, fz_norm = history.residuals(k, z, fz, safe=fixed_count)
+            if k == 1:
+                limit = solver.divergence_factor * abs_res
+            improved = torch.lt(res, best_res)  # NaN compares false: a non-finite step never improves
+            if fixed_count:
+                n_active, n_improved = batch, -1  # no stopping, no host sync
+            else:
+                active, n_active, n_improved, probe = history.stop(
+                    solver, k, limit, improved, all_active, fz_norm
                 )
-        if n_improved == batch:  # the usual case: every sample improved, no masking needed
-            best_res.copy_(res)
-            best_value = fz
-        else:
-            best_res.copy_(torch.where(improved, res, best_res))
-            best_value = torch.where(improved[:, None], fz, best_value)
+                if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
+                    abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
+                    improved = torch.lt(res, best_res)
+                    active, n_active, n_improved, _ = history.stop(solver, k, limit, improved, False, fz_norm)
+            if n_improved == batch:  # the usual case: every sample improved, no masking needed
+                best_res = res
+            else:
+                best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
+        best_value = fz if n_improved == batch else torch.where(improved[:, None], fz, best_value)
         last = fz if all_active else torch.where(act[:, None], fz, last)
         if k in capture:
             captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
@@ -122,64 +118,84 @@ def iterate(
         else:
             proposal = solver.step(memory, z, fz)
         all_active = n_active == batch
-        z = proposal if all_active else torch.where(active[:, None], proposal, z)
+        z = proposal if all_active else torch.where(active[:, None].clone(), proposal, z)
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, last)
+    stats = history.stats(solver, taken, best_res, limit, last)
     if (solver.throw if throw is None else throw) and not stats.all_converged:
         raise FixedPointError(stats.failure_message(), stats)
     return SolveResult(best_value, last, stats, captured)
 
 
-def _stop(
-    solver: Solver,
-    history: _History,
-    k: int,
-    res: Tensor,
-    abs_res: Tensor,
-    improved: Tensor,
-    all_active: bool,
-    probe: Tensor,
-) -> tuple[int, int, Tensor, Tensor, float]:
-    """Apply the stop rule after step ``k``: write who goes on into the history; the one host sync.
-
-    Returns the numbers of active and of improved samples, the masks, and the overflow probe's value.
-    """
-    act = history.active[k - 1]
-    active = solver.terminate(res, abs_res, history.limit)
-    if not all_active:
-        improved, active = improved & act, active & act
-    if k < history.steps:
-        history.active[k].copy_(active)
-    counts = torch.stack((active.sum().to(probe.dtype), improved.sum().to(probe.dtype), probe)).tolist()
-    return int(counts[0]), int(counts[1]), improved, active, counts[2]
-
-
 class _History:
     """Everything the loop keeps between steps, in buffers allocated once and written in place.
 
-    ``active[k - 1]`` marks the samples that step ``k`` moves; ``res`` and ``abs`` hold each step's residuals.
+    ``active[k - 1]`` marks the samples that step ``k`` moves; ``abs`` and ``res`` hold each step's absolute
+    and stop-mode residuals (one buffer in ``"abs"`` mode); ``best`` is a pair of buffers that the best
+    residual alternates between when only some samples improved.
     """
 
-    def __init__(self, steps: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.steps = steps
-        self.res = torch.empty(steps, batch, device=device, dtype=dtype)
-        self.abs = torch.empty(steps, batch, device=device, dtype=dtype)
-        self.active = torch.ones(steps, batch, device=device, dtype=torch.bool)
-        self.best_res = torch.full((batch,), torch.inf, dtype=dtype, device=device)
-        self.limit = torch.full((batch,), torch.inf, dtype=dtype, device=device)
+    def __init__(self, steps: int, batch: int, like: Tensor, stop_mode: str) -> None:
+        new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
+        self.steps, self.stop_mode = steps, stop_mode
+        self.abs = new(steps, batch)
+        self.res = self.abs if stop_mode == "abs" else new(steps, batch)
+        self.active = torch.ones(steps + 1, batch, device=like.device, dtype=torch.bool)  # a spare last row
+        self.best = new(2, batch).fill_(torch.inf)
+        # Row views made once: indexing a tuple costs nothing, indexing a tensor is an operation.
+        self.abs_rows, self.res_rows = self.abs.unbind(0), self.res.unbind(0)
+        self.active_rows, self.best = self.active.unbind(0), self.best.unbind(0)
 
-    def record(self, k: int, abs_res: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
-        """Store step ``k``'s residuals; return views of the stored rows, which outlive the temporaries."""
-        self.abs[k - 1].copy_(abs_res)
-        self.res[k - 1].copy_(res)
-        return self.abs[k - 1], self.res[k - 1]
+    def residuals(self, k: int, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write step ``k``'s residuals ``||f(z) - z||`` (and ``/ ||f(z)||``) into their rows; return them.
 
-    def stats(self, solver: Solver, taken: int, last: Tensor) -> SolverStats:
+        Also returns ``||f(z)||`` (``None`` in ``"abs"`` mode). ``safe`` computes norms that cannot overflow.
+        """
+        abs_row, res_row = self.abs_rows[k - 1], self.res_rows[k - 1]
+        diff = fz - z
+        if safe:
+            abs_row.copy_(_scaled_norm(diff, inplace=True))
+        else:
+            torch.linalg.vector_norm(diff, dim=1, out=abs_row)
+        if self.stop_mode == "abs":
+            return abs_row, abs_row, None
+        fz_norm = _scaled_norm(fz, inplace=False) if safe else torch.linalg.vector_norm(fz, dim=1)
+        torch.div(abs_row, fz_norm + _REL_EPS, out=res_row)
+        return abs_row, res_row, fz_norm
+
+    def stop(
+        self,
+        solver: Solver,
+        k: int,
+        limit: Tensor,
+        improved: Tensor,
+        all_active: bool,
+        fz_norm: Tensor | None,
+    ) -> tuple[Tensor, int, int, float]:
+        """Apply the stop rule after step ``k`` and read the counts back: the loop's one host sync.
+
+        Writes who goes on into ``active[k]`` and returns it, the numbers of active and improved samples, and
+        an overflow probe, the sum of the step's norms (non-finite whenever one of them is).
+        """
+        act, active = self.active_rows[k - 1], self.active_rows[k]
+        torch.logical_and(
+            solver.terminate(self.res_rows[k - 1], self.abs_rows[k - 1]),
+            self.abs_rows[k - 1] <= limit,
+            out=active,
+        )
+        if not all_active:
+            improved.logical_and_(act)
+            active.logical_and_(act)
+        dtype = self.abs.dtype
+        sums = [active.sum(dtype=dtype), improved.sum(dtype=dtype), self.abs_rows[k - 1].sum()]
+        counts = torch.stack(sums if fz_norm is None else [*sums, fz_norm.sum()]).tolist()
+        return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
+
+    def stats(self, solver: Solver, taken: int, best_res: Tensor, limit: Tensor, last: Tensor) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
         res, abs_res, act = self.res[:taken], self.abs[:taken], self.active[:taken]
-        best_res, limit = self.best_res.clone(), self.limit
+        best_res = best_res.clone()
         nstep = act.sum(dim=0)
         stop = (nstep - 1).clamp_min(0).unsqueeze(0)  # the step at which each sample stopped
         last_res = res.gather(0, stop).squeeze(0)
@@ -206,20 +222,6 @@ class _History:
         )
 
 
-def _residuals(stop_mode: str, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Absolute residual ``||f(z) - z||``, the residual of the stop mode, and an overflow probe, per sample.
-
-    The probe (the sum of the norms) is non-finite whenever a norm is: it tells the loop, at no extra host
-    sync, when to check for an overflowed norm of finite states.
-    """
-    diff = fz - z
-    abs_res = _scaled_norm(diff, inplace=True) if safe else torch.linalg.vector_norm(diff, dim=1)
-    if stop_mode == "abs":
-        return abs_res, abs_res, abs_res.sum()
-    fz_norm = _scaled_norm(fz, inplace=False) if safe else torch.linalg.vector_norm(fz, dim=1)
-    return abs_res, abs_res / (fz_norm + _REL_EPS), (abs_res + fz_norm).sum()
-
-
 def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:
     """``||x||`` per row without overflow (squares of float32 entries above ~1e19 are inf): ``s ||x / s||``."""
     scale = torch.linalg.vector_norm(x, ord=torch.inf, dim=1, keepdim=True)
@@ -228,10 +230,13 @@ def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:
     return torch.linalg.vector_norm(scaled, dim=1) * scale.squeeze(1)
 
 
-def _overflowed(active: Tensor, z: Tensor, fz: Tensor) -> bool:
-    """Some active sample has finite states: a non-finite norm of it overflowed and must be recomputed."""
-    finite = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
-    return bool((active & finite).any())
+def _overflowed(active: Tensor, res: Tensor, fz_norm: Tensor | None, z: Tensor, fz: Tensor) -> bool:
+    """Some active sample's norm is not finite although its states are: it overflowed and is recomputed."""
+    bad = ~torch.isfinite(res if fz_norm is None else res + fz_norm) & active
+    if not bool(bad.any()):
+        return False
+    finite = torch.isfinite(z[bad]).all(dim=1) & torch.isfinite(fz[bad]).all(dim=1)
+    return bool(finite.any())
 
 
 def _check_capture(capture: Iterable[int], max_iter: int) -> list[int]:

@@ -7,7 +7,7 @@ attaches a gradient to it, and an optional perturbation disturbs the path while 
 from .deq import DEQ
 from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
-from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, Unrolled
+from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, PolynomialAdjoint, Unrolled
 from .graph_memory import GraphMemory
 from .linearize import Linearization
 from .perturbation import GaussianPerturbation, Perturbation
@@ -38,6 +38,7 @@ __all__ = [
     "Path",
     "Perturbation",
     "Phantom",
+    "PolynomialAdjoint",
     "Result",
     "SharedInputs",
     "Solution",

@@ -104,3 +104,27 @@ def test_tol_none_is_validated():
         ik.IFT(ik.Anderson(tol=None))
     with pytest.raises(ValueError, match="None for a fixed step count"):
         ik.FixedPointIteration(tol=-1.0)
+
+
+def test_one_failure_vocabulary_forward_and_backward(gen):
+    x = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    slow = dict(tol=1e-12, max_iter=2)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        ik.fixed_point(
+            lambda z: 0.9 * z + x,
+            torch.zeros_like(x),
+            solver=ik.FixedPointIteration(**slow, on_failure="warn"),
+        )
+    with pytest.raises(ValueError, match="on_failure must be one of"):
+        ik.FixedPointIteration(on_failure="ignore")
+    sol = ik.fixed_point(
+        lambda z: 0.9 * z + x, torch.zeros_like(x), gradient=ik.IFT(ik.Anderson(**slow), on_failure="report")
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "report" keeps the best adjoint iterate without a warning
+        sol.value.sum().backward()
+    assert sol.backward_stats[0].fallback == "best_iterate" and sol.backward_stats[0].fell_back.all()
+    with pytest.raises(TypeError, match="cannot be IFT's fallback"):
+        ik.IFT(on_failure=ik.RAG())

@@ -1,6 +1,6 @@
 """Gradient estimators: one file each, all behind :class:`GradientEstimator`."""
 
-from .base import GradientEstimator
+from .base import GradientEstimator, PolynomialAdjoint
 from .ift import IFT
 from .jfb import JFB
 from .neumann import Neumann
@@ -8,4 +8,4 @@ from .phantom import Phantom
 from .rag import RAG
 from .unrolled import Unrolled
 
-__all__ = ["IFT", "JFB", "RAG", "GradientEstimator", "Neumann", "Phantom", "Unrolled"]
+__all__ = ["IFT", "JFB", "RAG", "GradientEstimator", "Neumann", "Phantom", "PolynomialAdjoint", "Unrolled"]

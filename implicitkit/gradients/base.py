@@ -30,8 +30,7 @@ class GradientEstimator(ABC):
       ``f(f(z*))`` for RAG(2)) is the same with or without autograd; with autograd it carries the gradient.
 
     An estimator whose backward is ``u df/dtheta`` for an adjoint ``u`` that is a fixed polynomial in ``J``
-    (JFB, Neumann) also implements :meth:`adjoint_vector`, which lets :class:`~implicitkit.IFT` use it as a
-    fallback inside its backward pass.
+    is a :class:`PolynomialAdjoint` (JFB, Neumann): :class:`~implicitkit.IFT` can use it as a fallback.
     """
 
     def solve(
@@ -57,18 +56,18 @@ class GradientEstimator(ABC):
             record: called with the stats of any solve done in the backward pass (IFT's adjoint solve).
         """
 
-    def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
-        """The adjoint ``u`` (flat ``[B, D]``) such that this estimator's gradient is ``u df/dtheta``."""
-        raise TypeError(
-            f"{type(self).__name__} is not a polynomial in J and cannot serve as IFT's fallback; "
-            "use JFB() or Neumann(k)."
-        )
-
-    @property
-    def can_fall_back(self) -> bool:
-        """This estimator implements :meth:`adjoint_vector` and can stand in for failed IFT samples."""
-        return type(self).adjoint_vector is not GradientEstimator.adjoint_vector
-
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+
+class PolynomialAdjoint(GradientEstimator):
+    """An estimator whose gradient is ``u df/dtheta`` with ``u = g P(J)`` for a fixed polynomial ``P``.
+
+    Such an estimator can stand in for the samples whose IFT adjoint solve failed
+    (``IFT(on_failure=JFB())``), since its adjoint needs only VJPs at ``z*``.
+    """
+
+    @abstractmethod
+    def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
+        """The adjoint ``u`` (flat ``[B, D]``) such that this estimator's gradient is ``u df/dtheta``."""

@@ -13,9 +13,9 @@ from .._tree import State
 from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats
 from .adjoint import attach_adjoint
-from .base import VJP, GradientEstimator, Map, Recorder
+from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
 
-_ON_FAILURE = ("raise", "warn")
+_ON_FAILURE = ("report", "warn", "raise")
 
 
 class IFT(GradientEstimator):
@@ -24,7 +24,7 @@ class IFT(GradientEstimator):
     The adjoint ``u = g (I - J)^-1`` is found as the fixed point of ``u -> u J + g`` with any solver, using
     vector-Jacobian products only (never a dense ``J``). The adjoint solver gives the budget (``tol``,
     ``max_iter``, ``stop_mode``); what happens to samples whose adjoint fails is ``on_failure``'s decision
-    (the adjoint solver's own ``throw`` is not used). Each backward solve's :class:`~implicitkit.AdjointStats`
+    (the adjoint solver's own ``on_failure`` is not used). Each backward solve's :class:`~implicitkit.AdjointStats`
     (steps, residual, result codes, and the typed ``fell_back`` mask with what those samples received) goes to
     ``Solution.backward_stats`` and to ``callback`` if given.
 
@@ -34,9 +34,10 @@ class IFT(GradientEstimator):
 
     Arguments:
         solver: solver of the adjoint fixed point; default ``Anderson(tol=1e-6, max_iter=50)``.
-        on_failure: ``"raise"`` (a :class:`~implicitkit.FixedPointError` naming the cause), ``"warn"``
-            (keep the best adjoint iterate and emit a ``RuntimeWarning``), or a cheaper estimator whose adjoint
-            replaces the failed samples' (``JFB()``, ``Neumann(k)``).
+        on_failure: the forward solvers' vocabulary: ``"raise"`` (a :class:`~implicitkit.FixedPointError`
+            naming the cause), ``"warn"`` (keep the best adjoint iterate and emit a ``RuntimeWarning``),
+            ``"report"`` (keep it, in the stats only); or a cheaper estimator whose adjoint replaces the failed
+            samples' (``JFB()``, ``Neumann(k)``).
         callback: called with the adjoint's stats after each backward solve.
 
     Reference: Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019.
@@ -57,13 +58,14 @@ class IFT(GradientEstimator):
         if isinstance(on_failure, str):
             if on_failure not in _ON_FAILURE:
                 raise ValueError(
-                    f"on_failure must be 'raise', 'warn' or an estimator such as JFB(), got {on_failure!r}."
+                    f"on_failure must be 'report', 'warn', 'raise' or an estimator such as JFB(), got "
+                    f"{on_failure!r}."
                 )
         elif not isinstance(on_failure, GradientEstimator):
             raise TypeError(
                 f"on_failure must be 'raise', 'warn' or a GradientEstimator, got {type(on_failure).__name__}."
             )
-        elif not on_failure.can_fall_back:
+        elif not isinstance(on_failure, PolynomialAdjoint):
             raise TypeError(
                 f"{type(on_failure).__name__} cannot be IFT's fallback: a fallback must compute its adjoint "
                 "from VJPs at z* (JFB() or Neumann(k))."
@@ -72,11 +74,11 @@ class IFT(GradientEstimator):
         self.callback = callback
 
     def adjoint_vector(self, g: Tensor, vjp: VJP, record: Recorder | None = None) -> Tensor:
-        result = iterate(self.solver, lambda u: vjp(u) + g, g, throw=False)
+        result = iterate(self.solver, lambda u: vjp(u) + g, g, on_failure="report")
         u, failed = result.value, ~result.stats.converged
         any_failed = bool(failed.any())
         fallback = None
-        if any_failed and self.on_failure == "warn":
+        if any_failed and self.on_failure in ("warn", "report"):
             fallback = "best_iterate"
         elif any_failed and isinstance(self.on_failure, GradientEstimator):
             u = torch.where(failed.unsqueeze(1), self.on_failure.adjoint_vector(g, vjp), u)
@@ -96,7 +98,7 @@ class IFT(GradientEstimator):
                 "pass IFT(on_failure=JFB()).",
                 stats,
             )
-        if fallback == "best_iterate":
+        if fallback == "best_iterate" and self.on_failure == "warn":
             warnings.warn(
                 f"{stats.failure_message()} Using the best adjoint iterate for those samples; pass "
                 "IFT(on_failure=JFB()) to fall back to a cheaper estimator instead.",

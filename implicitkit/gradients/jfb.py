@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._tree import State, tree_map
-from .base import VJP, GradientEstimator, Map, Recorder
+from .base import VJP, Map, PolynomialAdjoint, Recorder
 
 
-class JFB(GradientEstimator):
+class JFB(PolynomialAdjoint):
     """One grad-attached application of the map at the detached fixed point: ``z = f(sg(z*))``.
 
     Replaces ``(I - J)^-1`` by ``I``, so the gradient is ``g df/dtheta``; exact when ``J = 0`` and a descent

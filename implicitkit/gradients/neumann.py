@@ -6,10 +6,10 @@ from torch import Tensor
 
 from .._tree import State
 from .adjoint import attach_adjoint
-from .base import VJP, GradientEstimator, Map, Recorder
+from .base import VJP, Map, PolynomialAdjoint, Recorder
 
 
-class Neumann(GradientEstimator):
+class Neumann(PolynomialAdjoint):
     """``u = g sum_{t=0}^{k} J^t`` with ``J`` frozen at ``z*``, by ``k`` vector-Jacobian products.
 
     The series converges to ``g (I - J)^-1`` when the spectral radius of ``J`` is below one; unlike Phantom it

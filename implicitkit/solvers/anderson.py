@@ -36,7 +36,7 @@ class Anderson(Solver):
         m: history size.
         beta: mixing (1 takes the images only).
         lam: Tikhonov regularisation of the least-squares problem, relative to its scale.
-        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``throw``, ``divergence_factor`` of :class:`Solver`.
+        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``on_failure``, ``divergence_factor`` of :class:`Solver`.
 
     Reference: Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
     """

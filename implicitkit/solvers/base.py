@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
+from .loop import FAILURE_POLICIES, FlatMap, FlatPerturbation, SolveResult, iterate
 
 _STOP_MODES = ("abs", "rel")
 
@@ -42,8 +42,10 @@ class Solver(ABC):
         tol: residual at which a sample counts as converged, or ``None`` for exactly ``max_iter`` steps.
         max_iter: most applications of the map per sample; the solve always returns after at most this many.
         stop_mode: ``"abs"`` or ``"rel"``, the residual the stop rule (and ``stats.residual``) uses.
-        throw: raise :class:`~implicitkit.FixedPointError` naming the cause when any sample fails, instead
-            of reporting it in the stats only.
+        on_failure: what a failed sample leads to, in the vocabulary that :class:`~implicitkit.IFT` uses for
+            the backward solve: ``"report"`` (in the stats only), ``"warn"`` (also a ``RuntimeWarning`` with
+            the message) or ``"raise"`` (a :class:`~implicitkit.FixedPointError` naming the cause and fix).
+        throw: ``True`` is ``on_failure="raise"``.
         divergence_factor: how much the absolute residual may grow over its first value before the sample is
             declared diverged.
     """
@@ -54,6 +56,7 @@ class Solver(ABC):
         tol: float | None = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
+        on_failure: str = "report",
         throw: bool = False,
         divergence_factor: float = 1e4,
     ) -> None:
@@ -63,12 +66,14 @@ class Solver(ABC):
             raise ValueError(f"max_iter must be at least 1, got {max_iter}.")
         if tol is not None and not tol >= 0:
             raise ValueError(f"tol must be non-negative, or None for a fixed step count, got {tol}.")
+        if on_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}.")
         if divergence_factor <= 1:
             raise ValueError(f"divergence_factor must be above 1, got {divergence_factor}.")
         self.tol = None if tol is None else float(tol)
         self.max_iter = int(max_iter)
         self.stop_mode = stop_mode
-        self.throw = throw
+        self.on_failure = "raise" if throw else on_failure
         self.divergence_factor = float(divergence_factor)
 
     # -- what a concrete solver provides -------------------------------------------------------------

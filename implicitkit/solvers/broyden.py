@@ -52,7 +52,7 @@ class Broyden(Solver):
 
     Arguments:
         m: number of rank-one updates kept.
-        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``throw``, ``divergence_factor`` of :class:`Solver`.
+        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``on_failure``, ``divergence_factor`` of :class:`Solver`.
 
     Reference: Broyden, "A class of methods for solving nonlinear simultaneous equations", 1965.
     """

@@ -16,7 +16,7 @@ class FixedPointIteration(Solver):
 
     Arguments:
         damping: ``beta`` in ``(0, 1]``; 1 is the plain iteration.
-        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``throw``, ``divergence_factor`` of :class:`Solver`.
+        **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``on_failure``, ``divergence_factor`` of :class:`Solver`.
     """
 
     def __init__(self, *, damping: float = 1.0, **kwargs) -> None:

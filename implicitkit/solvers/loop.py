@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 FlatMap = Callable[[Tensor], Tensor]
 FlatPerturbation = Callable[[Tensor, int], Tensor]
 
+FAILURE_POLICIES = ("report", "warn", "raise")
 # Keeps the relative residual finite at a fixed point of (near) zero norm.
 _REL_EPS = 1e-8
 
@@ -45,7 +47,7 @@ def iterate(
     *,
     perturbation: FlatPerturbation | None = None,
     capture: Iterable[int] = (),
-    throw: bool | None = None,
+    on_failure: str | None = None,
 ) -> SolveResult:
     """Iterate ``f`` from ``z0`` (``[B, D]``) with ``solver``'s steps until every sample stops.
 
@@ -60,7 +62,8 @@ def iterate(
             that already stopped are not perturbed.
         capture: steps after which to keep the state (``f(z)`` of that step); a sample already stopped
             contributes its returned value.
-        throw: overrides ``solver.throw`` (an estimator that owns the failure policy passes ``False``).
+        on_failure: overrides ``solver.on_failure`` (an estimator that owns the failure policy passes
+            ``"report"``).
 
     Returns:
         A :class:`SolveResult`.
@@ -123,8 +126,11 @@ def iterate(
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
     stats = history.stats(solver, taken, best_res, limit, last)
-    if (solver.throw if throw is None else throw) and not stats.all_converged:
-        raise FixedPointError(stats.failure_message(), stats)
+    policy = solver.on_failure if on_failure is None else on_failure
+    if policy != "report" and not stats.all_converged:
+        if policy == "raise":
+            raise FixedPointError(stats.failure_message(), stats)
+        warnings.warn(stats.failure_message(), RuntimeWarning, stacklevel=3)
     return SolveResult(best_value, last, stats, captured)
 
 

@@ -128,3 +128,13 @@ def test_one_failure_vocabulary_forward_and_backward(gen):
     assert sol.backward_stats[0].fallback == "best_iterate" and sol.backward_stats[0].fell_back.all()
     with pytest.raises(TypeError, match="cannot be IFT's fallback"):
         ik.IFT(on_failure=ik.RAG())
+
+
+def test_scaled_norm_matches_float64_where_float32_squares_overflow():
+    from implicitkit.solvers.loop import _scaled_norm
+
+    x = torch.tensor([[3e20, -4e20, 0.0], [0.0, 0.0, 0.0], [1e-30, 2e-30, 2e-30]])
+    want = torch.linalg.vector_norm(x.double(), dim=1).float()
+    torch.testing.assert_close(_scaled_norm(x.clone(), inplace=True), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_scaled_norm(x, inplace=False), want, rtol=1e-6, atol=0)
+    assert torch.isinf(torch.linalg.vector_norm(x, dim=1)[0])  # what the plain norm gives

@@ -70,6 +70,10 @@ def iterate(
     """
     capture = _check_capture(capture, solver.max_iter)
     fixed_count = solver.tol is None
+    # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
+    # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
+    # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as they are.
+    reads_host = not fixed_count or z0.device.type == "cpu"
     batch, steps = z0.shape[0], solver.max_iter
     history = _History(steps, batch, z0, solver.stop_mode)
     memory = solver.init(z0)
@@ -89,20 +93,22 @@ def iterate(
             z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
         fz = f(z)
         with torch.no_grad():
-            abs_res, res, fz_norm = history.residuals(k, z, fz, safe=fixed_count)
+            abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
             if k == 1:
                 limit = solver.divergence_factor * abs_res
             improved = torch.lt(res, best_res)  # NaN compares false: a non-finite step never improves
-            if fixed_count:
+            if not reads_host:
                 n_active, n_improved = batch, -1  # no stopping, no host sync
             else:
                 active, n_active, n_improved, probe = history.stop(
-                    solver, k, limit, improved, all_active, fz_norm
+                    None if fixed_count else solver, k, limit, improved, all_active, fz_norm
                 )
                 if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
                     abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
                     improved = torch.lt(res, best_res)
-                    active, n_active, n_improved, _ = history.stop(solver, k, limit, improved, False, fz_norm)
+                    active, n_active, n_improved, _ = history.stop(
+                        None if fixed_count else solver, k, limit, improved, False, fz_norm
+                    )
             if n_improved == batch:  # the usual case: every sample improved, no masking needed
                 best_res = res
             else:
@@ -172,7 +178,7 @@ class _History:
 
     def stop(
         self,
-        solver: Solver,
+        solver: Solver | None,
         k: int,
         limit: Tensor,
         improved: Tensor,
@@ -182,9 +188,14 @@ class _History:
         """Apply the stop rule after step ``k`` and read the counts back: the loop's one host sync.
 
         Writes who goes on into ``active[k]`` and returns it, the numbers of active and improved samples, and
-        an overflow probe, the sum of the step's norms (non-finite whenever one of them is).
+        an overflow probe, the sum of the step's norms (non-finite whenever one of them is). Without a solver
+        (a fixed count) every sample goes on.
         """
         act, active = self.active_rows[k - 1], self.active_rows[k]
+        if solver is None:
+            counts = [improved.sum(dtype=self.abs.dtype), self.abs_rows[k - 1].sum()]
+            counts = torch.stack(counts if fz_norm is None else [*counts, fz_norm.sum()]).tolist()
+            return active, active.numel(), int(counts[0]), math.fsum(counts[1:])
         torch.logical_and(
             solver.terminate(self.res_rows[k - 1], self.abs_rows[k - 1]),
             self.abs_rows[k - 1] <= limit,

@@ -83,7 +83,7 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
     return peak / 2**20
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100])
@@ -96,11 +96,11 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         solver, estimator, steps = args.child
         print(measure(solver, estimator, int(steps), args.device, args.batch, args.dim))
-        return
+        return []
     rows = []
     head = "| solver | estimator | " + " | ".join(f"{s} steps (MiB)" for s in args.steps) + " | growth |"
     print(f"peak memory above the pre-solve level, B={args.batch}, D={args.dim}, {args.device}")
@@ -125,6 +125,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

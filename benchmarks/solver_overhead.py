@@ -57,13 +57,13 @@ def time_per_step(solver_cls, tol, problem, steps: int, repeats: int) -> tuple[f
     return 1e6 * total / steps, 1e6 * f_time / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     problem = make_problem("mlp", args.width, args.batch, seed=0)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -88,6 +88,7 @@ def main() -> None:
     print(f"MLP w={args.width}, batch {args.batch}, {args.steps} steps; f runs {f_ops} operations per call\n")
     headers = ["solver", "solve", "ops per step outside f", "µs per step", "µs outside f", "share outside f"]
     print(markdown_table(headers, rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -54,3 +54,22 @@ def test_gradient_estimators_benchmark_quick(tmp_path):
     assert sweep[("Unrolled (FPI)", steps[-1])] > sweep[("Unrolled (FPI)", steps[0])]
     assert sweep[("IFT", steps[-1])] == sweep[("IFT", steps[0])]
     assert all(len(run.test_accuracy) == 1 for run in result["runs"])
+
+
+def test_solver_memory_benchmark_tiny():
+    import solver_memory
+
+    rows = solver_memory.main(
+        ["--batch", "8", "--dim", "16", "--steps", "2", "4", "--solvers", "FixedPointIteration",
+         "--estimators", "JFB", "Unrolled", "--repeats", "1"]
+    )  # fmt: skip
+    assert [r["estimator"] for r in rows] == ["JFB", "Unrolled"]
+    assert all(len(r["mib"]) == 2 for r in rows)
+
+
+def test_solver_overhead_benchmark_tiny():
+    import solver_overhead
+
+    rows = solver_overhead.main(["--width", "8", "--batch", "4", "--steps", "4", "--repeats", "1"])
+    assert [r[0] for r in rows] == ["FixedPointIteration"] * 2 + ["Anderson"] * 2 + ["Broyden"] * 2
+    assert all(float(r[2]) > 0 for r in rows)  # every solver runs some operations of its own per step

@@ -45,6 +45,8 @@ from .engine.distributed import (
 )
 from .engine.evaluate import evaluate
 from .engine.optim import SCHEDULES, Schedule, build_scheduler, param_groups, parse_drops, recipe_for
+from .engine.predict import Detector, save_prediction_grid
+from .engine.refinement import refinement_curve, save_refinement_curve
 from .engine.train import headline, make_grad_scaler, train_one_epoch
 from .evaluation import CocoEvaluator
 from .models import CONFIGS, ModelConfig, build_model
@@ -160,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--print-freq", type=int, default=20, help="a progress line every N iterations")
     g.add_argument(
+        "--refinement-curve",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after the last evaluation, score a DEQ model after 0..N test-time refinement steps "
+        "(refinement_curve.json and .png in the output folder)",
+    )
+    g.add_argument(
+        "--save-predictions",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the last evaluation, draw K val images, ground truth beside predictions (predictions.png)",
+    )
+    g.add_argument(
         "--find-unused-parameters", action="store_true", help="DDP option for models with unused parameters"
     )
     return p
@@ -268,12 +285,17 @@ def resolve_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> D
     return DataPaths(**paths, digits=False)  # type: ignore[arg-type]
 
 
+def input_size(args: argparse.Namespace, paths: DataPaths) -> tuple[int, int]:
+    """The network input's shorter side and longer-side cap: the options, else the data's defaults."""
+    size = args.image_size or (DIGITS_SIZE if paths.digits else COCO_SIZE)
+    return size, args.max_size or (DIGITS_MAX_SIZE if paths.digits else COCO_MAX_SIZE)
+
+
 def build_datasets(
     paths: DataPaths, args: argparse.Namespace, schedule_name: str
 ) -> tuple[CocoDetectionDataset | None, CocoDetectionDataset]:
     """The training (None for ``--eval-only``) and validation datasets with their transforms."""
-    size = args.image_size or (DIGITS_SIZE if paths.digits else COCO_SIZE)
-    max_size = args.max_size or (DIGITS_MAX_SIZE if paths.digits else COCO_MAX_SIZE)
+    size, max_size = input_size(args, paths)
     if paths.digits:
         # Mild scale jitter; no flips, since a mirrored digit is not a digit.
         train_tf = make_train_transforms(
@@ -413,7 +435,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     model = build_model(config, num_classes, **overrides).to(info.device)
     if args.deq_steps is not None:
         _set_test_steps(model, args.deq_steps)
-    model_config = {"name": config, "num_classes": num_classes, "overrides": overrides}
+    model_config = {
+        "name": config,
+        "num_classes": num_classes,
+        "overrides": overrides,
+        "class_names": list(val_set.category_names),
+        "input_size": list(input_size(args, paths)),  # what predict() resizes raw images to
+    }
 
     output_dir = args.output_dir or Path("outputs") / config
     if info.is_main:
@@ -459,6 +487,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
         _print("evaluation only\n" + _summary_lines({**summary, "checkpoint": args.resume}))
         stats = run_eval(checkpoint["epoch"])
         _write_jsonl(metrics_file, {"epoch": checkpoint["epoch"], "eval": stats})
+        _pictures(model, args, paths, val_set, val_loader, output_dir, info)
         return stats
 
     assert train_set is not None
@@ -549,7 +578,48 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
             record["eval"] = stats
         _write_jsonl(metrics_file, record)
     _print(f"training done in {time.perf_counter() - start:.1f}s; outputs in {output_dir}")
+    _pictures(model, args, paths, val_set, val_loader, output_dir, info)
     return stats
+
+
+def _pictures(
+    model: nn.Module,
+    args: argparse.Namespace,
+    paths: DataPaths,
+    val_set: CocoDetectionDataset,
+    val_loader: Any,
+    output_dir: Path,
+    info: DistInfo,
+) -> None:
+    """What a person looks at after a run: the refinement curve and val predictions beside ground truth."""
+    model = unwrap(model)
+    if args.refinement_curve is not None:
+        _print(f"refinement curve: AP after 0..{args.refinement_curve} test-time steps")
+        curve = refinement_curve(
+            model,
+            val_loader,
+            val_set.coco,
+            max_steps=args.refinement_curve,
+            device=info.device,
+            label_to_category_id=val_set.label_to_category_id,
+        )
+        _print("  ".join(f"{p['steps']}: {p['AP']:.3f}" for p in curve))
+        if info.is_main:
+            json_path, png = save_refinement_curve(
+                curve, output_dir, train_depth=getattr(model, "train_steps", None)
+            )
+            _print(f"refinement curve saved to {png} and {json_path}")
+    if args.save_predictions and info.is_main:
+        size, max_size = input_size(args, paths)
+        detector = Detector(model.eval(), size, max_size, list(val_set.category_names), info.device)
+        grid = save_prediction_grid(
+            detector,
+            val_set.coco,
+            paths.val_images,
+            output_dir / "predictions.png",
+            count=args.save_predictions,
+        )
+        _print(f"predictions (ground truth left, model right) saved to {grid}")
 
 
 if __name__ == "__main__":

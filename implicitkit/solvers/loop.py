@@ -74,6 +74,7 @@ def iterate(
     # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
     # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as they are.
     reads_host = not fixed_count or z0.device.type == "cpu"
+    rule = None if fixed_count else solver  # who decides which samples go on
     batch, steps = z0.shape[0], solver.max_iter
     history = _History(steps, batch, z0, solver.stop_mode)
     memory = solver.init(z0)
@@ -101,14 +102,12 @@ def iterate(
                 n_active, n_improved = batch, -1  # no stopping, no host sync
             else:
                 active, n_active, n_improved, probe = history.stop(
-                    None if fixed_count else solver, k, limit, improved, all_active, fz_norm
+                    rule, k, limit, improved, all_active, fz_norm
                 )
                 if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
                     abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
                     improved = torch.lt(res, best_res)
-                    active, n_active, n_improved, _ = history.stop(
-                        None if fixed_count else solver, k, limit, improved, False, fz_norm
-                    )
+                    active, n_active, n_improved, _ = history.stop(rule, k, limit, improved, False, fz_norm)
             if n_improved == batch:  # the usual case: every sample improved, no masking needed
                 best_res = res
             else:

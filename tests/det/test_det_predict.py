@@ -1,0 +1,109 @@
+"""Pictures: predictions drawn where the model says, the prediction grid, and the refinement curve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from implicitkit_det import cli
+from implicitkit_det.engine.predict import Detector, draw_detections, predict, read_rgb, save_grid
+from implicitkit_det.engine.refinement import refinement_curve
+from implicitkit_det.predict import main as predict_main
+
+SMALL = [
+    "--config", "deqdet_tiny", "--image-size", "64", "--max-size", "96", "--workers", "0", "--batch-size", "2",
+    "--max-iters", "2", "--warmup-iters", "2", "--print-freq", "1", "--deq-steps", "2",
+    "--model-arg", "train_steps=2", "--model-arg", "supervise_steps=[1,2]", "--model-arg", "num_queries=8",
+]  # fmt: skip
+
+
+def test_boxes_are_drawn_where_the_detections_say():
+    image = torch.zeros(3, 40, 50, dtype=torch.uint8)
+    det = {"boxes": torch.tensor([[10.0, 5.0, 45.0, 35.0], [0, 0, 5, 5]]), "labels": torch.tensor([0, 1]),
+           "scores": torch.tensor([0.9, 0.1])}  # fmt: skip
+    drawn = draw_detections(image, det, class_names=["zero", "one"], score_threshold=0.5)
+    assert drawn[:, 15, 10].tolist() == [255, 0, 0]  # the left edge of the kept box, in label 0's colour
+    assert drawn[:, 35, 30].tolist() == [255, 0, 0]  # its bottom edge
+    assert drawn[:, 2, 2].tolist() == [0, 0, 0]  # the low-scoring box is not drawn
+    assert drawn[:, 28, 30].tolist() == [0, 0, 0]  # nothing inside the box but its label (at the top)
+
+
+def test_grid_pads_images_of_different_sizes(tmp_path):
+    path = save_grid(
+        [torch.zeros(3, 10, 20, dtype=torch.uint8), torch.zeros(3, 16, 8, dtype=torch.uint8)],
+        tmp_path / "g.png",
+        columns=2,
+    )
+    grid = read_rgb(str(path))
+    assert grid.shape == (3, 16 + 2 * 4, 2 * 20 + 3 * 4)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    argv = [*SMALL, "--data-root", str(tiny_digits.root), "--epochs", "1", "--output-dir", str(out)]
+    cli.main([*argv, "--refinement-curve", "3", "--save-predictions", "2"])
+    return out
+
+
+def test_run_saves_the_curve_and_the_prediction_grid(trained_run):
+    saved = json.loads((trained_run / "refinement_curve.json").read_text())
+    assert [p["steps"] for p in saved["curve"]] == [0, 1, 2, 3] and saved["train_depth"] == 2
+    assert all(0.0 <= p["AP"] <= 1.0 for p in saved["curve"])
+    assert (trained_run / "refinement_curve.png").stat().st_size > 0
+    grid = read_rgb(str(trained_run / "predictions.png"))
+    assert grid.shape[0] == 3 and grid.shape[2] > grid.shape[1]  # 2 images x (truth, prediction) in a row
+
+
+def test_curve_equals_evaluation_at_each_step_count(trained_run, tiny_digits):
+    """The one-pass curve scores exactly what ``--eval-only --deq-steps n`` scores."""
+    checkpoint = trained_run / "checkpoint.pth"
+    base = [*SMALL, "--data-root", str(tiny_digits.root), "--resume", str(checkpoint), "--eval-only"]
+    curve = json.loads((trained_run / "refinement_curve.json").read_text())["curve"]
+    for n in (0, 3):
+        stats = cli.main([*base, "--deq-steps", str(n), "--output-dir", str(trained_run / f"eval{n}")])
+        assert stats["AP"] == pytest.approx(curve[n]["AP"], abs=1e-9)
+
+
+def test_predict_files_and_cli(trained_run, tiny_digits, tmp_path, capsys):
+    images = sorted(tiny_digits.images("val").glob("*.png"))[:2]
+    results = predict_main(
+        [str(trained_run / "checkpoint.pth"), *map(str, images), "--out", str(tmp_path), "--score", "0.0"]
+    )
+    assert [r["output"].name for r in results] == [p.name for p in images]
+    for r in results:
+        drawn, original = read_rgb(str(r["output"])), read_rgb(str(r["image"]))
+        assert drawn.shape == original.shape and not torch.equal(drawn, original)  # boxes were drawn
+        boxes = r["detections"]["boxes"]
+        assert len(boxes) == 80  # the top 80 of 8 queries x 10 classes, all scoring >= 0
+        assert boxes[:, 2].max() <= 1.1 * original.shape[2]  # in the image's pixels (unclipped, untrained)
+    assert "80 detections" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predict_main([str(trained_run / "checkpoint.pth"), str(tmp_path / "missing.png")])
+
+
+def test_refinement_curve_refuses_an_explicit_detector(tiny_digits):
+    from implicitkit_det.models import build_model
+
+    model = build_model("adamixer_tiny", 10)
+    with pytest.raises(TypeError, match="DEQ detector"):
+        refinement_curve(model, [], None, max_steps=2, device=torch.device("cpu"))
+
+
+def test_predict_rescales_boxes_to_the_image_given():
+    class Fixed(torch.nn.Module):
+        def forward(self, images):  # one box covering the whole network input
+            h, w = images.shape[-2:]
+            return [
+                {
+                    "boxes": torch.tensor([[0.0, 0.0, w, h]]),
+                    "scores": torch.ones(1),
+                    "labels": torch.zeros(1, dtype=torch.long),
+                }
+            ]
+
+    detector = Detector(Fixed(), image_size=32, max_size=64, class_names=None, device=torch.device("cpu"))
+    (det,) = predict(detector, [torch.zeros(3, 100, 150, dtype=torch.uint8)])
+    torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 150.0, 100.0]]), atol=1.0, rtol=0)

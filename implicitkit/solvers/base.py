@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .loop import FAILURE_POLICIES, FlatMap, FlatPerturbation, SolveResult, iterate
@@ -86,13 +87,13 @@ class Solver(ABC):
         """Propose the next iterate from ``z`` and ``f(z)``, updating ``memory`` in place."""
 
     # -- the stop rule, the same for every solver ----------------------------------------------------
-    def terminate(self, residual: Tensor, abs_residual: Tensor) -> Tensor:
+    def terminate(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor:
         """``[B]`` bool, True for the samples that go on: those above ``tol``.
 
         The loop also stops a sample whose absolute residual grew past ``divergence_factor`` times its first;
         NaN fails both comparisons, so a sample that produced NaN stops.
         """
-        return residual > self.tol
+        return torch.gt(residual, self.tol, out=out)
 
     def solve(
         self,

@@ -97,7 +97,7 @@ def iterate(
             abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
             if k == 1:
                 limit = solver.divergence_factor * abs_res
-            improved = torch.lt(res, best_res)  # NaN compares false: a non-finite step never improves
+            improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
             if not reads_host:
                 n_active, n_improved = batch, -1  # no stopping, no host sync
             else:
@@ -106,13 +106,17 @@ def iterate(
                 )
                 if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
                     abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
-                    improved = torch.lt(res, best_res)
+                    improved = torch.lt(res, best_res, out=history.improved)
                     active, n_active, n_improved, _ = history.stop(rule, k, limit, improved, False, fz_norm)
             if n_improved == batch:  # the usual case: every sample improved, no masking needed
                 best_res = res
             else:
                 best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
-        best_value = fz if n_improved == batch else torch.where(improved[:, None], fz, best_value)
+        if n_improved != batch:  # (unrolled: the mask saved for backward must not see the next step's write)
+            mask = improved.clone() if torch.is_grad_enabled() else improved
+            best_value = torch.where(mask[:, None], fz, best_value)
+        else:
+            best_value = fz
         last = fz if all_active else torch.where(act[:, None], fz, last)
         if k in capture:
             captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
@@ -154,9 +158,16 @@ class _History:
         self.res = self.abs if stop_mode == "abs" else new(steps, batch)
         self.active = torch.ones(steps + 1, batch, device=like.device, dtype=torch.bool)  # a spare last row
         self.best = new(2, batch).fill_(torch.inf)
+        # Scratch for every per-step temporary: small tensors that outlive a step between the map's large
+        # temporaries are what fragments the heap. f(z) - z is reused too: one large allocation less.
+        self._diff = torch.empty_like(like)
+        self._norm, self._denominator = new(batch), new(batch)
+        self.improved, self._above, self._within = (like.new_empty(batch, dtype=torch.bool) for _ in range(3))
+        self._counts = new(4)
         # Row views made once: indexing a tuple costs nothing, indexing a tensor is an operation.
         self.abs_rows, self.res_rows = self.abs.unbind(0), self.res.unbind(0)
         self.active_rows, self.best = self.active.unbind(0), self.best.unbind(0)
+        self._count_slots = self._counts.unbind(0)
 
     def residuals(self, k: int, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write step ``k``'s residuals ``||f(z) - z||`` (and ``/ ||f(z)||``) into their rows; return them.
@@ -164,16 +175,19 @@ class _History:
         Also returns ``||f(z)||`` (``None`` in ``"abs"`` mode). ``safe`` computes norms that cannot overflow.
         """
         abs_row, res_row = self.abs_rows[k - 1], self.res_rows[k - 1]
-        diff = fz - z
+        diff = torch.sub(fz, z, out=self._diff)
         if safe:
             abs_row.copy_(_scaled_norm(diff, inplace=True))
         else:
             torch.linalg.vector_norm(diff, dim=1, out=abs_row)
         if self.stop_mode == "abs":
             return abs_row, abs_row, None
-        fz_norm = _scaled_norm(fz, inplace=False) if safe else torch.linalg.vector_norm(fz, dim=1)
-        torch.div(abs_row, fz_norm + _REL_EPS, out=res_row)
-        return abs_row, res_row, fz_norm
+        if safe:
+            self._norm.copy_(_scaled_norm(fz, inplace=False))
+        else:
+            torch.linalg.vector_norm(fz, dim=1, out=self._norm)
+        torch.div(abs_row, torch.add(self._norm, _REL_EPS, out=self._denominator), out=res_row)
+        return abs_row, res_row, self._norm
 
     def stop(
         self,
@@ -191,21 +205,19 @@ class _History:
         (a fixed count) every sample goes on.
         """
         act, active = self.active_rows[k - 1], self.active_rows[k]
-        if solver is None:
-            counts = [improved.sum(dtype=self.abs.dtype), self.abs_rows[k - 1].sum()]
-            counts = torch.stack(counts if fz_norm is None else [*counts, fz_norm.sum()]).tolist()
-            return active, active.numel(), int(counts[0]), math.fsum(counts[1:])
-        torch.logical_and(
-            solver.terminate(self.res_rows[k - 1], self.abs_rows[k - 1]),
-            self.abs_rows[k - 1] <= limit,
-            out=active,
-        )
-        if not all_active:
-            improved.logical_and_(act)
-            active.logical_and_(act)
-        dtype = self.abs.dtype
-        sums = [active.sum(dtype=dtype), improved.sum(dtype=dtype), self.abs_rows[k - 1].sum()]
-        counts = torch.stack(sums if fz_norm is None else [*sums, fz_norm.sum()]).tolist()
+        if solver is not None:
+            above = solver.terminate(self.res_rows[k - 1], self.abs_rows[k - 1], out=self._above)
+            torch.logical_and(above, torch.le(self.abs_rows[k - 1], limit, out=self._within), out=active)
+            if not all_active:
+                improved.logical_and_(act)
+                active.logical_and_(act)
+        slots, dtype = self._count_slots, self.abs.dtype
+        torch.sum(active, dim=0, dtype=dtype, out=slots[0])
+        torch.sum(improved, dim=0, dtype=dtype, out=slots[1])
+        torch.sum(self.abs_rows[k - 1], dim=0, out=slots[2])
+        if fz_norm is not None:
+            torch.sum(fz_norm, dim=0, out=slots[3])
+        counts = self._counts[: 3 if fz_norm is None else 4].tolist()
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
     def stats(self, solver: Solver, taken: int, best_res: Tensor, limit: Tensor, last: Tensor) -> SolverStats:

@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--amp", action="store_true", help="mixed precision: bf16 on the CPU, fp16 + grad scaling on CUDA"
     )
+    g.add_argument(
+        "--one-graph-backward",
+        action="store_true",
+        help="build one graph of all supervised branches and back-propagate it once, instead of branch by "
+        "branch (the same gradients, more memory)",
+    )
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -530,6 +536,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
             "optimizer": "AdamW: "
             + ", ".join(f"{g['name']} lr {g['initial_lr']:.3g} wd {g['weight_decay']:.3g}" for g in groups),
             "clip": args.clip_max_norm or "off",
+            "backward": "one graph" if args.one_graph_backward else "branch-wise",
         }
     )
     if start_epoch:
@@ -557,6 +564,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
             max_iters=args.max_iters,
             print_freq=args.print_freq,
             log=_print,
+            branchwise=not args.one_graph_backward,
         )
         _print(
             f"epoch {epoch} done in {train_stats['time_s']:.1f}s: "

@@ -13,7 +13,7 @@ from .optim import (
     param_groups,
     recipe_for,
 )
-from .train import NonFiniteLossError, autocast, make_grad_scaler, train_one_epoch
+from .train import NonFiniteLossError, autocast, make_grad_scaler, train_one_epoch, trains_branchwise
 
 __all__ = [
     "RECIPES",
@@ -37,6 +37,7 @@ __all__ = [
     "rescale_to_original",
     "save_checkpoint",
     "train_one_epoch",
+    "trains_branchwise",
     "unwrap",
     "wrap_ddp",
 ]

@@ -1,9 +1,15 @@
-"""One training epoch: forward, one backward of the total loss, clipped AdamW step, per-iteration schedule.
+"""One training epoch: forward and backward (branch-wise by default), clipped AdamW step, per-iteration schedule.
 
 The model follows the torchvision convention: in training mode ``model(images, targets, mask=mask)``
 returns a dict of scalar losses whose ``"loss"`` entry is the total to minimise. A model with several
-supervised branches (DEQDet) sums them into ``"loss"`` itself; the engine back-propagates that one tensor
-once per iteration, which is what keeps ``DistributedDataParallel``'s gradient reduction correct.
+supervised branches (DEQDet) sums them into ``"loss"`` itself.
+
+The detectors (:class:`~implicitkit_det.models.QueryDetector`) train branch-wise by default:
+``model(images, targets, mask=mask, branchwise=True)`` back-propagates each branch group as soon as its
+loss exists and leaves one backward, under ``PENDING_BACKWARD``, that delivers the whole gradient. That
+last backward is the only one ``DistributedDataParallel`` synchronises, so there is one gradient reduction
+per iteration, as with one backward of the total. Other models, and ``branchwise=False``, get one backward
+of ``"loss"``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from torch import nn
 
 from ..data import DetectionBatch
 from ..distributed import all_reduce_mean, is_main_process
+from ..models.detector import PENDING_BACKWARD, QueryDetector
+from .distributed import unwrap
 
 __all__ = [
     "NonFiniteLossError",
@@ -27,6 +35,7 @@ __all__ = [
     "headline",
     "make_grad_scaler",
     "train_one_epoch",
+    "trains_branchwise",
 ]
 
 
@@ -47,9 +56,28 @@ def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
 
 
-def forward_train(model: nn.Module, batch: DetectionBatch) -> dict[str, torch.Tensor]:
-    """``model(images, targets, mask=mask)`` in training mode, checked to be a dict of losses."""
-    losses = model(batch.images, batch.targets, mask=batch.mask)
+def trains_branchwise(model: nn.Module) -> bool:
+    """Whether `model` (plain or wrapped in DDP) offers branch-wise training: a ``QueryDetector``."""
+    return isinstance(unwrap(model), QueryDetector)
+
+
+def forward_train(
+    model: nn.Module,
+    batch: DetectionBatch,
+    *,
+    branchwise: bool = False,
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``model(images, targets, mask=mask)`` in training mode, checked to be a dict of losses.
+
+    With `branchwise` the model is called with ``branchwise=True, loss_scale=loss_scale`` (see
+    :meth:`~implicitkit_det.models.QueryDetector.forward`): the branches are back-propagated already and
+    the dict holds ``PENDING_BACKWARD``, the backward left to run.
+    """
+    if branchwise:
+        losses = model(batch.images, batch.targets, mask=batch.mask, branchwise=True, loss_scale=loss_scale)
+    else:
+        losses = model(batch.images, batch.targets, mask=batch.mask)
     if not isinstance(losses, Mapping) or "loss" not in losses:
         raise TypeError(
             f"in training mode the model returned {type(losses).__name__}; the engine needs a dict of scalar "
@@ -100,13 +128,17 @@ def train_one_epoch(
     max_iters: int | None = None,
     print_freq: int = 20,
     log: Callable[[str], None] = print,
+    branchwise: bool = True,
 ) -> dict[str, float]:
     """Train for one pass over `loader` (or `max_iters` batches).
 
-    Each iteration: forward under :func:`autocast`; the scalar entries of the loss dict are averaged over
-    processes (one all-reduce) for logging and for the NaN check, so that every process sees the same
-    values and stops together; backward of ``"loss"``; gradient clipping to a total 2-norm of
-    `clip_max_norm`; optimizer step; ``scheduler.step()`` (the schedule counts iterations).
+    Each iteration: forward under :func:`autocast`, which in branch-wise training also back-propagates
+    every branch group (each loss scaled by `scaler`); the scalar entries of the loss dict are averaged
+    over processes (one all-reduce) for logging and for the NaN check, so that every process sees the same
+    values and stops together; the backward of ``"loss"`` (one graph), or the pending backward that
+    delivers the gathered gradients (branch-wise), the one DDP synchronises; unscaling, gradient clipping
+    of the total gradient to a 2-norm of `clip_max_norm`; optimizer step; ``scheduler.step()`` (the
+    schedule counts iterations).
 
     **Arguments**
     - `model`: the model (plain or wrapped in DDP); set to training mode here.
@@ -118,14 +150,19 @@ def train_one_epoch(
     - `clip_max_norm`: gradient clipping threshold; None or 0 disables clipping.
     - `max_iters`: stop after this many iterations.
     - `print_freq`, `log`: a progress line every `print_freq` iterations, on rank 0.
+    - `branchwise`: train branch-wise when the model offers it (:func:`trains_branchwise`); False gives
+      one graph of all branches and one backward (more memory, the same gradients).
 
     **Returns** the epoch's averages of every logged entry (over iterations and processes), and
     ``lr`` (the first group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
 
     **Raises** :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the
-    backward pass, naming the epoch, the iteration and every loss entry.
+    (last) backward pass and the step, naming the epoch, the iteration and every loss entry.
     """
     model.train()
+    branchwise = branchwise and trains_branchwise(model)
+    scaler = scaler if scaler is not None and scaler.is_enabled() else None
+    loss_scale = scaler.scale if scaler is not None else None
     sums: dict[str, float] = {}
     grad_norm_sum, iters = 0.0, 0
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
@@ -136,13 +173,15 @@ def train_one_epoch(
         if max_iters is not None and i >= max_iters:
             break
         batch = batch.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: branch-wise, it back-propagates
         try:
             with autocast(device, amp):
-                losses = forward_train(model, batch)
+                losses = forward_train(model, batch, branchwise=branchwise, loss_scale=loss_scale)
         except FloatingPointError as err:  # e.g. the matcher meeting NaN predictions
             raise NonFiniteLossError(
                 f"non-finite values in the forward pass at epoch {epoch}, iteration {i}: {err}"
             ) from err
+        pending = losses.pop(PENDING_BACKWARD, None)
         logged = _scalar_entries(losses)
         # One all-reduce for all entries, stacked in sorted order so that every process agrees on the layout.
         keys = sorted(logged)
@@ -155,16 +194,18 @@ def train_one_epoch(
                 "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
             )
 
-        optimizer.zero_grad(set_to_none=True)
-        loss = losses["loss"]
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
+        if pending is not None:
+            pending.backward()  # the gathered gradients, already scaled
+        elif scaler is not None:
+            scaler.scale(losses["loss"]).backward()
+        else:
+            losses["loss"].backward()
+        if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = _clip(model, clip_max_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             grad_norm = _clip(model, clip_max_norm)
             optimizer.step()
         if scheduler is not None:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-import implicitkit as ik
-
 from ..evaluation import PostProcess
 from ..losses import SetCriterion
 from .queries import InitialQueries
 
-__all__ = ["Outputs", "QueryDetector"]
+__all__ = ["PENDING_BACKWARD", "Outputs", "QueryDetector"]
 
 Outputs = dict[str, Tensor]  # {"pred_logits": [B, N, C], "pred_boxes": [B, N, 4] normalised xyxy}
+
+# The key of the branch-wise step's last backward in the loss dict (see QueryDetector.forward).
+PENDING_BACKWARD = "pending_backward"
 
 
 class QueryDetector(nn.Module, ABC):
@@ -31,8 +32,10 @@ class QueryDetector(nn.Module, ABC):
       targets give ``orig_size``, else of the input image.
     - :meth:`predict` returns the raw outputs ``{"pred_logits", "pred_boxes"}`` for evaluation loops that
       post-process themselves.
-    - :meth:`forward_backward` back-propagates branch after branch, so that memory holds one branch's graph
-      at a time (see its docstring).
+    - ``model(images, targets, branchwise=True)`` back-propagates branch group after branch group as soon
+      as each loss exists, so that memory holds one group's graph at a time; the returned dict holds the
+      losses, detached, and under ``PENDING_BACKWARD`` the one backward left to run (see :meth:`forward`).
+      :meth:`forward_backward` runs that backward too.
 
     Inputs follow :func:`~implicitkit_det.data.collate_detection`: ``images`` ``[B, 3, H, W]`` padded at the
     bottom and right, ``mask`` ``[B, H, W]`` True on padding, ``targets`` with ``labels``,
@@ -119,14 +122,39 @@ class QueryDetector(nn.Module, ABC):
         targets: Sequence[Mapping[str, Any]] | None = None,
         *,
         mask: Tensor | None = None,
+        branchwise: bool = False,
+        loss_scale: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections in eval mode (see the class docstring)."""
+        """Losses in training mode, detections in eval mode (see the class docstring).
+
+        **Branch-wise training** (``branchwise=True``, training mode only): each group of
+        :meth:`training_branches` is back-propagated as soon as its losses exist, into leaf copies of the
+        features, and its graph is freed before the next group is built. The dict returned holds the same
+        losses as the plain call (the same numbers, detached) and, under ``PENDING_BACKWARD``, a scalar
+        (of value 0) whose ``backward()`` delivers the gradients gathered so far: the decoder's and the
+        queries' (taken out of ``.grad``) and the features', through the neck and the backbone. After it,
+        ``.grad`` holds the gradient of ``loss_scale(loss)``, the same as the plain call's
+        ``loss_scale(loss).backward()``.
+
+        That last backward is the only one that ``DistributedDataParallel`` synchronises: the group
+        backwards run inside the wrapped module's forward, where DDP's reducer ignores gradients (as under
+        ``no_sync()``), and ``ddp(images, targets, branchwise=True)[PENDING_BACKWARD].backward()`` then
+        reduces every parameter's whole gradient once, as one backward of the summed loss would.
+
+        **Arguments**
+        - `images` ``[B, 3, H, W]``, `targets`, `mask` ``[B, H, W]``: see the class docstring.
+        - `branchwise`: back-propagate group by group (above).
+        - `loss_scale`: applied to each group's total loss before its backward, e.g. a float16
+          ``GradScaler``'s ``scale``; default none.
+        """
         if isinstance(targets, Tensor):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
         sizes = self.image_sizes(images, targets, mask)
         features = self.features(images)
         if self.training:
             targets = self._require_targets(targets, images)
+            if branchwise:
+                return self._branchwise_step(features, sizes, targets, loss_scale)
             outputs: dict[str, Outputs] = {}
             for group in self.training_branches(features, sizes):
                 outputs.update(group)
@@ -137,6 +165,44 @@ class QueryDetector(nn.Module, ABC):
         else:
             out_sizes = sizes
         return self.postprocess(outputs_final, out_sizes)
+
+    def _branchwise_step(
+        self,
+        features: Sequence[Tensor],
+        sizes: Tensor,
+        targets: Sequence[Mapping[str, Any]],
+        loss_scale: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, Tensor]:
+        # Leaf copies cut the graph at the features: each group's backward stops there, so the backbone's
+        # graph survives until the last backward, which sends the copies' summed gradient through it.
+        copies = [f.detach().requires_grad_() if f.requires_grad else f for f in features]
+        result: dict[str, Tensor] = {}
+        total = None
+        for group in self.training_branches(copies, sizes):
+            losses = self.losses(group, targets)
+            loss = losses.pop("loss")
+            with torch.autocast(sizes.device.type, enabled=False):
+                (loss if loss_scale is None else loss_scale(loss)).backward()
+            # Summed as losses() sums the branches, so that the total is the same number.
+            total = loss.detach() if total is None else total + loss.detach()
+            result.update({k: v.detach() for k, v in losses.items()})
+        assert total is not None, "a detector must supervise at least one branch"
+        result["loss"] = total
+        tensors, grads = [], []
+        for param in self.parameters():
+            if param.grad is not None:
+                tensors.append(param)
+                grads.append(param.grad)
+                param.grad = None
+        for feature, copy in zip(features, copies, strict=True):
+            if copy is not feature and copy.grad is not None:
+                tensors.append(feature)
+                grads.append(copy.grad)
+        if tensors:
+            result[PENDING_BACKWARD] = _DeliverGradients.apply(grads, *tensors)
+        else:  # nothing trainable was reached: a backward with nothing to deliver
+            result[PENDING_BACKWARD] = torch.zeros((), device=sizes.device, requires_grad=True)
+        return result
 
     def predict(
         self, images: Tensor, *, mask: Tensor | None = None, image_sizes: Tensor | None = None
@@ -174,14 +240,10 @@ class QueryDetector(nn.Module, ABC):
     ) -> dict[str, Tensor]:
         """Compute the training losses and back-propagate them, one branch group at a time.
 
-        The gradients equal those of ``(loss_scale * model(images, targets)["loss"]).backward()``, but each
-        group's graph is freed as soon as its loss is back-propagated into leaf copies of the features
-        (:class:`implicitkit.SharedInputs`); one final backward carries the summed feature gradient through
-        the neck and backbone. Peak memory then holds one group's graph instead of all of them, which for
-        DEQDet's path supervision is most of the decoder's memory.
-
-        Use it in place of ``loss.backward()`` in a single-process loop (under ``DistributedDataParallel``,
-        whose gradient hooks expect one backward per forward, use the plain forward).
+        The gradients equal those of ``(loss_scale * model(images, targets)["loss"]).backward()``, while
+        memory holds one group's graph at a time (branch-wise training, see :meth:`forward`). Under
+        ``DistributedDataParallel`` call the wrapper instead:
+        ``ddp(images, targets, branchwise=True).pop(PENDING_BACKWARD).backward()``, as the engine does.
 
         **Arguments**
         - `images`, `targets`, `mask`: as for :meth:`forward`.
@@ -191,19 +253,10 @@ class QueryDetector(nn.Module, ABC):
         """
         if not self.training:
             raise RuntimeError("forward_backward trains: call model.train() first.")
-        targets = self._require_targets(targets, images)
-        sizes = self.image_sizes(images, targets, mask)
-        shared = ik.SharedInputs(self.features(images))
-        (features,) = shared.inputs
-        result: dict[str, Tensor] = {}
-        total = torch.zeros((), device=images.device)
-        for group in self.training_branches(features, sizes):
-            losses = self.losses(group, targets)
-            (loss_scale * losses["loss"]).backward()
-            total = total + losses.pop("loss").detach()
-            result.update({k: v.detach() for k, v in losses.items()})
-        shared.backward()
-        result["loss"] = total
+        scale = None if loss_scale == 1.0 else (lambda loss: loss_scale * loss)
+        result = self(images, targets, mask=mask, branchwise=True, loss_scale=scale)
+        assert isinstance(result, dict)
+        result.pop(PENDING_BACKWARD).backward()
         return result
 
     @staticmethod
@@ -217,3 +270,21 @@ class QueryDetector(nn.Module, ABC):
         if len(targets) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
         return targets
+
+
+class _DeliverGradients(torch.autograd.Function):
+    """Zero in the forward; its backward hands each input the gradient given for it.
+
+    One backward of this scalar puts already computed gradients where a backward of the loss would have
+    put them, so that hooks on that backward (DDP's gradient reduction) see every gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grads: list[Tensor], *tensors: Tensor) -> Tensor:
+        ctx.grads = grads
+        return torch.zeros((), device=tensors[0].device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grads, ctx.grads = ctx.grads, None
+        return (None, *(g * grad_output for g in grads))

@@ -121,6 +121,8 @@ def draw_detections(
         if scores is not None
         else torch.ones(len(detections["boxes"]), dtype=torch.bool)
     )
+    if not bool(keep.any()):
+        return image.clone()
     boxes, labels = detections["boxes"][keep].float(), detections["labels"][keep].tolist()
     names = [class_names[i] if class_names is not None else str(i) for i in labels]
     if scores is not None:

@@ -75,18 +75,18 @@ class Broyden(Solver):
             scale = torch.linalg.vector_norm(g.detach(), ord=torch.inf, dim=1, keepdim=True)
             memory.inv_scale = torch.where(scale > 0, scale, 1.0).reciprocal()
         if memory.prev_z is not None:
-            s = (z - memory.prev_z) * memory.inv_scale
-            y = (g - memory.prev_g) * memory.inv_scale
+            s = torch.sub(z, memory.prev_z).mul_(memory.inv_scale)  # in place: fewer large temporaries
+            y = torch.sub(g, memory.prev_g).mul_(memory.inv_scale)
             h_y = memory.apply(y)
             s_h = memory.apply_transposed(s)
-            denom = (s_h * y).sum(dim=1, keepdim=True)
+            denom = torch.linalg.vecdot(s_h, y, dim=1).unsqueeze(1)
             tiny = torch.finfo(z.dtype).eps * (s.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True))
             # A skipped update (vanishing denominator) gets scale 1/inf = 0: a zero rank-one term (and, unrolled,
             # a zero gradient rather than the NaN of 0 * d(1/denom)).
             scale = torch.where(denom.abs() > tiny, denom, torch.inf).reciprocal()
             if memory.count == self.m:  # restart; see the class docstring
                 memory.count = 0
-            memory.u = replace_row(memory.u, memory.count, (s - h_y) * scale)
+            memory.u = replace_row(memory.u, memory.count, torch.sub(s, h_y).mul_(scale))
             memory.v = replace_row(memory.v, memory.count, s_h)
             memory.count += 1
         memory.prev_z, memory.prev_g = z, g

@@ -44,6 +44,8 @@ class ModelConfig:
     - `num_stages`: AdaMixer's and Sparse R-CNN's stage count.
     - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: the DEQ schedule
       (DEQDet, DEQ Sparse R-CNN).
+    - `test_tol`, `test_solver`: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
+      the fixed `test_steps` applications.
     - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: the DEQ models'
       perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
     - `rap_sort_corners`: DEQDet's box noise swaps crossed corners back (default False, as the official
@@ -76,6 +78,8 @@ class ModelConfig:
     supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
     init_refinements: int = 2
     rag_steps: int = 2
+    test_tol: float | None = None
+    test_solver: Literal["fixed", "anderson"] = "fixed"
     rap_content_prob: float = 0.2
     rap_content_scale: float = 0.1
     rap_box_prob: float = 0.2
@@ -187,6 +191,8 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             init_refinements=cfg.init_refinements,
             rag_steps=cfg.rag_steps,
             perturbation=rap,
+            test_tol=cfg.test_tol,
+            test_solver=cfg.test_solver,
             num_select=cfg.num_select,
         )
     raise ValueError(

@@ -28,6 +28,8 @@ from .data import (
     MULTI_SCALES,
     CocoDetectionDataset,
     DigitsDetectionConfig,
+    GroupedBatchSampler,
+    aspect_ratio_groups,
     build_digits_detection,
     collate_detection,
     make_eval_transforms,
@@ -83,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--deq-steps", type=int, default=None, help="test-time refinement steps (DEQ models)")
     g.add_argument(
+        "--deq-tol",
+        type=float,
+        default=None,
+        help="DEQDet early exit: stop each image once its state changes by at most this (RMS per query of "
+        "the scaled state, see docs/deqdet.md); at most --deq-steps steps. Default: the fixed step count",
+    )
+    g.add_argument(
+        "--deq-solver",
+        choices=("fixed", "anderson"),
+        default=None,
+        help="DEQDet early exit: plain iteration or Anderson acceleration (default fixed)",
+    )
+    g.add_argument(
         "--model-arg",
         action="append",
         default=[],
@@ -115,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cap on the longer side (COCO {COCO_MAX_SIZE}, digits {DIGITS_MAX_SIZE})",
     )
     g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    g.add_argument(
+        "--keep-empty-images",
+        action="store_true",
+        help="keep training images without boxes (default: left out, as the official pipeline does)",
+    )
+    g.add_argument(
+        "--no-aspect-grouping",
+        action="store_true",
+        help="batch training images in plain sampler order (default: wide and tall images batched apart)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument(
@@ -130,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--warmup-iters", type=int, default=500)
     g.add_argument("--batch-size", type=int, default=2, help="images per process (total = this x processes)")
+    g.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="evaluation images per process (default: 1 for COCO-format data, as the official test runs; "
+        "--batch-size for the digits set)",
+    )
     recipe = "default: the config's recipe (engine.optim.RECIPES; DEQDet: {}, Sparse R-CNN: {})"
     g.add_argument(
         "--lr", type=float, default=None, help="base AdamW learning rate; " + recipe.format(2.5e-5, 2.5e-5)
@@ -202,11 +234,21 @@ def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    positive = ("epochs", "batch_size", "max_iters", "eval_every", "image_size", "max_size")
+    positive = (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "max_iters",
+        "eval_every",
+        "image_size",
+        "max_size",
+    )
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.deq_tol is not None and not args.deq_tol >= 0:
+        parser.error(f"--deq-tol must be >= 0, got {args.deq_tol}")
     if args.workers < 0 or args.warmup_iters < 0 or (args.deq_steps is not None and args.deq_steps < 0):
         parser.error("--workers, --warmup-iters and --deq-steps must be >= 0")
     if args.lr is not None and args.lr <= 0:
@@ -317,7 +359,9 @@ def build_datasets(
     )
     train = None
     if not args.eval_only:
-        train = CocoDetectionDataset(paths.train_images, paths.train_ann, transforms=train_tf)
+        train = CocoDetectionDataset(
+            paths.train_images, paths.train_ann, transforms=train_tf, remove_empty=not args.keep_empty_images
+        )
         if train.category_ids != val.category_ids:
             raise ValueError(
                 f"{paths.train_ann} and {paths.val_ann} have different categories ({train.category_ids} vs "
@@ -327,18 +371,38 @@ def build_datasets(
 
 
 def make_loader(
-    dataset: CocoDetectionDataset, args: argparse.Namespace, *, train: bool, device: torch.device
+    dataset: CocoDetectionDataset,
+    args: argparse.Namespace,
+    *,
+    train: bool,
+    device: torch.device,
+    batch_size: int | None = None,
 ) -> DataLoader:
-    """A loader over this process's share, batches of ``--batch-size`` padded by :func:`collate_detection`."""
+    """A loader over this process's share, batches padded by :func:`collate_detection`.
+
+    Training batches hold ``--batch-size`` images grouped by aspect ratio (:class:`GroupedBatchSampler`,
+    unless ``--no-aspect-grouping``); evaluation batches hold `batch_size` images in order.
+    """
+    sampler = build_sampler(dataset, shuffle=train, seed=args.seed)
+    if train and not args.no_aspect_grouping:
+        groups = aspect_ratio_groups(dataset.aspect_ratios)
+        batching: dict[str, Any] = {"batch_sampler": GroupedBatchSampler(sampler, groups, args.batch_size)}
+    else:
+        batching = {"sampler": sampler, "batch_size": batch_size or args.batch_size}
     return DataLoader(
         dataset,
-        batch_size=args.batch_size,
-        sampler=build_sampler(dataset, shuffle=train, seed=args.seed),
+        **batching,
         collate_fn=partial(collate_detection, size_divisor=32),
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a training loader for `epoch`, through its batch sampler or its sampler."""
+    target = loader.batch_sampler if isinstance(loader.batch_sampler, GroupedBatchSampler) else loader.sampler
+    target.set_epoch(epoch)  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,6 +418,16 @@ def _set_test_steps(model: nn.Module, steps: int) -> None:
             f"--deq-steps: {type(target).__name__} has no test-time step count (not a DEQ model)"
         )
     target.test_steps = steps
+
+
+def _set_early_exit(model: nn.Module, tol: float | None, solver: str | None) -> None:
+    target = unwrap(model)
+    if not hasattr(target, "test_tol"):
+        raise ValueError(f"--deq-tol / --deq-solver: {type(target).__name__} has no early exit (DEQDet has)")
+    if tol is not None:
+        target.test_tol = tol
+    if solver is not None:
+        target.test_solver = solver
 
 
 def _apply_recipe(args: argparse.Namespace, arch: str) -> None:
@@ -439,8 +513,13 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     train_set, val_set = build_datasets(paths, args, schedule_name)
     num_classes = val_set.num_classes
     model = build_model(config, num_classes, **overrides).to(info.device)
-    if args.deq_steps is not None:
-        _set_test_steps(model, args.deq_steps)
+    try:
+        if args.deq_steps is not None:
+            _set_test_steps(model, args.deq_steps)
+        if args.deq_tol is not None or args.deq_solver is not None:
+            _set_early_exit(model, args.deq_tol, args.deq_solver)
+    except ValueError as err:
+        parser.error(str(err))
     model_config = {
         "name": config,
         "num_classes": num_classes,
@@ -457,7 +536,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
         # A fresh run replaces the folder's previous run (its checkpoint is overwritten too); a resumed run
         # or an evaluation appends.
         metrics_file.unlink(missing_ok=True)
-    val_loader = make_loader(val_set, args, train=False, device=info.device)
+    eval_batch_size = args.eval_batch_size or (args.batch_size if paths.digits else 1)
+    val_loader = make_loader(val_set, args, train=False, device=info.device, batch_size=eval_batch_size)
     evaluator = CocoEvaluator(val_set.coco)
 
     def run_eval(epoch: int) -> dict[str, Any]:
@@ -472,7 +552,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
             max_iters=args.max_iters,
             log=_print,
         )
-        _print(f"epoch {epoch}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}")
+        steps = f"  steps/image {stats['mean_steps']:.2f}" if "mean_steps" in stats else ""
+        _print(
+            f"epoch {epoch}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}{steps}"
+        )
         return stats
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -482,7 +565,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
         "parameters": f"{n_params / 1e6:.2f} M ({n_trainable / 1e6:.2f} M trainable)",
         "data": f"{'bundled digits set' if paths.digits else 'COCO-format'}: {paths.val_ann.parent.parent}",
         "classes": num_classes,
-        "val images": len(val_set),
+        "val images": f"{len(val_set)} (batch {eval_batch_size})",
         "device": f"{info.device} x {info.world_size} process(es)",
         "amp": args.amp,
         "output": output_dir,
@@ -530,7 +613,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     summary.update(
         {
             "train images": f"{len(train_set)} ({iters_per_epoch} iterations/epoch, "
-            f"batch {args.batch_size} x {info.world_size})",
+            f"batch {args.batch_size} x {info.world_size}"
+            f"{'' if args.no_aspect_grouping else ', grouped by aspect ratio'}; "
+            f"{train_set.removed_empty} without boxes left out)",
             "schedule": f"{schedule_name}: {schedule.epochs} epochs, lr x{schedule.gamma} at epochs "
             f"{list(schedule.drops)}, {schedule.warmup_iters} warm-up iterations",
             "optimizer": "AdamW: "
@@ -550,7 +635,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistIn
     stats: dict[str, Any] = {}
     start = time.perf_counter()
     for epoch in range(start_epoch, schedule.epochs):
-        train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        set_epoch(train_loader, epoch)
         train_stats = train_one_epoch(
             model,
             train_loader,

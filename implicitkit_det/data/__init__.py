@@ -9,6 +9,7 @@ from .digits import (
     default_cache_dir,
     digits_detection_dataset,
 )
+from .grouping import GroupedBatchSampler, aspect_ratio_groups
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,7 +28,9 @@ __all__ = [
     "DetectionBatch",
     "DigitsDetectionConfig",
     "DigitsDetectionFiles",
+    "GroupedBatchSampler",
     "RandomSizeCrop",
+    "aspect_ratio_groups",
     "build_digits_detection",
     "collate_detection",
     "default_cache_dir",

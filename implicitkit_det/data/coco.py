@@ -5,7 +5,8 @@ JSON, a missing key, an unknown image or category id, a duplicated id) is a :cla
 names the file, the entry and the fix, while a box that cannot be learned from (non-positive size, or
 nothing left after clipping to its image) is skipped with a logged warning and counted in
 ``dataset.skipped``. Crowd regions are left out of the training targets (COCO's evaluation treats them as
-"ignore"). Every image is kept, including those without annotations.
+"ignore"). Every image is kept, including those without annotations, unless ``remove_empty`` asks to drop
+the images with no box to learn from (the official training pipeline's ``filter_empty_gt``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     - `ann_file`: the COCO ``instances_*.json`` file.
     - `transforms`: a transforms-v2 callable taking and returning ``(image, target)``, where the target
       has ``boxes`` as ``tv_tensors.BoundingBoxes`` and ``labels``; see :mod:`implicitkit_det.data.transforms`.
+    - `remove_empty`: leave out the images without a box to learn from (none annotated, or every box crowd
+      or skipped), as the official training pipeline does. For training sets only: an evaluation must see
+      every image. mmdetection's ``filter_empty_gt`` keeps an image whose only annotations are crowd
+      regions; here it is left out too, since its target would be empty.
 
     **Attributes**
     - `coco`: a ``pycocotools`` ``COCO`` index of the file minus the skipped annotations (what the
@@ -109,6 +114,7 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     - `skipped`: counts ``{"degenerate", "outside_image"}`` of annotations dropped, and ``crowd`` of crowd
       regions left out of the training targets.
     - `category_ids`, `category_names`: per contiguous label.
+    - `removed_empty`: the number of images `remove_empty` left out (0 without it).
     """
 
     def __init__(
@@ -116,6 +122,8 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         root: str | os.PathLike,
         ann_file: str | os.PathLike,
         transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        *,
+        remove_empty: bool = False,
     ) -> None:
         # torchvision's __init__ would re-read the file with no checks; set up the VisionDataset part only.
         torchvision.datasets.VisionDataset.__init__(self, root, transforms=transforms)
@@ -130,6 +138,12 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             self.coco.createIndex()
         self.ids = sorted(self._images)
+        if remove_empty:
+            kept_ids = [i for i in self.ids if len(self._boxes[i])]
+            self.removed_empty = len(self.ids) - len(kept_ids)
+            self.ids = kept_ids
+        else:
+            self.removed_empty = 0
 
     # ----------------------------------------------------------------------------------------------------
     # Reading and checking the annotation file.
@@ -251,6 +265,11 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     def num_classes(self) -> int:
         """Number of contiguous labels ``C``."""
         return len(self.category_ids)
+
+    @property
+    def aspect_ratios(self) -> list[float]:
+        """``width / height`` of every sample's stored image, in sample order (for batch grouping)."""
+        return [self._images[i]["width"] / self._images[i]["height"] for i in self.ids]
 
     @property
     def label_to_category_id(self) -> list[int]:

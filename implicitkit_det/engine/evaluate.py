@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import DetectionBatch
-from ..distributed import is_main_process
+from ..distributed import is_dist, is_main_process
 from ..evaluation import CocoEvaluator, to_coco_results
 from .train import autocast
 
@@ -81,17 +81,21 @@ def evaluate(
     - `verbose`: print the COCO table on rank 0.
 
     **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, and
-    ``images`` / ``time_s`` of this process's share.
+    ``images`` / ``time_s`` of this process's share. For a model that reports its refinement steps per
+    image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
+    per image over all processes (each process's repeated padding images included).
     """
     model.eval()
     evaluator.reset()
     start, images = time.perf_counter(), 0
+    steps = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of steps, images) when reported
     for i, batch in enumerate(loader):
         if max_iters is not None and i >= max_iters:
             break
         batch = batch.to(device, non_blocking=True)
         with autocast(device, amp):
             detections = forward_eval(model, batch)
+        steps += _reported_steps(model).to(device)
         if boxes_in == "input":
             detections = rescale_to_original(detections, batch.targets)
         ids = [t["image_id"] for t in batch.targets]
@@ -102,4 +106,21 @@ def evaluate(
     if verbose and is_main_process():
         log(f"evaluated {images} images in {elapsed:.1f}s ({images / max(elapsed, 1e-9):.1f} images/s)")
     stats = evaluator.summarize(verbose=verbose)
-    return {**stats, "images": images, "time_s": elapsed}
+    out = {**stats, "images": images, "time_s": elapsed}
+    if is_dist():
+        torch.distributed.all_reduce(steps)
+    if steps[1] > 0:
+        out["mean_steps"] = float(steps[0] / steps[1])
+        if verbose and is_main_process():
+            log(f"refinement steps per image: {out['mean_steps']:.2f} on average")
+    return out
+
+
+def _reported_steps(model: nn.Module) -> Tensor:
+    """``(sum, count)`` of the per-image steps the model kept from its last forward, or zeros."""
+    inner = model.module if hasattr(model, "module") else model
+    last = getattr(inner, "last_steps", None)
+    if last is None:
+        return torch.zeros(2, dtype=torch.float64)
+    inner.last_steps = None  # each batch is counted once
+    return torch.tensor([float(last.sum()), float(last.numel())], dtype=torch.float64)

@@ -8,7 +8,7 @@ and its deep-equilibrium variant DEQ Sparse R-CNN.
 from .adamixer import AdaMixer
 from .adamixer_stage import AdaMixerStage, refine_boxes
 from .attention import IoFSelfAttention
-from .backbone import ResNetBackbone
+from .backbone import FrozenStatsBatchNorm2d, ResNetBackbone, weights_cache_path
 from .boxes import box_iof, position_encoding, xyxy_to_xyzr, xyzr_to_xyxy
 from .configs import CONFIGS, ModelConfig, build_model
 from .delta_coder import DELTA_STDS, decode_deltas, encode_deltas
@@ -42,6 +42,7 @@ __all__ = [
     "DEQDet",
     "DEQSparseRCNN",
     "DynamicInteraction",
+    "FrozenStatsBatchNorm2d",
     "InitialQueries",
     "IoFSelfAttention",
     "LearnedProposals",
@@ -63,6 +64,7 @@ __all__ = [
     "refine_boxes",
     "roi_levels",
     "sample_pyramid",
+    "weights_cache_path",
     "xyxy_to_xyzr",
     "xyzr_to_xyxy",
 ]

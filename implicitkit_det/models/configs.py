@@ -29,9 +29,11 @@ class ModelConfig:
 
     **Attributes**
     - `arch`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"`` or ``"deq_sparse_rcnn"``.
-    - `backbone`, `backbone_weights`, `frozen_bn`, `frozen_stages`: of :class:`~.backbone.ResNetBackbone`.
-    - `neck_kernel`, `neck_relu`, `gn_groups`: of :class:`~.neck.ChannelMapper` (DEQDet, AdaMixer; the
-      Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
+    - `backbone`, `backbone_weights`, `backbone_norm`, `frozen_stages`: of
+      :class:`~.backbone.ResNetBackbone` (`backbone_weights`: a published weights name such as
+      ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
+    - `neck_kernel`, `neck_relu`, `gn_groups`, `neck_init`: of :class:`~.neck.ChannelMapper` (DEQDet,
+      AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
     - `dim`: channels of the features and of the query content.
     - `num_queries`: ``N`` (queries, or Sparse R-CNN's learned proposals).
     - `num_heads`, `ffn_dim`: of every decoder layer.
@@ -42,19 +44,24 @@ class ModelConfig:
     - `num_stages`: AdaMixer's and Sparse R-CNN's stage count.
     - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: the DEQ schedule
       (DEQDet, DEQ Sparse R-CNN).
+    - `test_tol`, `test_solver`: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
+      the fixed `test_steps` applications.
     - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: the DEQ models'
       perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
+    - `rap_sort_corners`: DEQDet's box noise swaps crossed corners back (default False, as the official
+      code); Sparse R-CNN's always does.
     - `num_select`: detections per image at inference.
     """
 
     arch: Literal["deqdet", "adamixer", "sparse_rcnn", "deq_sparse_rcnn"] = "deqdet"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
-    frozen_bn: bool | None = None
+    backbone_norm: Literal["frozen_stats", "frozen", "batch"] | None = None
     frozen_stages: int | None = None
     neck_kernel: int = 3
     neck_relu: bool = True
     gn_groups: int = 32
+    neck_init: Literal["xavier_uniform", "pytorch"] = "xavier_uniform"
     dim: int = 256
     num_queries: int = 100
     num_heads: int = 8
@@ -71,10 +78,13 @@ class ModelConfig:
     supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
     init_refinements: int = 2
     rag_steps: int = 2
+    test_tol: float | None = None
+    test_solver: Literal["fixed", "anderson"] = "fixed"
     rap_content_prob: float = 0.2
     rap_content_scale: float = 0.1
     rap_box_prob: float = 0.2
     rap_box_pixels: float = 25.0
+    rap_sort_corners: bool = False
     num_select: int = 100
 
 
@@ -82,7 +92,7 @@ _DEQDET_R50 = ModelConfig()
 _ADAMIXER_R50 = ModelConfig(arch="adamixer", neck_kernel=1, neck_relu=False, num_points=32)
 # CPU-sized (a training step well under a second on 2 cores at 128-192 px): ResNet-10, 64 channels, 20
 # queries, 4 points per group; the DEQ schedule is the paper's. Box noise is scaled like the images
-# (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights=...
+# (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights="IMAGENET1K_V1".
 _TINY = dict(
     backbone="resnet10",
     dim=64,
@@ -124,7 +134,7 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
       ``sparse_rcnn_tiny``, ``deq_sparse_rcnn_tiny``) or a :class:`ModelConfig`.
     - `num_classes`: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
     - `**overrides`: fields of :class:`ModelConfig` to change, e.g. ``num_queries=50`` or
-      ``backbone_weights="resnet50.pth"``.
+      ``backbone_weights="IMAGENET1K_V1"``.
 
     **Returns** a :class:`~.deqdet.DEQDet`, :class:`~.adamixer.AdaMixer`, :class:`~.sparse_rcnn.SparseRCNN`
     or :class:`~.deq_sparse_rcnn.DEQSparseRCNN` in training mode.
@@ -137,10 +147,12 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
         config = CONFIGS[config]
     cfg = dataclasses.replace(config, **overrides)
-    backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.frozen_bn, cfg.frozen_stages)
+    backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_stages)
     if cfg.arch in ("sparse_rcnn", "deq_sparse_rcnn"):
         return _build_sparse_rcnn(cfg, backbone, num_classes)
-    neck = ChannelMapper(backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups)
+    neck = ChannelMapper(
+        backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups, init=cfg.neck_init
+    )
     queries = InitialQueries(cfg.num_queries, cfg.dim)
 
     def layer() -> AdaMixerStage:
@@ -160,7 +172,13 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
         )
     if cfg.arch == "deqdet":
-        rap = RAP(cfg.rap_content_prob, cfg.rap_content_scale, cfg.rap_box_prob, cfg.rap_box_pixels)
+        rap = RAP(
+            cfg.rap_content_prob,
+            cfg.rap_content_scale,
+            cfg.rap_box_prob,
+            cfg.rap_box_pixels,
+            sort_corners=cfg.rap_sort_corners,
+        )
         return DEQDet(
             backbone,
             neck,
@@ -173,6 +191,8 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             init_refinements=cfg.init_refinements,
             rag_steps=cfg.rag_steps,
             perturbation=rap,
+            test_tol=cfg.test_tol,
+            test_solver=cfg.test_solver,
             num_select=cfg.num_select,
         )
     raise ValueError(

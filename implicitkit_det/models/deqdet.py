@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 import implicitkit as ik
@@ -28,7 +30,10 @@ class DEQDet(QueryDetector):
                              solver=ik.FixedPointIteration(tol=None, max_iter=steps),  # exactly `steps`
                              gradient=ik.RAG(k=2), perturbation=RAP(), capture=...)
 
-    **Inference** applies ``F`` exactly ``test_steps`` times (21) and predicts from that state.
+    **Inference** applies ``F`` exactly ``test_steps`` times (21) and predicts from that state. With
+    ``test_tol`` set, each image stops on its own once its refinement has converged (early exit, see
+    :meth:`refine_to_tolerance`), after at most ``test_steps`` applications. Either way ``last_steps`` holds
+    the applications of ``F`` each image of the last inference batch received (``[B]`` int64).
 
     **Training** supervises, each with its own Hungarian match and equal weight:
 
@@ -44,15 +49,21 @@ class DEQDet(QueryDetector):
     output, with ``(I - J)^-1`` replaced by ``I + J``. Backbone and neck receive the gradients of every
     branch.
 
-    ``train_steps``, ``test_steps`` and ``supervise_steps`` are plain attributes, so they can be changed at
-    run time (e.g. more refinement steps at test).
+    ``train_steps``, ``test_steps``, ``supervise_steps``, ``test_tol``, ``test_solver`` and
+    ``test_stop_mode`` are plain attributes, so they can be changed at run time (e.g. more refinement steps
+    at test, or early exit on a trained model).
 
     **Arguments**
     - `backbone`, `neck`, `queries`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
     - `init_layer`: ``G``.
     - `refine_layer`: ``F``.
     - `train_steps`: no-grad solver steps in training.
-    - `test_steps`: applications of ``F`` at inference.
+    - `test_steps`: applications of ``F`` at inference (the most, with `test_tol`).
+    - `test_tol`: None for exactly `test_steps` applications; else the per-image tolerance on the change
+      of the query state (the RMS per query of the scaled state, see :meth:`refine_to_tolerance`).
+    - `test_solver`: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
+      (:class:`implicitkit.Anderson` on the scaled state).
+    - `test_stop_mode`: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
     - `supervise_steps`: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
     - `init_refinements`: supervised grad-attached applications of ``F`` to ``y_0`` (2).
     - `rag_steps`: ``k`` of :class:`implicitkit.RAG`.
@@ -76,6 +87,9 @@ class DEQDet(QueryDetector):
         init_refinements: int = 2,
         rag_steps: int = 2,
         perturbation: ik.Perturbation | Literal["rap"] | None = "rap",
+        test_tol: float | None = None,
+        test_solver: Literal["fixed", "anderson"] = "fixed",
+        test_stop_mode: Literal["abs", "rel"] = "abs",
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, queries, **kwargs)
@@ -91,6 +105,10 @@ class DEQDet(QueryDetector):
                 f"perturbation must be 'rap', a (state, step) -> state callable or None, got {perturbation!r}"
             )
         self.perturbation = RAP() if perturbation == "rap" else perturbation
+        self.test_tol = test_tol
+        self.test_solver = test_solver
+        self.test_stop_mode = test_stop_mode
+        self.last_steps: Tensor | None = None
 
     def solve(
         self,
@@ -130,15 +148,77 @@ class DEQDet(QueryDetector):
             yield {f"rag_s{step}": self.refine_layer.predict(state, image_sizes)}
 
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
-        """The prediction from ``F^test_steps(G(q_0))``."""
+        """The prediction from ``F^test_steps(G(q_0))``, or from each image's converged state with `test_tol`."""
         state = self.init_layer(self.queries(image_sizes), features, image_sizes)
+        batch = image_sizes.shape[0]
         if self.test_steps == 0:
+            self.last_steps = torch.zeros(batch, dtype=torch.int64, device=image_sizes.device)
             return self.init_layer.predict(state, image_sizes)
-        state = self.solve(state, features, image_sizes, self.test_steps).last
+        if self.test_tol is None:
+            state = self.solve(state, features, image_sizes, self.test_steps).last
+            self.last_steps = torch.full(
+                (batch,), self.test_steps, dtype=torch.int64, device=image_sizes.device
+            )
+        else:
+            state, self.last_steps = self.refine_to_tolerance(state, features, image_sizes)
         return self.refine_layer.predict(state, image_sizes)
+
+    def refine_to_tolerance(
+        self, y0: QueryState, features: Sequence[Tensor], image_sizes: Tensor
+    ) -> tuple[QueryState, Tensor]:
+        """Iterate ``F`` from `y0` until each image's state changes by at most ``test_tol`` (early exit).
+
+        The state mixes pixels (``x, y``), log-scales (``z, r``) and LayerNorm'd content, so the solver
+        works on a scaled copy in which every part of a query is of order one:
+
+            s(y) = (content / sqrt(dim),  x / w,  y / h,  z,  r) / sqrt(N)
+
+        with ``(h, w)`` the image's size and ``N`` the queries. The residual ``||s(F(y)) - s(y)||`` of an
+        image is then the root-mean-square over its queries of the content change relative to the
+        content's own RMS (1 after LayerNorm), plus the box centre's move as a fraction of the image, plus
+        the change of ``log2`` scale and aspect. Each image stops at the first step where it is at most
+        ``test_tol`` (``test_stop_mode="abs"``; ``"rel"`` divides by ``||s(F(y))||``) and is then frozen,
+        so its steps and its detections do not depend on the other images of the batch.
+
+        The state kept is the solver's ``Solution.last``: each image's final iterate, ``F`` applied
+        ``nstep`` times (with Anderson, the iterate it stopped at), as in the fixed-count mode; no
+        gradient estimator runs (``Solution.value`` would add RAG's two applications).
+
+        **Returns** ``(state, steps)``: the converged state and the ``[B]`` applications of ``F`` per image.
+        """
+        content = y0["content"]
+        dim, queries = content.shape[-1], content.shape[-2]
+        hw = image_sizes.to(content.dtype)
+        box_scale = torch.stack(
+            [hw[:, 1], hw[:, 0], torch.ones_like(hw[:, 0]), torch.ones_like(hw[:, 0])], -1
+        )
+        box_scale = box_scale[:, None, :] * math.sqrt(queries)  # [B, 1, 4]
+        content_scale = math.sqrt(dim * queries)
+
+        def scaled(y: QueryState) -> QueryState:
+            return {**y, "content": y["content"] / content_scale, "xyzr": y["xyzr"] / box_scale}
+
+        def unscaled(y: QueryState) -> QueryState:
+            return {**y, "content": y["content"] * content_scale, "xyzr": y["xyzr"] * box_scale}
+
+        options = {"tol": self.test_tol, "max_iter": self.test_steps, "stop_mode": self.test_stop_mode}
+        if self.test_solver == "fixed":
+            solver: ik.Solver = ik.FixedPointIteration(**options)
+        elif self.test_solver == "anderson":
+            solver = ik.Anderson(**options)
+        else:
+            raise ValueError(f"test_solver must be 'fixed' or 'anderson', got {self.test_solver!r}")
+        sol = ik.fixed_point(
+            lambda y: scaled(self.refine_layer(unscaled(y), features, image_sizes)),
+            scaled(y0),
+            solver=solver,
+            gradient=self.gradient,
+        )
+        return unscaled(sol.last), sol.stats.nstep.to(torch.int64)
 
     def extra_repr(self) -> str:
         return (
-            f"train_steps={self.train_steps}, test_steps={self.test_steps}, "
+            f"train_steps={self.train_steps}, test_steps={self.test_steps}, test_tol={self.test_tol}, "
+            f"test_solver={self.test_solver!r}, "
             f"supervise_steps={self.supervise_steps}, gradient={self.gradient!r}, perturbation={self.perturbation!r}"
         )

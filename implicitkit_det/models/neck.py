@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ChannelMapper"]
@@ -18,12 +20,16 @@ class ChannelMapper(nn.Module):
     when it blends samples across levels. DEQDet uses ``k = 3`` with ReLU, AdaMixer ``k = 1`` without.
     There is no top-down pathway: the decoder's 3D sampling mixes the levels itself.
 
+    The convolutions start Xavier-uniform with zero bias, as the reference configurations initialise them
+    (``init="xavier_uniform"``); ``init="pytorch"`` keeps ``nn.Conv2d``'s own (Kaiming-uniform) start.
+
     **Arguments**
     - `in_channels`: channels of each backbone level.
     - `out_channels`: the decoder's channels.
     - `kernel_size`: 3 (DEQDet) or 1 (AdaMixer).
     - `relu`: apply ReLU after each convolution.
     - `num_groups`: of the shared GroupNorm.
+    - `init`: ``"xavier_uniform"`` (weights Xavier-uniform, bias 0) or ``"pytorch"`` (``nn.Conv2d``'s default).
     """
 
     def __init__(
@@ -33,6 +39,7 @@ class ChannelMapper(nn.Module):
         kernel_size: int = 3,
         relu: bool = True,
         num_groups: int = 32,
+        init: Literal["xavier_uniform", "pytorch"] = "xavier_uniform",
     ) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
@@ -40,6 +47,19 @@ class ChannelMapper(nn.Module):
         )
         self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
         self.norm = nn.GroupNorm(num_groups, out_channels)
+        if init not in ("xavier_uniform", "pytorch"):
+            raise ValueError(f"init must be 'xavier_uniform' or 'pytorch', got {init!r}")
+        self.init = init
+        if init == "xavier_uniform":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Xavier-uniform convolution weights, zero biases; the GroupNorm at scale 1, shift 0."""
+        for conv in self.convs:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.norm.reset_parameters()
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Backbone levels ``[B, in_channels_j, H_j, W_j]`` -> ``[B, out_channels, H_j, W_j]``."""

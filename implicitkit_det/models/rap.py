@@ -42,31 +42,46 @@ class BoxPerturbation:
 
         (x0, y0, x1, y1) <- (x0, y0, x1, y1) + pixels * eps,   eps ~ N(0, I),   then re-encoded as xyzr
 
-    One Bernoulli draw per step decides for the whole batch; ``eps`` is drawn per corner coordinate. A box
-    whose corners cross is read with its corners sorted (its side lengths are ``|x1 - x0|``, ``|y1 - y0|``).
+    One Bernoulli draw per step decides for the whole batch; ``eps`` is drawn per corner coordinate.
+
+    Corners that cross (``x1 < x0`` or ``y1 < y0``) are left as they are by default, as in the official
+    DEQDet code: :func:`~.boxes.xyxy_to_xyzr` then clamps the negative side to ``min_size``, so the box
+    collapses to a sliver (every other query's IoF towards it is 0 in the next step's self-attention, and
+    its sampling points lie on one line) until the refinement regrows it. With ``sort_corners=True`` the corners
+    are swapped back first, so the box keeps side lengths ``|x1 - x0|``, ``|y1 - y0|`` (what Sparse
+    R-CNN's :class:`CornerPerturbation` always does).
 
     **Arguments**
     - `prob`: probability that a step is perturbed.
     - `pixels`: noise scale in pixels.
     - `generator`: source of randomness for reproducible paths; default the global generator.
+    - `sort_corners`: swap crossed corners back before re-encoding.
     """
 
     def __init__(
-        self, prob: float = 0.2, pixels: float = 25.0, generator: torch.Generator | None = None
+        self,
+        prob: float = 0.2,
+        pixels: float = 25.0,
+        generator: torch.Generator | None = None,
+        sort_corners: bool = False,
     ) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {prob}")
         self.prob, self.pixels, self.generator = float(prob), float(pixels), generator
+        self.sort_corners = bool(sort_corners)
 
     def __call__(self, state: QueryState, step: int) -> QueryState:
         xyzr = state["xyzr"]
         noise = _corner_noise(xyzr, self.prob, self.pixels, self.generator)
         if noise is None:
             return state
-        return {**state, "xyzr": xyxy_to_xyzr(_sorted_corners(xyzr_to_xyxy(xyzr) + noise))}
+        corners = xyzr_to_xyxy(xyzr) + noise
+        if self.sort_corners:
+            corners = _sorted_corners(corners)
+        return {**state, "xyzr": xyxy_to_xyzr(corners)}
 
     def __repr__(self) -> str:
-        return f"BoxPerturbation(prob={self.prob}, pixels={self.pixels})"
+        return f"BoxPerturbation(prob={self.prob}, pixels={self.pixels}, sort_corners={self.sort_corners})"
 
 
 class RAP:
@@ -80,7 +95,8 @@ class RAP:
 
     **Arguments**
     - `content_prob`, `content_scale`: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
-    - `box_prob`, `box_pixels`: of the :class:`BoxPerturbation`.
+    - `box_prob`, `box_pixels`, `sort_corners`: of the :class:`BoxPerturbation` (crossed corners are left
+      unsorted by default, as in the official code).
     - `generator`: shared by both parts, for reproducible paths.
     """
 
@@ -91,11 +107,12 @@ class RAP:
         box_prob: float = 0.2,
         box_pixels: float = 25.0,
         generator: torch.Generator | None = None,
+        sort_corners: bool = False,
     ) -> None:
         self.content = GaussianPerturbation(
             content_prob, content_scale, leaves="content", generator=generator
         )
-        self.box = BoxPerturbation(box_prob, box_pixels, generator=generator)
+        self.box = BoxPerturbation(box_prob, box_pixels, generator=generator, sort_corners=sort_corners)
 
     @property
     def generator(self) -> torch.Generator | None:

@@ -123,7 +123,19 @@ def _cli_worker(rank: int, port: int, root: str, out_dir: str) -> None:
     env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()})
     stats = cli.main(
-        [*FAST, "--data-root", root, "--epochs", "1", "--output-dir", out_dir, "--device", "cpu"]
+        [
+            *FAST,
+            "--data-root",
+            root,
+            "--epochs",
+            "1",
+            "--output-dir",
+            out_dir,
+            "--device",
+            "cpu",
+            "--eval-batch-size",
+            "2",
+        ]
     )
     Path(out_dir, f"stats{rank}.json").write_text(json.dumps(stats))
 

@@ -213,7 +213,10 @@ def test_box_perturbation():
     xyzr = xyxy_to_xyzr(torch.tensor([[[10.0, 10.0, 30.0, 20.0], [40.0, 5.0, 41.0, 6.0]]]))
     state = {"content": torch.randn(1, 2, 8), "xyzr": xyzr}
     assert BoxPerturbation(prob=0.0)(state, 1) is state
-    out = BoxPerturbation(prob=1.0, pixels=25.0, generator=torch.Generator().manual_seed(0))(state, 1)
+    box = BoxPerturbation(
+        prob=1.0, pixels=25.0, generator=torch.Generator().manual_seed(0), sort_corners=True
+    )
+    out = box(state, 1)  # re-sorted corners (the official default leaves them crossed: test_det_fidelity)
     gen = torch.Generator().manual_seed(0)
     torch.rand((), generator=gen)  # the step's Bernoulli draw
     noisy = xyzr_to_xyxy(xyzr) + 25.0 * torch.randn(xyzr.shape, generator=gen)

@@ -13,6 +13,7 @@ from implicitkit_det.models import (
     AdaMixerStage,
     AdaptiveMixing,
     AdaptiveSampling3D,
+    FrozenStatsBatchNorm2d,
     InitialQueries,
     IoFSelfAttention,
     ResNetBackbone,
@@ -156,7 +157,8 @@ def test_backbone_loads_local_weights_and_freezes(tmp_path):
     torch.save(reference.state_dict(), path)
     backbone = ResNetBackbone("resnet10", weights=path)
     torch.testing.assert_close(backbone.stem[0].weight, reference.conv1.weight)
-    assert isinstance(backbone.stem[1], FrozenBatchNorm2d)
+    assert isinstance(backbone.stem[1], FrozenStatsBatchNorm2d)  # the official layout
+    assert isinstance(ResNetBackbone("resnet10", weights=path, norm="frozen").stem[1], FrozenBatchNorm2d)
     assert not any(p.requires_grad for p in [*backbone.stem.parameters(), *backbone.stages[0].parameters()])
     assert all(p.requires_grad for p in backbone.stages[1].parameters())
     features = backbone(torch.randn(1, 3, 64, 96))

@@ -33,7 +33,7 @@ CLASSES = 10
 
 def tiny(config: str = "deqdet_tiny", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = build_model(config, CLASSES, num_queries=6, frozen_bn=True, **overrides)
+    model = build_model(config, CLASSES, num_queries=6, backbone_norm="frozen", **overrides)
     if hasattr(model, "perturbation") and config == "deqdet_tiny":
         # Every perturbation on, from its own generator: both runs draw the same noise.
         model.perturbation = RAP(1.0, 0.1, 1.0, 4.0, generator=torch.Generator().manual_seed(5))

@@ -206,9 +206,12 @@ def save_prediction_grid(
     path: str | os.PathLike,
     *,
     count: int = 8,
-    score_threshold: float = 0.3,
+    score_threshold: float | None = None,
 ) -> Path:
     """A PNG of the first ``count`` images of a COCO-format set: ground truth (left) beside predictions.
+
+    With ``score_threshold=None`` each image shows its ``n`` highest-scoring detections, ``n`` the number of
+    objects in it, whatever their scores (a young model's focal scores are low); else those above it.
 
     **Arguments**
     - `detector`: what :func:`load_detector` returns, or a :class:`Detector` around a model in memory.
@@ -228,7 +231,10 @@ def save_prediction_grid(
             "labels": torch.tensor([category_ids.index(a["category_id"]) for a in anns], dtype=torch.long),
         }
         (det,) = predict(detector, [image])
+        if score_threshold is None:  # as many of the best detections as there are objects
+            top = det["scores"].argsort(descending=True)[: max(len(anns), 1)]
+            det = {k: v[top] for k, v in det.items()}
         names = detector.class_names
         panels.append(draw_detections(image, truth, class_names=names, color="lime"))
-        panels.append(draw_detections(image, det, class_names=names, score_threshold=score_threshold))
+        panels.append(draw_detections(image, det, class_names=names, score_threshold=score_threshold or 0.0))
     return save_grid(panels, path, columns=4)

@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
-
-from torch import nn
-
-import implicitkit as ik
-
 from .deqdet import DEQDet
-from .proposals import LearnedProposals
 from .rap import SparseRCNNRAP
-from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = ["DEQSparseRCNN"]
 
@@ -51,37 +42,4 @@ class DEQSparseRCNN(DEQDet):
     CVPR 2021.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        neck: nn.Module,
-        proposals: LearnedProposals,
-        init_layer: SparseRCNNStage,
-        refine_layer: SparseRCNNStage,
-        *,
-        train_steps: int = 20,
-        test_steps: int = 21,
-        supervise_steps: Sequence[int] = (1, 3, 6, 9, 12, 20),
-        init_refinements: int = 2,
-        rag_steps: int = 2,
-        perturbation: ik.Perturbation | Literal["rap"] | None = "rap",
-        **kwargs,
-    ) -> None:
-        if isinstance(perturbation, str) and perturbation != "rap":
-            raise ValueError(
-                f"perturbation must be 'rap', a (state, step) -> state callable or None, got {perturbation!r}"
-            )
-        super().__init__(
-            backbone,
-            neck,
-            proposals,
-            init_layer,
-            refine_layer,
-            train_steps=train_steps,
-            test_steps=test_steps,
-            supervise_steps=supervise_steps,
-            init_refinements=init_refinements,
-            rag_steps=rag_steps,
-            perturbation=SparseRCNNRAP() if perturbation == "rap" else perturbation,
-            **kwargs,
-        )
+    default_perturbation = SparseRCNNRAP

@@ -73,6 +73,9 @@ class DEQDet(QueryDetector):
     Reference: Wang et al., "Deep equilibrium object detection", ICCV 2023.
     """
 
+    #: what ``perturbation="rap"`` builds; a subclass with other layers names its own.
+    default_perturbation: type = RAP
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -104,7 +107,7 @@ class DEQDet(QueryDetector):
             raise ValueError(
                 f"perturbation must be 'rap', a (state, step) -> state callable or None, got {perturbation!r}"
             )
-        self.perturbation = RAP() if perturbation == "rap" else perturbation
+        self.perturbation = self.default_perturbation() if perturbation == "rap" else perturbation
         self.test_tol = test_tol
         self.test_solver = test_solver
         self.test_stop_mode = test_stop_mode

@@ -84,7 +84,22 @@ class BoxPerturbation:
         return f"BoxPerturbation(prob={self.prob}, pixels={self.pixels}, sort_corners={self.sort_corners})"
 
 
-class RAP:
+class _ContentAndBoxNoise:
+    """Two perturbations of one state, ``content`` and ``box``, sharing one generator."""
+
+    content: GaussianPerturbation
+    box: BoxPerturbation | CornerPerturbation
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.box.generator
+
+    @generator.setter
+    def generator(self, generator: torch.Generator | None) -> None:
+        self.content.generator = self.box.generator = generator
+
+
+class RAP(_ContentAndBoxNoise):
     """DEQDet's refinement-aware perturbation: the content part, then the box part, each drawn independently.
 
         q <- 0.9 q + 0.1 ||q|| eps        with probability 0.2 per step   (norm per query, over channels)
@@ -113,14 +128,6 @@ class RAP:
             content_prob, content_scale, leaves="content", generator=generator
         )
         self.box = BoxPerturbation(box_prob, box_pixels, generator=generator, sort_corners=sort_corners)
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        return self.box.generator
-
-    @generator.setter
-    def generator(self, generator: torch.Generator | None) -> None:
-        self.content.generator = self.box.generator = generator
 
     def __call__(self, state: QueryState, step: int) -> QueryState:
         return self.box(self.content(state, step), step)
@@ -162,7 +169,7 @@ class CornerPerturbation:
         return f"CornerPerturbation(prob={self.prob}, pixels={self.pixels})"
 
 
-class SparseRCNNRAP:
+class SparseRCNNRAP(_ContentAndBoxNoise):
     """RAP for DEQ Sparse R-CNN's ``{content, xyxy}`` state: the box part first, then the content part.
 
         b <- sort(b + 25 eps)              (pixels, corners) with probability 0.2 per step
@@ -189,14 +196,6 @@ class SparseRCNNRAP:
         self.content = GaussianPerturbation(
             content_prob, content_scale, leaves="content", generator=generator
         )
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        return self.box.generator
-
-    @generator.setter
-    def generator(self, generator: torch.Generator | None) -> None:
-        self.content.generator = self.box.generator = generator
 
     def __call__(self, state: ProposalState, step: int) -> ProposalState:
         return self.content(self.box(state, step), step)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
-from ._tree import State, StateSpec, flatten, leaves_of, spec_of, unflatten
+from ._tree import State, flatten, leaves_of, spec_of, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
@@ -94,9 +94,7 @@ def _refuse_vmap() -> None:
 
 def _empty_solution(z0: State, solver: Solver, capture: Iterable[int]) -> Solution:
     """The solution of an empty batch: ``z0`` itself (with its structure) and zero-sized stats."""
-    spec: StateSpec = spec_of(z0)
-    leaves, _ = leaves_of(z0)
-    device = leaves[0].device
+    device = leaves_of(z0)[0][0].device
     empty = torch.zeros(0, device=device)
     stats = SolverStats(
         nstep=torch.zeros(0, dtype=torch.long, device=device),
@@ -110,4 +108,4 @@ def _empty_solution(z0: State, solver: Solver, capture: Iterable[int]) -> Soluti
         solver=type(solver).__name__,
     )
     steps = sorted({int(k) for k in capture})
-    return Solution(stats, z0, Path(steps, lambda k: z0), _value=spec.treespec.unflatten(leaves))
+    return Solution(stats, z0, Path(steps, lambda k: z0), _value=z0)

@@ -185,15 +185,8 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             queries,
             layer(),
             layer(),
-            train_steps=cfg.train_steps,
-            test_steps=cfg.test_steps,
-            supervise_steps=cfg.supervise_steps,
-            init_refinements=cfg.init_refinements,
-            rag_steps=cfg.rag_steps,
             perturbation=rap,
-            test_tol=cfg.test_tol,
-            test_solver=cfg.test_solver,
-            num_select=cfg.num_select,
+            **_deq_schedule(cfg),
         )
     raise ValueError(
         f"unknown arch {cfg.arch!r}; choose 'deqdet', 'adamixer', 'sparse_rcnn' or 'deq_sparse_rcnn'"
@@ -228,11 +221,20 @@ def _build_sparse_rcnn(cfg: ModelConfig, backbone: ResNetBackbone, num_classes: 
         proposals,
         stage(first=True),
         stage(first=False),
-        train_steps=cfg.train_steps,
-        test_steps=cfg.test_steps,
-        supervise_steps=cfg.supervise_steps,
-        init_refinements=cfg.init_refinements,
-        rag_steps=cfg.rag_steps,
         perturbation=rap,
-        num_select=cfg.num_select,
+        **_deq_schedule(cfg),
     )
+
+
+def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
+    """What every DEQ detector takes from the config besides its layers: the solve's schedule and outputs."""
+    return {
+        "train_steps": cfg.train_steps,
+        "test_steps": cfg.test_steps,
+        "supervise_steps": cfg.supervise_steps,
+        "init_refinements": cfg.init_refinements,
+        "rag_steps": cfg.rag_steps,
+        "test_tol": cfg.test_tol,
+        "test_solver": cfg.test_solver,
+        "num_select": cfg.num_select,
+    }

@@ -391,3 +391,11 @@ def test_sparse_rcnn_rap_defaults_and_rates():
         CornerPerturbation(prob=1.5)
     with pytest.raises(ValueError, match="perturbation must be 'rap'"):
         DEQSparseRCNN(*([None] * 5), perturbation="noise")  # refused before any part is used
+
+
+def test_deq_variant_takes_the_whole_deq_schedule_from_its_config():
+    from implicitkit_det.models import build_model
+
+    with torch.device("meta"):
+        model = build_model("deq_sparse_rcnn_tiny", 10, test_tol=0.05, test_solver="anderson", train_steps=7)
+    assert (model.test_tol, model.test_solver, model.train_steps) == (0.05, "anderson", 7)

@@ -1,0 +1,44 @@
+"""Command-line recipes: the settings of the digits demo, shared by the demo and the benchmarks.
+
+A recipe is a list of options for :func:`implicitkit_det.cli.main` (the same words a user types), so what
+a benchmark measures is what a user runs. Options given after a recipe override it.
+"""
+
+from __future__ import annotations
+
+from .data import DigitsDetectionConfig, build_digits_detection
+from .pretrain import PretrainConfig, pretrain_backbone
+
+__all__ = ["DIGITS_DEMO", "digits_backbone", "digits_recipe"]
+
+# The demo, sized for two CPU cores: 128-pixel inputs, 10 queries (a digits image has at most 6 objects),
+# 4 images per step, a short DEQ path (6 no-grad refinement steps in training with RAG branches after
+# steps 1, 3 and 6; the published recipe: 20 steps, branches after 1, 3, 6, 9, 12, 20) and 6 steps at test.
+DIGITS_DEMO: tuple[str, ...] = (
+    "--model-arg", "num_queries=10", "--model-arg", "train_steps=6", "--model-arg", "supervise_steps=[1,3,6]",
+    "--model-arg", "test_steps=6",
+    "--image-size", "128", "--max-size", "192",
+    "--batch-size", "4", "--epochs", "3", "--lr-drops", "2", "--lr", "2e-4", "--warmup-iters", "50",
+    "--workers", "0", "--eval-every", "3", "--print-freq", "50",
+)  # fmt: skip
+
+
+def digits_backbone(config: DigitsDetectionConfig | None = None) -> str:
+    """The tiny detectors' ResNet-10 pre-trained on the digits set's *train* objects (built once, cached).
+
+    The digits set's counterpart of the ImageNet weights the published detectors start from
+    (:mod:`implicitkit_det.pretrain`); the val split is never read.
+    """
+    files = build_digits_detection(config)
+    return str(pretrain_backbone(files.images("train"), files.annotations("train"), PretrainConfig()))
+
+
+def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> list[str]:
+    """The demo's options for `config` (any of the ``*_tiny`` detectors) on the bundled digits set.
+
+    With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use).
+    """
+    args = ["--config", config, *DIGITS_DEMO]
+    if pretrained:
+        args += ["--model-arg", f"backbone_weights={digits_backbone()}"]
+    return args

@@ -50,10 +50,10 @@ class PretrainConfig:
     - `backbone`: a :class:`~.models.backbone.ResNetBackbone` name (``"resnet10"``, ``"resnet18"``, ...).
     - `crop_size`: side of the square crops fed to the classifier, in pixels.
     - `margin`: (min, max) of the crop side over the object's longer side, drawn per crop.
-    - `shift`: largest shift of the crop centre, as a fraction of the crop side.
+    - `shift`: largest shift of the crop centre, as a fraction of the object's width and height.
     - `views`: jittered crops cut per object.
-    - `background_per_image`: crops per image that overlap no object by more than `background_overlap`
-      of the object's area (class ``C``, "no object").
+    - `background_per_image`: crops per image that share with no object more than `background_overlap`
+      of the smaller of the object's and the crop's area (class ``C``, "no object").
     - `epochs`, `batch_size`, `lr`, `weight_decay`: AdamW with a one-cycle schedule.
     - `seed`: the crops' jitter, the initialisation and the batch order.
     """
@@ -78,9 +78,12 @@ class PretrainConfig:
         return digest.hexdigest()[:12]
 
 
-def _square_around(box: np.ndarray, side: float, centre: np.ndarray) -> list[float]:
-    x0, y0 = centre - side / 2
-    return [float(x0), float(y0), float(side)]
+def _clipped_xywh(anns: list[dict], width: int, height: int) -> np.ndarray:
+    """The annotations' boxes clipped to the image, as the detection dataset clips them."""
+    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    x0 = np.clip(xywh[:, :2], 0, [width, height])
+    x1 = np.clip(xywh[:, :2] + xywh[:, 2:], 0, [width, height])
+    return np.concatenate([x0, x1 - x0], axis=1)
 
 
 def _object_windows(boxes: np.ndarray, config: PretrainConfig, rng: np.random.Generator) -> list[list[float]]:
@@ -88,8 +91,8 @@ def _object_windows(boxes: np.ndarray, config: PretrainConfig, rng: np.random.Ge
     for box in boxes:  # xywh
         for _ in range(config.views):
             side = max(box[2], box[3]) * rng.uniform(*config.margin)
-            centre = box[:2] + box[2:] / 2 + rng.uniform(-config.shift, config.shift, 2) * side
-            windows.append(_square_around(box, side, centre))
+            centre = box[:2] + box[2:] * (0.5 + rng.uniform(-config.shift, config.shift, 2))
+            windows.append([*(centre - side / 2).tolist(), side])
     return windows
 
 
@@ -108,7 +111,10 @@ def _background_windows(
             iy = np.clip(
                 np.minimum(y0 + side, boxes[:, 1] + boxes[:, 3]) - np.maximum(y0, boxes[:, 1]), 0, None
             )
-            if not len(boxes) or (ix * iy <= config.background_overlap * areas).all():
+            if (
+                not len(boxes)
+                or (ix * iy <= config.background_overlap * np.minimum(areas, side * side)).all()
+            ):
                 windows.append([x0, y0, side])
                 break
     return windows
@@ -145,7 +151,7 @@ def object_crops(
     for info in data["images"]:
         anns = by_image.get(info["id"], [])
         image = TF.pil_to_tensor(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
-        boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        boxes = _clipped_xywh(anns, image.shape[2], image.shape[1])
         for ann, window in zip(np.repeat(anns, config.views), _object_windows(boxes, config, rng)):
             crops.append(_cut(image, window, config.crop_size))
             labels.append(label_of[ann["category_id"]])

@@ -90,7 +90,7 @@ def check_images(dataset: CocoDetectionDataset, *, split: str, threads: int = 4)
     problems: list[str] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for problem in pool.map(lambda job: _check_one(*job), jobs):
-            bar.update(get_world_size())
+            bar.update(min(get_world_size(), len(dataset.ids) - bar.n))
             if problem is not None:
                 problems.append(problem)
     bar.close()

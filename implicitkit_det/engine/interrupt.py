@@ -12,13 +12,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ..collectives import is_main_process
+
 __all__ = ["INTERRUPT_AT_ENV", "StopRequest", "TrainingInterrupted"]
 
-#: For tests: ``"EPOCH:ITERATION"`` makes rank 0 send itself SIGINT after that iteration (0-based).
+#: For tests: ``"EPOCH:ITERATION"`` makes rank 0 send itself SIGINT after that iteration (0-based), as a
+#: Ctrl-C would; ``"EPOCH:ITERATION:launcher"`` sends it to the parent process instead (``torchrun``, which
+#: forwards it to every process, as it does a Ctrl-C in its terminal).
 INTERRUPT_AT_ENV = "IMPLICITKIT_DET_INTERRUPT_AT"
 
 
@@ -53,22 +58,27 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this iteration to save a checkpoint "
-            "(Ctrl-C again to stop at once, without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if is_main_process():
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this iteration to save a checkpoint "
+                "(Ctrl-C again to stop at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def after_iteration(self, epoch: int, iteration: int, rank: int) -> None:
         """The test hook: rank 0 signals itself after the iteration :data:`INTERRUPT_AT_ENV` names."""
-        if self._hook == (epoch, iteration) and rank == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+        if self._hook is None or self._hook[:2] != (epoch, iteration) or rank != 0:
+            return
+        os.kill(os.getppid() if self._hook[2] else os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while not self.requested and time.monotonic() < deadline:  # the launcher forwards it: wait for it
+            time.sleep(0.01)
 
 
-def _test_hook() -> tuple[int, int] | None:
+def _test_hook() -> tuple[int, int, bool] | None:
     text = os.environ.get(INTERRUPT_AT_ENV)
     if not text:
         return None
-    epoch, _, iteration = text.partition(":")
-    return int(epoch), int(iteration)
+    epoch, iteration, *target = text.split(":")
+    return int(epoch), int(iteration), target == ["launcher"]

@@ -203,7 +203,8 @@ def _check_values(o: Mapping[str, Any]) -> None:
 
 def _new_values(options: Mapping[str, Any], given: set[str]) -> dict[str, Any]:
     """The options given on the command line, as :class:`RunConfig` values."""
-    out = {k: options[k] for k in given if k in {f.name for f in dataclasses.fields(RunConfig)}}
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    out = {k: v for k, v in options.items() if k in given and k in names}  # in the options' order
     if "model_arg" in given:
         try:
             out["overrides"] = parse_model_args(options["model_arg"])

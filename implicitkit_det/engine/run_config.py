@@ -321,16 +321,19 @@ def build_run_config(
     else:
         resume = Path(options["resume"])
         run_dir = resume if resume.is_dir() else resume.parent
-        saved = _from_saved(checkpoint.get("args") or {})
+        args = checkpoint.get("args") or {}
+        # A checkpoint from before the settings were saved whole (no "overrides"): only its model config is
+        # taken, the rest from today's options.
+        saved = _from_saved(args) if "overrides" in args else {}
         model = checkpoint.get("config") or {}
         saved.setdefault("config", model.get("name", DEFAULT_CONFIG))
         saved.setdefault("overrides", dict(model.get("overrides") or {}))
         if "input_size" in model:
             saved.setdefault("image_size", model["input_size"][0])
             saved.setdefault("max_size", model["input_size"][1])
-        if "schedule" not in saved:  # a checkpoint from before the settings were saved: today's options
+        if "overrides" not in args:
             base = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}
-            saved = _fill_defaults({**base, **saved}, given, options)
+            saved = _fill_defaults({**base, **new, **saved}, given, options)
         values = _merge_resumed(saved, new, eval_only, run_dir)
         values["resumed_from"] = Path(options["resume"])
     for k in _PER_INVOCATION[1:]:

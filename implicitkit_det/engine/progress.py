@@ -1,8 +1,8 @@
 """What a run shows while it works: progress bars, per-step JSON lines, and the training curves.
 
 Progress bars run on rank 0 only, on stderr. On a terminal they refresh twice a second; when stderr is a
-file or a pipe (a log), they write an update at most every 30 seconds, so a log gets a readable line now
-and then instead of thousands of carriage returns.
+file or a pipe (a log), they write an update at most every 30 seconds and leave their final state, so a
+log gets a readable line now and then instead of thousands of carriage returns.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def progress_bar(
         dynamic_ncols=tty,
         ncols=None if tty else 110,
         file=sys.stderr,
-        leave=False,
+        leave=not tty,  # in a log, the bar's last state stays as one line
     )
 
 

@@ -118,9 +118,12 @@ def test_a_fresh_run_leaves_a_finished_run_untouched(tiny_digits, tmp_path, caps
         "--data-root", str(tiny_digits.root),
     ]  # fmt: skip
     out = tmp_path / "run"
-    cli.main([*fast, "--output-dir", str(out)])
+    cli.main([*fast, "--output-dir", str(out), "--log-steps"])
     before = _digest(out)
     assert {"config.json", "metrics.jsonl", "checkpoint_last.pth", "checkpoint_best.pth"} <= set(before)
+    assert {"training_curves.png", "steps.jsonl"} <= set(before)
+    step = json.loads((out / "steps.jsonl").read_text())
+    assert step["epoch"] == 0 and step["iteration"] == 0 and {"loss", "lr", "grad_norm"} <= set(step)
 
     cli.main([*fast, "--output-dir", str(out), "--seed", "1"])
     printed = capsys.readouterr().out

@@ -137,7 +137,7 @@ class RunConfig:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, Path):
-                value = str(value)
+                value = str(value.resolve())  # a resumed run may start from another folder
             elif isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, Mapping):
@@ -242,9 +242,10 @@ def _merge_resumed(
         old = merged.get(name)
         if name == "overrides":
             value = {**(old or {}), **value}
-        if name == "output_dir" and not eval_only and Path(value).resolve() == run_dir.resolve():
-            continue
-        if value == old:
+        same_path = (
+            name in _PATHS and None not in (value, old) and Path(value).resolve() == Path(old).resolve()
+        )
+        if same_path or value == old:
             continue
         if name not in allowed:
             raise RunConfigError(
@@ -269,7 +270,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _fill_defaults(v: dict[str, Any], given: set[str], options: Mapping[str, Any]) -> dict[str, Any]:
+def _fill_defaults(v: dict[str, Any]) -> dict[str, Any]:
     """A fresh run: schedule, recipe and input size from the config and the data where not given."""
     config = v.get("config") or DEFAULT_CONFIG
     if config not in CONFIGS:
@@ -317,7 +318,7 @@ def build_run_config(
     eval_only = bool(options.get("eval_only"))
     if checkpoint is None:
         defaults = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}
-        values = _fill_defaults({**defaults, **new}, given, options)
+        values = _fill_defaults({**defaults, **new})
     else:
         resume = Path(options["resume"])
         run_dir = resume if resume.is_dir() else resume.parent
@@ -333,7 +334,7 @@ def build_run_config(
             saved.setdefault("max_size", model["input_size"][1])
         if "overrides" not in args:
             base = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}
-            saved = _fill_defaults({**base, **new, **saved}, given, options)
+            saved = _fill_defaults({**base, **new, **saved})
         values = _merge_resumed(saved, new, eval_only, run_dir)
         values["resumed_from"] = Path(options["resume"])
     for k in _PER_INVOCATION[1:]:

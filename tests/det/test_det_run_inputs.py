@@ -156,9 +156,13 @@ def test_resume_restores_the_run_applies_changes_and_refuses_others(tiny_digits,
         in capsys.readouterr().err
     )
 
-    # More epochs and a new learning rate: applied (and said), the rest from the checkpoint.
+    # More epochs and a new learning rate: applied (and said), the rest from the checkpoint. The leftover
+    # of a checkpoint write cut short is removed.
+    stale = out / ".checkpoint_last.pth.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
     cli.main(["--resume", str(out), "--epochs", "2", "--lr", "1e-4"])
     printed = capsys.readouterr().out
+    assert f"removed {stale}" in printed and not stale.exists()
     assert "changed on resume  epochs 1 -> 2, lr 2.5e-05 -> 0.0001" in printed
     assert "shorter side 64, longer side at most 96" in printed and f"output             {out}" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

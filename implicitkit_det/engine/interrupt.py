@@ -23,7 +23,8 @@ __all__ = ["INTERRUPT_AT_ENV", "StopRequest", "TrainingInterrupted"]
 
 #: For tests: ``"EPOCH:ITERATION"`` makes rank 0 send itself SIGINT after that iteration (0-based), as a
 #: Ctrl-C would; ``"EPOCH:ITERATION:launcher"`` sends it to the parent process instead (``torchrun``, which
-#: forwards it to every process, as it does a Ctrl-C in its terminal).
+#: forwards it to every process, as it does a Ctrl-C in its terminal); ``"EPOCH:ITERATION:kill"`` sends
+#: itself SIGKILL (a crash: nothing is saved).
 INTERRUPT_AT_ENV = "IMPLICITKIT_DET_INTERRUPT_AT"
 
 
@@ -70,15 +71,17 @@ class StopRequest:
         """The test hook: rank 0 signals itself after the iteration :data:`INTERRUPT_AT_ENV` names."""
         if self._hook is None or self._hook[:2] != (epoch, iteration) or rank != 0:
             return
-        os.kill(os.getppid() if self._hook[2] else os.getpid(), signal.SIGINT)
+        if self._hook[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getppid() if self._hook[2] == "launcher" else os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 30
         while not self.requested and time.monotonic() < deadline:  # the launcher forwards it: wait for it
             time.sleep(0.01)
 
 
-def _test_hook() -> tuple[int, int, bool] | None:
+def _test_hook() -> tuple[int, int, str] | None:
     text = os.environ.get(INTERRUPT_AT_ENV)
     if not text:
         return None
     epoch, iteration, *target = text.split(":")
-    return int(epoch), int(iteration), target == ["launcher"]
+    return int(epoch), int(iteration), "".join(target)

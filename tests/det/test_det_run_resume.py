@@ -84,7 +84,18 @@ def _interrupt_and_resume(launcher: list[str], data: list[str], tmp_path: Path, 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_digits, tmp_path):
     # SIGINT after iteration 2 (0-based 1): the next iteration votes to stop, so the run stops after 3 of 5.
-    _interrupt_and_resume([], ["--data-root", str(tiny_digits.root)], tmp_path, interrupt_at="0:1")
+    data = ["--data-root", str(tiny_digits.root)]
+    _interrupt_and_resume([], data, tmp_path, interrupt_at="0:1")
+
+    # A crash (SIGKILL) in the second epoch: the run resumes from the last --checkpoint-every checkpoint
+    # (after iteration 3 of epoch 1: 8 iterations in all, a multiple of 2) and still ends the same.
+    crashed = tmp_path / "crashed"
+    killed = _run([*CLI, *RUN, *data, "--output-dir", str(crashed)], interrupt_at="1:3:kill")
+    assert killed.returncode == -9
+    resumed = _run([*CLI, "--resume", str(crashed)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(epoch 1, iteration 3/5)" in resumed.stdout
+    _assert_same_parameters(tmp_path / "whole", crashed)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")

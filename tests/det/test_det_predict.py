@@ -89,6 +89,9 @@ def test_predict_files_and_cli(trained_run, tiny_digits, tmp_path, capsys):
     assert "80 detections" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         predict_main([str(trained_run / "checkpoint_last.pth"), str(tmp_path / "missing.png")])
+    # The same through the training command line's subcommand, given the run folder.
+    again = cli.main(["predict", str(trained_run), str(images[0]), "--out", str(tmp_path / "sub")])
+    assert again[0]["output"] == tmp_path / "sub" / images[0].name and again[0]["output"].is_file()
 
 
 def test_refinement_curve_refuses_an_explicit_detector(tiny_digits):

@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"\n{stop}", flush=True)
             print(f"resume with: {launcher} -m implicitkit_det.cli --resume {folder}", flush=True)
         raise SystemExit(130) from None
-    except (DataError, CocoFormatError) as err:
+    except (DataError, CocoFormatError, RunConfigError) as err:
         parser.error(str(err))
     finally:
         cleanup_distributed()

@@ -44,7 +44,7 @@ from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
 from .progress import StepLog, plot_training_curves, progress_bar
 from .refinement import refinement_curve, save_refinement_curve
-from .run_config import RunConfig
+from .run_config import RunConfig, RunConfigError
 from .run_setup import (
     RunData,
     build_run_model,
@@ -224,7 +224,7 @@ class _Trainer:
         self.best_ap = progress.get("best_ap")
         saved_world = progress.get("world_size", 1)
         if self.iteration < self.iters_per_epoch and saved_world != self.info.world_size:
-            raise ValueError(
+            raise RunConfigError(
                 f"{self.cfg.resumed_from} was saved mid-epoch by {saved_world} process(es); resume it with as "
                 f"many (this run has {self.info.world_size}), or from an epoch's end"
             )

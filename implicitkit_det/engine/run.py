@@ -121,8 +121,14 @@ def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def _val_loader(cfg: RunConfig, data: RunData, info: DistInfo) -> Any:
+    if data.val_loader is None:
+        data.val_loader = make_eval_loader(cfg, data.val, info.device, data.paths.digits)
+    return data.val_loader
+
+
 def _evaluate(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo, epoch: int, **kw: Any) -> dict:
-    loader = make_eval_loader(cfg, data.val, info.device, data.paths.digits)
+    loader = _val_loader(cfg, data, info)
     say(f"evaluating on {len(data.val)} images ({data.paths.val_ann})")
     with preserved_rng():
         stats = evaluate(
@@ -412,7 +418,7 @@ def _pictures(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo) -
     model = unwrap(model)
     if cfg.refinement_curve is not None:
         say(f"refinement curve: AP after 0..{cfg.refinement_curve} test-time steps")
-        loader = make_eval_loader(cfg, data.val, info.device, data.paths.digits)
+        loader = _val_loader(cfg, data, info)
         curve = refinement_curve(
             model, loader, data.val.coco, max_steps=cfg.refinement_curve, device=info.device,
             label_to_category_id=data.val.label_to_category_id,

@@ -168,11 +168,13 @@ def resolve_data(cfg: RunConfig) -> DataPaths:
 
 @dataclass
 class RunData:
-    """The datasets of a run (``train`` is None when only evaluating)."""
+    """The datasets of a run (``train`` is None when only evaluating), and the evaluation loader once made
+    (its workers are kept from one evaluation to the next)."""
 
     paths: DataPaths
     train: CocoDetectionDataset | None
     val: CocoDetectionDataset
+    val_loader: DataLoader | None = None
 
 
 def load_data(cfg: RunConfig, *, train: bool) -> RunData:

@@ -5,7 +5,7 @@ bundled digits set at the demo's sizes) with a fixed number of refinement steps 
 stopping at a tolerance (plain iteration of ``F``, or Anderson acceleration), and prints / writes a table
 and a plot of AP versus mean steps:
 
-    python benchmarks/early_exit.py --checkpoint /tmp/deqdet_digits/checkpoint.pth
+    python benchmarks/early_exit.py --checkpoint /tmp/deqdet_digits
 
 Extra arguments after ``--`` go to the CLI's data options (e.g. ``-- --data-root /data/coco``).
 """
@@ -13,6 +13,7 @@ Extra arguments after ``--`` go to the CLI's data options (e.g. ``-- --data-root
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from implicitkit_det import cli
 from implicitkit_det.engine.checkpoint import load_checkpoint, read_checkpoint
 from implicitkit_det.engine.evaluate import evaluate
+from implicitkit_det.engine.run_config import build_run_config
+from implicitkit_det.engine.run_setup import load_data, make_eval_loader
 from implicitkit_det.evaluation import CocoEvaluator
 from implicitkit_det.models import DEQDet, build_model
 
@@ -51,18 +54,14 @@ def load(args: argparse.Namespace, data_argv: list[str]) -> tuple[DEQDet, Any, A
     if not isinstance(model, DEQDet):
         raise SystemExit(f"{args.checkpoint} holds a {type(model).__name__}; early exit needs a DEQDet")
     load_checkpoint(checkpoint, model=model)
-    saved = checkpoint.get("args") or {}
-    sizes = [f"--{k.replace('_', '-')}={saved[k]}" for k in ("image_size", "max_size") if saved.get(k)]
+    # The checkpoint's data and input size (or those given after --), as --eval-only would use them.
+    argv = ["--workers", "0", "--eval-only", "--resume", str(args.checkpoint), *data_argv]
     parser = cli.build_parser()
-    cli_args = parser.parse_args(
-        [*sizes, "--workers", "0", "--eval-only", "--resume", str(args.checkpoint), *data_argv]
-    )
-    cli._check_args(parser, cli_args)
-    paths = cli.resolve_data(cli_args, parser)
-    _, val_set = cli.build_datasets(paths, cli_args, "1x")
-    loader = cli.make_loader(
-        val_set, cli_args, train=False, device=torch.device("cpu"), batch_size=args.batch_size
-    )
+    cfg = build_run_config(vars(parser.parse_args(argv)), cli.given_options(parser, argv), checkpoint)
+    cfg = dataclasses.replace(cfg, eval_batch_size=args.batch_size, skip_image_check=True)
+    data = load_data(cfg, train=False)
+    loader = make_eval_loader(cfg, data.val, torch.device("cpu"), data.paths.digits)
+    val_set = data.val
     return model.eval(), loader, val_set
 
 

@@ -2,7 +2,7 @@
 
 The subpackages follow the usual split of a detection code base: ``data`` (COCO-format datasets, the
 bundled digits set, transforms, batching), ``losses`` (matcher, set criterion), ``evaluation``
-(post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, Sparse R-CNN, DEQ Sparse R-CNN, ``build_model``) and ``distributed`` (helpers that work without a process group).
+(post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, Sparse R-CNN, DEQ Sparse R-CNN, ``build_model``) and ``collectives`` (collective operations that work without a process group).
 """
 
 from .data import (

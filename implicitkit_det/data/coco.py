@@ -276,6 +276,10 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         """``label_to_category_id[label]`` is the file's category id of a contiguous label."""
         return list(self.category_ids)
 
+    def image_entry(self, id: int) -> dict[str, Any]:
+        """The annotation file's entry of image `id`: ``file_name``, ``width``, ``height``, ..."""
+        return self._images[id]
+
     def _load_image(self, id: int) -> tv_tensors.Image:
         info = self._images[id]
         path = os.path.join(self.root, info["file_name"])

@@ -44,7 +44,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
     :meth:`set_epoch` (forwarded to the sampler) before each epoch.
 
     **Arguments**
-    - `sampler`: yields dataset indices (e.g. :func:`~implicitkit_det.engine.distributed.build_sampler`).
+    - `sampler`: yields dataset indices (e.g. :func:`~implicitkit_det.engine.process_group.build_sampler`).
     - `group_ids`: the group of every dataset index (:func:`aspect_ratio_groups`).
     - `batch_size`: images per batch.
     """

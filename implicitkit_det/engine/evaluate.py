@@ -9,12 +9,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..collectives import broadcast_object, is_dist, is_main_process
 from ..data import DetectionBatch
-from ..distributed import is_dist, is_main_process
 from ..evaluation import CocoEvaluator, to_coco_results
+from .progress import progress_bar
 from .train import autocast
 
-__all__ = ["evaluate", "forward_eval", "rescale_to_original"]
+__all__ = ["EvaluationStopped", "evaluate", "forward_eval", "rescale_to_original"]
+
+
+class EvaluationStopped(KeyboardInterrupt):
+    """An evaluation cut short on request (Ctrl-C)."""
+
 
 BoxFrame = Literal["input", "original"]
 
@@ -64,6 +70,8 @@ def evaluate(
     max_iters: int | None = None,
     verbose: bool = True,
     log: Callable[[str], None] = print,
+    progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Score the model on the loader's images with COCO's protocol.
 
@@ -79,9 +87,11 @@ def evaluate(
     - `amp`: run the model under :func:`~implicitkit_det.engine.train.autocast`.
     - `max_iters`: stop after this many batches; only the images seen are then scored.
     - `verbose`: print the COCO table on rank 0.
+    - `progress`: a progress bar on rank 0 (:func:`~implicitkit_det.engine.progress.progress_bar`).
+    - `should_stop`: checked before each batch; when it returns true, :class:`EvaluationStopped` is raised.
 
-    **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, and
-    ``images`` / ``time_s`` of this process's share. For a model that reports its refinement steps per
+    **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, ``images``
+    (the distinct images scored, over all processes) and ``time_s``. For a model that reports its refinement steps per
     image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
     per image over all processes (each process's repeated padding images included).
     """
@@ -89,9 +99,16 @@ def evaluate(
     evaluator.reset()
     start, images = time.perf_counter(), 0
     steps = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of steps, images) when reported
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_iters is not None:
+        total = min(total, max_iters)
+    bar = progress_bar(total, "evaluating", unit="batch", enabled=progress)
     for i, batch in enumerate(loader):
         if max_iters is not None and i >= max_iters:
             break
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise EvaluationStopped(f"evaluation stopped at batch {i}")
         batch = batch.to(device, non_blocking=True)
         with autocast(device, amp):
             detections = forward_eval(model, batch)
@@ -101,7 +118,10 @@ def evaluate(
         ids = [t["image_id"] for t in batch.targets]
         evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
         images += len(ids)
+        bar.update(1)
+    bar.close()
     evaluator.synchronize()
+    images = broadcast_object(evaluator.num_images if is_main_process() else images)
     elapsed = time.perf_counter() - start
     if verbose and is_main_process():
         log(f"evaluated {images} images in {elapsed:.1f}s ({images / max(elapsed, 1e-9):.1f} images/s)")

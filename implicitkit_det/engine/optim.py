@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .distributed import unwrap
+from .process_group import unwrap
 
 __all__ = [
     "RECIPES",
@@ -30,6 +30,7 @@ __all__ = [
     "is_decoder_parameter",
     "param_groups",
     "recipe_for",
+    "retarget_scheduler",
 ]
 
 # Normalisation layers, whose affine parameters are exempt from weight decay when asked.
@@ -230,3 +231,21 @@ def parse_drops(text: str | Sequence[int]) -> tuple[int, ...]:
     if not isinstance(text, str):
         return tuple(int(v) for v in text)
     return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def retarget_scheduler(
+    scheduler: LambdaLR, schedule: Schedule, iters_per_epoch: int, base_lrs: Sequence[float]
+) -> None:
+    """Make a scheduler restored from a checkpoint follow `schedule` and `base_lrs` from its current iteration.
+
+    Loading a ``LambdaLR`` state restores the saved schedule and base rates; a resumed run that changes the
+    number of epochs, the drops, the warm-up or the learning rate calls this after loading, and the
+    optimizer's rates are set for the current iteration at once.
+    """
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [_ScheduleLambda(schedule, iters_per_epoch) for _ in groups]
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
-from .distributed import unwrap
 from .evaluate import rescale_to_original
+from .process_group import unwrap
 
 __all__ = ["plot_refinement_curve", "refinement_curve", "save_refinement_curve"]
 

@@ -18,23 +18,28 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..collectives import all_reduce_mean, is_main_process
 from ..data import DetectionBatch
-from ..distributed import all_reduce_mean, is_main_process
 from ..models.detector import PENDING_BACKWARD, QueryDetector
-from .distributed import unwrap
+from .process_group import unwrap
 
 __all__ = [
+    "EpochMeter",
     "NonFiniteLossError",
+    "StepResult",
     "autocast",
     "forward_train",
     "headline",
     "make_grad_scaler",
+    "progress_line",
     "train_one_epoch",
+    "train_step",
     "trains_branchwise",
 ]
 
@@ -114,6 +119,114 @@ def _format(values: Mapping[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in values.items())
 
 
+@dataclass
+class StepResult:
+    """One iteration's outcome: the scalar entries averaged over processes, the gradient norm before
+    clipping, and whether any process asked to stop (:func:`train_step`'s `stop_vote`)."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    stop: bool = False
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of an epoch's :class:`StepResult` (a checkpoint saves them via :meth:`state`)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    grad_norm_sum: float = 0.0
+    iters: int = 0
+    time_s: float = 0.0
+
+    def add(self, result: StepResult) -> None:
+        self.iters += 1
+        self.grad_norm_sum += result.grad_norm
+        for k, v in result.losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "sums": dict(self.sums),
+            "grad_norm_sum": self.grad_norm_sum,
+            "iters": self.iters,
+            "time_s": self.time_s,
+        }
+
+    def stats(self, lr: float) -> dict[str, float]:
+        """The epoch's averages of every logged entry, and ``lr``, ``grad_norm``, ``iters``, ``time_s``."""
+        out = {k: v / max(self.iters, 1) for k, v in self.sums.items()}
+        out.update(
+            lr=lr, grad_norm=self.grad_norm_sum / max(self.iters, 1), iters=self.iters, time_s=self.time_s
+        )
+        return out
+
+
+def train_step(
+    model: nn.Module,
+    batch: DetectionBatch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    iteration: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_max_norm: float | None = 1.0,
+    branchwise: bool = True,
+    stop_vote: bool = False,
+) -> StepResult:
+    """One training iteration (see :func:`train_one_epoch` for what it does); `model` must be in train mode.
+
+    `stop_vote` travels with the losses' all-reduce (no extra collective): the result's ``stop`` is true on
+    every process as soon as one of them voted, so that all stop after the same iteration.
+    """
+    branchwise = branchwise and trains_branchwise(model)
+    scaler = scaler if scaler is not None and scaler.is_enabled() else None
+    loss_scale = scaler.scale if scaler is not None else None
+    batch = batch.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)  # before the forward: branch-wise, it back-propagates
+    try:
+        with autocast(device, amp):
+            losses = forward_train(model, batch, branchwise=branchwise, loss_scale=loss_scale)
+    except FloatingPointError as err:  # e.g. the matcher meeting NaN predictions
+        raise NonFiniteLossError(
+            f"non-finite values in the forward pass at epoch {epoch}, iteration {iteration}: {err}"
+        ) from err
+    pending = losses.pop(PENDING_BACKWARD, None)
+    logged = _scalar_entries(losses)
+    # One all-reduce for all entries (and the stop vote), stacked in sorted order so that every process
+    # agrees on the layout.
+    keys = sorted(logged)
+    vote = torch.tensor(float(stop_vote), device=logged[keys[0]].device)
+    reduced_all = all_reduce_mean(torch.stack([*(logged[k] for k in keys), vote])).tolist()
+    means = dict(zip(keys, reduced_all[:-1], strict=True))
+    reduced = {k: means[k] for k in logged}
+    if not math.isfinite(reduced["loss"]):
+        raise NonFiniteLossError(
+            f"the loss is {reduced['loss']} at epoch {epoch}, iteration {iteration} (averaged over processes); "
+            f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
+            "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
+        )
+    if pending is not None:
+        pending.backward()  # the gathered gradients, already scaled
+    elif scaler is not None:
+        scaler.scale(losses["loss"]).backward()
+    else:
+        losses["loss"].backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = _clip(model, clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        grad_norm = _clip(model, clip_max_norm)
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(reduced, grad_norm, stop=reduced_all[-1] > 0)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[DetectionBatch],
@@ -130,7 +243,7 @@ def train_one_epoch(
     log: Callable[[str], None] = print,
     branchwise: bool = True,
 ) -> dict[str, float]:
-    """Train for one pass over `loader` (or `max_iters` batches).
+    """Train for one pass over `loader` (or `max_iters` batches), one :func:`train_step` per batch.
 
     Each iteration: forward under :func:`autocast`, which in branch-wise training also back-propagates
     every branch group (each loss scaled by `scaler`); the scalar entries of the loss dict are averaged
@@ -160,11 +273,7 @@ def train_one_epoch(
     (last) backward pass and the step, naming the epoch, the iteration and every loss entry.
     """
     model.train()
-    branchwise = branchwise and trains_branchwise(model)
-    scaler = scaler if scaler is not None and scaler.is_enabled() else None
-    loss_scale = scaler.scale if scaler is not None else None
-    sums: dict[str, float] = {}
-    grad_norm_sum, iters = 0.0, 0
+    meter = EpochMeter()
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and max_iters is not None:
         total = min(total, max_iters)
@@ -172,69 +281,36 @@ def train_one_epoch(
     for i, batch in enumerate(loader):
         if max_iters is not None and i >= max_iters:
             break
-        batch = batch.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)  # before the forward: branch-wise, it back-propagates
-        try:
-            with autocast(device, amp):
-                losses = forward_train(model, batch, branchwise=branchwise, loss_scale=loss_scale)
-        except FloatingPointError as err:  # e.g. the matcher meeting NaN predictions
-            raise NonFiniteLossError(
-                f"non-finite values in the forward pass at epoch {epoch}, iteration {i}: {err}"
-            ) from err
-        pending = losses.pop(PENDING_BACKWARD, None)
-        logged = _scalar_entries(losses)
-        # One all-reduce for all entries, stacked in sorted order so that every process agrees on the layout.
-        keys = sorted(logged)
-        means = dict(zip(keys, all_reduce_mean(torch.stack([logged[k] for k in keys])).tolist(), strict=True))
-        reduced = {k: means[k] for k in logged}
-        if not math.isfinite(reduced["loss"]):
-            raise NonFiniteLossError(
-                f"the loss is {reduced['loss']} at epoch {epoch}, iteration {i} (averaged over processes); "
-                f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
-                "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
-            )
-
-        if pending is not None:
-            pending.backward()  # the gathered gradients, already scaled
-        elif scaler is not None:
-            scaler.scale(losses["loss"]).backward()
-        else:
-            losses["loss"].backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = _clip(model, clip_max_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            grad_norm = _clip(model, clip_max_norm)
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-
-        iters += 1
-        grad_norm_sum += grad_norm
-        for k, v in reduced.items():
-            sums[k] = sums.get(k, 0.0) + v
+        result = train_step(
+            model, batch, optimizer, device=device, epoch=epoch, iteration=i, scheduler=scheduler, amp=amp,
+            scaler=scaler, clip_max_norm=clip_max_norm, branchwise=branchwise,
+        )  # fmt: skip
+        meter.add(result)
         if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
-            shown = headline(reduced)
-            lr = optimizer.param_groups[0]["lr"]
-            log(
-                f"epoch {epoch} [{i + 1}/{total if total is not None else '?'}] lr {lr:.3g}  "
-                f"{_format(shown)}  grad_norm {grad_norm:.3f}  {time.perf_counter() - start:.1f}s"
-            )
-    if iters == 0:
+            log(progress_line(epoch, i, total, optimizer, result, time.perf_counter() - start))
+    if meter.iters == 0:
         raise ValueError(
             f"epoch {epoch} ran no iterations: the training loader is empty (is the dataset empty, or "
             "--max-iters 0?)"
         )
-    stats = {k: v / iters for k, v in sums.items()}
-    stats.update(
-        lr=optimizer.param_groups[0]["lr"],
-        grad_norm=grad_norm_sum / iters,
-        iters=iters,
-        time_s=time.perf_counter() - start,
+    meter.time_s = time.perf_counter() - start
+    return meter.stats(optimizer.param_groups[0]["lr"])
+
+
+def progress_line(
+    epoch: int,
+    i: int,
+    total: int | None,
+    optimizer: torch.optim.Optimizer,
+    result: StepResult,
+    elapsed: float,
+) -> str:
+    """``epoch E [i/total] lr ...  loss ...  grad_norm ...  Ts``: one iteration's summary."""
+    lr = optimizer.param_groups[0]["lr"]
+    return (
+        f"epoch {epoch} [{i + 1}/{total if total is not None else '?'}] lr {lr:.3g}  "
+        f"{_format(headline(result.losses))}  grad_norm {result.grad_norm:.3f}  {elapsed:.1f}s"
     )
-    return stats
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

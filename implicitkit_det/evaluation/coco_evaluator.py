@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..distributed import broadcast_object, gather_object, get_rank
+from ..collectives import broadcast_object, gather_object, get_rank
 
 __all__ = ["STAT_NAMES", "CocoEvaluator", "format_summary"]
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from ..distributed import all_reduce_mean
+from ..collectives import all_reduce_mean
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +24,7 @@ from .rap import RAP, SparseRCNNRAP
 from .sparse_rcnn import SparseRCNN
 from .sparse_rcnn_stage import SparseRCNNStage
 
-__all__ = ["CONFIGS", "ModelConfig", "build_model"]
+__all__ = ["CONFIGS", "ModelConfig", "build_model", "parse_model_args"]
 
 
 @dataclass(frozen=True)
@@ -238,3 +242,79 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
         "test_solver": cfg.test_solver,
         "num_select": cfg.num_select,
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# ``KEY=VALUE`` overrides from the command line, read by the field's type.
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["neck_relu=False", "supervise_steps=1,2"]`` -> ``{"neck_relu": False, "supervise_steps": (1, 2)}``.
+
+    Each value is read by the type of its :class:`ModelConfig` field: booleans (true/false, 1/0, yes/no),
+    integers, floats, strings, tuples of integers (``1,2``, ``[1,2]`` or ``(1,2)``), optional fields
+    (``none``) and fixed choices.
+
+    **Raises** ``ValueError`` naming the option and what it accepts.
+    """
+    hints = typing.get_type_hints(ModelConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--model-arg {item!r} is not KEY=VALUE")
+        if key not in hints:
+            fields = [f.name for f in dataclasses.fields(ModelConfig)]
+            raise ValueError(
+                f"--model-arg {item!r}: {key!r} is not a model config field; the fields are {fields}"
+            )
+        try:
+            out[key] = _parse_value(text.strip(), hints[key])
+        except ValueError as err:
+            raise ValueError(f"--model-arg {item!r}: {err}") from None
+    return out
+
+
+def _parse_value(text: str, kind: Any) -> Any:
+    origin, options = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _parse_value(text, option)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(" or ".join(errors) + (", or none" if type(None) in options else ""))
+    if origin is Literal:
+        if text not in options:
+            raise ValueError(f"expects one of {list(options)}, got {text!r}")
+        return text
+    if origin is tuple:
+        inner = text.strip("[]()")
+        try:
+            return tuple(int(v) for v in inner.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"expects integers separated by commas (e.g. 1,3,6), got {text!r}") from None
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"expects true or false, got {text!r}")
+    if kind in (int, float):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and value != int(value))
+        ):
+            raise ValueError(f"expects {'an integer' if kind is int else 'a number'}, got {text!r}")
+        return kind(value)
+    if kind is str:
+        return text
+    raise ValueError(f"cannot read a value of type {kind}")

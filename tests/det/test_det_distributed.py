@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from implicitkit_det import distributed as D
+from implicitkit_det import collectives as D
 from implicitkit_det.evaluation import CocoEvaluator
 from implicitkit_det.losses import SetCriterion
 

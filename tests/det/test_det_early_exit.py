@@ -128,12 +128,12 @@ def test_cli_reports_mean_steps_with_deq_tol(tiny_digits, tmp_path, capsys):
     )  # fmt: skip
     capsys.readouterr()
     stats = cli.main(
-        ["--eval-only", "--resume", str(out / "checkpoint.pth"), *common, "--output-dir", str(tmp_path / "e"),
+        ["--eval-only", "--resume", str(out / "checkpoint_last.pth"), *common, "--output-dir", str(tmp_path / "e"),
          "--deq-steps", "5", "--deq-tol", "1e9"]
     )  # fmt: skip
     assert stats["mean_steps"] == 1.0 and "steps/image 1.00" in capsys.readouterr().out
     stats = cli.main(
-        ["--eval-only", "--resume", str(out / "checkpoint.pth"), *common, "--output-dir", str(tmp_path / "e"),
+        ["--eval-only", "--resume", str(out / "checkpoint_last.pth"), *common, "--output-dir", str(tmp_path / "e"),
          "--deq-steps", "5", "--deq-tol", "0", "--deq-solver", "anderson"]
     )  # fmt: skip
     assert stats["mean_steps"] == 5.0

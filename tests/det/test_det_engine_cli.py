@@ -35,10 +35,10 @@ def test_train_resume_and_evaluate(tiny_digits, tmp_path, capsys):
     assert config["model"]["name"] == "deqdet_tiny" and config["model"]["num_classes"] == 10
 
     # Resume for a second epoch (under bf16 autocast): picks up at epoch 1 with the checkpoint's config.
-    ckpt = out / "checkpoint.pth"
+    ckpt = out / "checkpoint_last.pth"
     resume = ["--epochs", "2", "--output-dir", str(out), "--resume", str(ckpt), "--amp"]
     cli.main([*FAST[2:], *data_args(tiny_digits), *resume])
-    assert "(epoch 0 done)" in capsys.readouterr().out
+    assert "(epoch 0, iteration 2/2)" in capsys.readouterr().out
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
 
@@ -57,13 +57,17 @@ def test_train_resume_and_evaluate(tiny_digits, tmp_path, capsys):
         (["--config", "nope"], "unknown --config 'nope'; choose one of"),
         (["--data-root", "/does/not/exist"], "--data-root /does/not/exist is not a folder"),
         (["--train-ann", "/no/train.json"], "no --train-images"),
-        (["--eval-only"], "--eval-only evaluates a trained model: pass its checkpoint with --resume"),
+        (
+            ["--eval-only"],
+            "--eval-only evaluates a trained model: pass its run folder or checkpoint with --resume",
+        ),
         (["--resume", "/no/ckpt.pth"], "checkpoint /no/ckpt.pth does not exist"),
+        (["--resume", "/"], "/ holds no checkpoint_last.pth"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--model-arg", "novalue"], "not KEY=VALUE"),
         (
             ["--model-arg", "num_querys=5"],
-            "--model-arg ['num_querys']: not model config fields; the fields are",
+            "--model-arg 'num_querys=5': 'num_querys' is not a model config field; the fields are",
         ),
         (["--lr-drops", "8,x"], "give epochs separated by commas"),
         (["--epochs", "12", "--lr-drops", "11,8"], "drops must be increasing"),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from implicitkit_det import cli
-from implicitkit_det.engine import RECIPES, SCHEDULES, recipe_for
+from implicitkit_det.engine import RECIPES, SCHEDULES, build_run_config, recipe_for
 
 SIZES = ["--image-size", "64", "--max-size", "96", "--workers", "0", "--batch-size", "2"]
 FAST = [*SIZES, "--max-iters", "2", "--warmup-iters", "2", "--print-freq", "1", "--epochs", "1"]
@@ -58,8 +58,9 @@ def test_recipes_per_arch_and_explicit_options_win():
     assert set(RECIPES) == {"deqdet", "adamixer", "sparse_rcnn", "deq_sparse_rcnn"}
     with pytest.raises(KeyError, match="no optimiser recipe for arch 'nope'"):
         recipe_for("nope")
-    args = cli.build_parser().parse_args(["--weight-decay", "0.05"])
-    cli._apply_recipe(args, "sparse_rcnn")
-    assert (args.weight_decay, args.lr, args.decoder_wd_mult) == (0.05, 2.5e-5, 1.0)
+    argv = ["--config", "sparse_rcnn_tiny", "--weight-decay", "0.05"]
+    args = cli.build_parser().parse_args(argv)
+    cfg = build_run_config(vars(args), cli.given_options(cli.build_parser(), argv))
+    assert (cfg.weight_decay, cfg.lr, cfg.decoder_wd_mult) == (0.05, 2.5e-5, 1.0)
     three = SCHEDULES["3x"]
     assert (three.epochs, three.drops) == (36, (27, 33))

@@ -163,10 +163,10 @@ def test_cli_under_two_processes(tiny_digits, tmp_path, monkeypatch):
     s0, s1 = (json.loads((out / f"stats{r}.json").read_text()) for r in (0, 1))
     for key in (*STAT_NAMES, "per_class_AP"):  # every rank receives rank 0's summary
         assert s0[key] == s1[key]
-    # 5 val images, padded to 6 by repeating one: 3 per process (a batch of 2, then 1).
-    assert s0["images"] == s1["images"] == 3
+    # 5 val images, padded to 6 by repeating one (3 per process): each distinct image counted once.
+    assert s0["images"] == s1["images"] == 5
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # written by rank 0 only
     record = json.loads(lines[0])
     assert record["train"]["iters"] == 2 and record["eval"]["AP"] == s0["AP"]
-    assert (out / "checkpoint.pth").is_file()
+    assert (out / "checkpoint_last.pth").is_file()

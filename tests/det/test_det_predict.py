@@ -59,7 +59,7 @@ def test_run_saves_the_curve_and_the_prediction_grid(trained_run):
 
 def test_curve_equals_evaluation_at_each_step_count(trained_run, tiny_digits):
     """The one-pass curve scores exactly what ``--eval-only --deq-steps n`` scores."""
-    checkpoint = trained_run / "checkpoint.pth"
+    checkpoint = trained_run / "checkpoint_last.pth"
     base = [*SMALL, "--data-root", str(tiny_digits.root), "--resume", str(checkpoint), "--eval-only"]
     curve = json.loads((trained_run / "refinement_curve.json").read_text())["curve"]
     for n in (0, 3):
@@ -70,7 +70,14 @@ def test_curve_equals_evaluation_at_each_step_count(trained_run, tiny_digits):
 def test_predict_files_and_cli(trained_run, tiny_digits, tmp_path, capsys):
     images = sorted(tiny_digits.images("val").glob("*.png"))[:2]
     results = predict_main(
-        [str(trained_run / "checkpoint.pth"), *map(str, images), "--out", str(tmp_path), "--score", "0.0"]
+        [
+            str(trained_run / "checkpoint_last.pth"),
+            *map(str, images),
+            "--out",
+            str(tmp_path),
+            "--score",
+            "0.0",
+        ]
     )
     assert [r["output"].name for r in results] == [p.name for p in images]
     for r in results:
@@ -81,7 +88,10 @@ def test_predict_files_and_cli(trained_run, tiny_digits, tmp_path, capsys):
         assert boxes[:, 2].max() <= 1.1 * original.shape[2]  # in the image's pixels (unclipped, untrained)
     assert "80 detections" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        predict_main([str(trained_run / "checkpoint.pth"), str(tmp_path / "missing.png")])
+        predict_main([str(trained_run / "checkpoint_last.pth"), str(tmp_path / "missing.png")])
+    # The same through the training command line's subcommand, given the run folder.
+    again = cli.main(["predict", str(trained_run), str(images[0]), "--out", str(tmp_path / "sub")])
+    assert again[0]["output"] == tmp_path / "sub" / images[0].name and again[0]["output"].is_file()
 
 
 def test_refinement_curve_refuses_an_explicit_detector(tiny_digits):

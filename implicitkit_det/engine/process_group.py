@@ -1,8 +1,8 @@
-"""Process-group set-up from ``torchrun``'s environment, samplers and the DDP wrapper.
+"""The process group's lifecycle: joining it from ``torchrun``'s environment, leaving it, samplers, DDP.
 
 ``torchrun --nproc_per_node=K ...`` starts K processes and gives each ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed` reads them; without them the
-run is a single process and every helper here (and in :mod:`implicitkit_det.distributed`) gives the
+run is a single process and every helper here (and in :mod:`implicitkit_det.collectives`) gives the
 single-process answer.
 """
 
@@ -17,23 +17,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..distributed import get_rank, get_world_size, is_dist
+from ..collectives import get_rank, get_world_size, is_dist
 
 __all__ = ["DistInfo", "build_sampler", "cleanup_distributed", "init_distributed", "unwrap", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: its rank, the number of processes, its local rank and device."""
+    """Where this process stands: its rank, the number of processes, its local rank and device.
+
+    Whether this process is rank 0 has one answer: :func:`implicitkit_det.collectives.is_main_process`.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _env_int(name: str) -> int:

@@ -1,4 +1,4 @@
-"""Small helpers over ``torch.distributed`` that also work without a process group.
+"""Collective operations over ``torch.distributed`` that also work without a process group.
 
 Every function here falls back to the single-process answer when ``torch.distributed`` is unavailable or
 not initialised, so the criterion and the evaluator can call them unconditionally.
@@ -14,6 +14,7 @@ import torch.distributed as dist
 __all__ = [
     "all_gather_object",
     "all_reduce_mean",
+    "any_process",
     "broadcast_object",
     "gather_object",
     "get_rank",
@@ -56,6 +57,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= get_world_size()
     return out
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (one all-reduce; `flag` itself without a process group)."""
+    if get_world_size() == 1:
+        return flag
+    # gloo and NCCL both reduce a float tensor on the device of the process group's backend.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -1,0 +1,443 @@
+"""Whole runs from a :class:`~.run_config.RunConfig`: :func:`fit` (train, with evaluation) and
+:func:`evaluate_checkpoint`. The command line is a thin layer over these; any script can call them.
+
+A training run folder holds ``config.json`` (the settings), ``metrics.jsonl`` (one JSON object per epoch),
+``checkpoint_last.pth`` (every epoch, every ``checkpoint_every`` iterations, and on Ctrl-C),
+``checkpoint_best.pth`` (best AP so far), ``checkpoint_epoch{N}.pth`` (every ``keep_every`` epochs),
+``training_curves.png``, and with ``log_steps`` ``steps.jsonl``.
+
+Resuming is exact: the data order of an epoch depends only on ``(seed, epoch)``, every sample's
+augmentation only on ``(seed, epoch, image)`` (:mod:`implicitkit_det.data.seeding`), evaluation draws
+nothing from the generators training uses, and the checkpoint holds every process's random state and the
+position in the epoch. A run resumed from any checkpoint ends with the same parameters as one never
+stopped (on the same hardware and number of processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..collectives import any_process, gather_object, get_rank, is_main_process
+from ..evaluation import CocoEvaluator
+from .checkpoint import (
+    BEST,
+    LAST,
+    copy_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .evaluate import EvaluationStopped, evaluate
+from .interrupt import StopRequest, TrainingInterrupted
+from .optim import build_scheduler, param_groups, retarget_scheduler
+from .predict import Detector, save_prediction_grid
+from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
+from .progress import StepLog, plot_training_curves, progress_bar
+from .refinement import refinement_curve, save_refinement_curve
+from .run_config import RunConfig, RunConfigError
+from .run_setup import (
+    RunData,
+    build_run_model,
+    load_data,
+    make_eval_loader,
+    make_train_loader,
+    prepare_output_dir,
+    say,
+    seed_everything,
+)
+from .train import EpochMeter, headline, make_grad_scaler, progress_line, train_step
+
+__all__ = ["evaluate_checkpoint", "fit", "model_record"]
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (an evaluation, a picture) without moving the generators training draws from."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
+    """What rebuilds the model: the checkpoint's ``config`` entry (also read by ``predict``)."""
+    return {
+        "name": cfg.config,
+        "num_classes": data.val.num_classes,
+        "overrides": dict(cfg.overrides),
+        "class_names": list(data.val.category_names),
+        "input_size": [cfg.image_size, cfg.max_size],
+    }
+
+
+def _summary_lines(items: dict[str, Any]) -> str:
+    width = max(len(k) for k in items)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items.items())
+
+
+def _common_summary(cfg: RunConfig, data: RunData, model: nn.Module, info: DistInfo) -> dict[str, Any]:
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    inner = unwrap(model)
+    out = {
+        "config": f"{cfg.config} {dict(cfg.overrides) or ''}".strip(),
+        "parameters": f"{n_params / 1e6:.2f} M ({n_trainable / 1e6:.2f} M trainable)",
+        "data": f"{'bundled digits set' if data.paths.digits else 'COCO-format'}: {data.paths.val_ann.parent.parent}",
+        "classes": data.val.num_classes,
+        "input size": f"shorter side {cfg.image_size}, longer side at most {cfg.max_size}",
+        "val images": f"{len(data.val)} (batch {cfg.eval_batch_size or (cfg.batch_size if data.paths.digits else 1)})",
+        "workers": cfg.workers,
+        "device": f"{info.device} x {info.world_size} process(es)",
+        "amp": cfg.amp,
+        "seed": cfg.seed,
+        "output": cfg.output_dir,
+    }
+    if hasattr(inner, "test_steps"):
+        tol = getattr(inner, "test_tol", None)
+        exit_rule = f", early exit at tol {tol} ({inner.test_solver})" if tol is not None else ""
+        out["test steps"] = f"{inner.test_steps}{exit_rule}"
+    return out
+
+
+def _test_settings(model: nn.Module) -> dict[str, Any]:
+    inner = unwrap(model)
+    return {k: getattr(inner, k) for k in ("test_steps", "test_tol", "test_solver") if hasattr(inner, k)}
+
+
+def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
+    if is_main_process():
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _val_loader(cfg: RunConfig, data: RunData, info: DistInfo) -> Any:
+    if data.val_loader is None:
+        data.val_loader = make_eval_loader(cfg, data.val, info.device, data.paths.digits)
+    return data.val_loader
+
+
+def _evaluate(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo, epoch: int, **kw: Any) -> dict:
+    loader = _val_loader(cfg, data, info)
+    say(f"evaluating on {len(data.val)} images ({data.paths.val_ann})")
+    with preserved_rng():
+        stats = evaluate(
+            model, loader, CocoEvaluator(data.val.coco), device=info.device,
+            label_to_category_id=data.val.label_to_category_id, amp=cfg.amp, max_iters=cfg.max_iters, log=say,
+            progress=True, **kw,
+        )  # fmt: skip
+    stats.update(_test_settings(model))
+    steps = f"  steps/image {stats['mean_steps']:.2f}" if "mean_steps" in stats else ""
+    say(f"epoch {epoch}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}{steps}")
+    return stats
+
+
+def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
+    """Evaluate the checkpoint `cfg.resumed_from` on the validation split (``--eval-only``).
+
+    **Returns** the COCO stats (with ``images``: the distinct images scored over all processes, and the
+    test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
+    """
+    info = init_distributed(cfg.device)
+    cfg = prepare_output_dir(cfg)
+    checkpoint = read_checkpoint(cfg.resumed_from)  # type: ignore[arg-type]
+    data = load_data(cfg, train=False)
+    model = build_run_model(cfg, data.val.num_classes, info.device)
+    load_checkpoint(checkpoint, model=model)
+    summary = {**_common_summary(cfg, data, model, info), "checkpoint": cfg.resumed_from}
+    say("evaluation only\n" + _summary_lines(summary))
+    stats = _evaluate(cfg, model, data, info, checkpoint["epoch"])
+    _write_jsonl(cfg.output_dir / "metrics.jsonl", {"epoch": checkpoint["epoch"], "eval": stats})
+    _pictures(cfg, model, data, info)
+    return stats
+
+
+def fit(cfg: RunConfig, *, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (and evaluate every ``eval_every`` epochs) as `cfg` says, or continue the run it resumes
+    (`checkpoint`: the ``resumed_from`` checkpoint when the caller has read it already).
+
+    **Returns** the last evaluation's stats (``{}`` if none ran). **Raises**
+    :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
+    """
+    info = init_distributed(cfg.device)
+    cfg = prepare_output_dir(cfg)
+    seed_everything(cfg.seed + info.rank)
+    if checkpoint is None and cfg.resumed_from is not None:
+        checkpoint = read_checkpoint(cfg.resumed_from)
+    data = load_data(cfg, train=True)
+    trainer = _Trainer(cfg, data, info)
+    trainer.restore(checkpoint)
+    trainer.announce()
+    return trainer.run()
+
+
+class _Trainer:
+    """The state of a training run and the steps of its loop."""
+
+    def __init__(self, cfg: RunConfig, data: RunData, info: DistInfo) -> None:
+        self.cfg, self.data, self.info = cfg, data, info
+        assert data.train is not None
+        model = build_run_model(cfg, data.val.num_classes, info.device)
+        self.record = model_record(cfg, data)
+        self.loader = make_train_loader(cfg, data.train, info.device)
+        self.iters_per_epoch = min(len(self.loader), cfg.max_iters or len(self.loader))
+        self.groups = param_groups(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, decoder_lr_mult=cfg.decoder_lr_mult,
+            decoder_wd_mult=cfg.decoder_wd_mult, no_decay_norm_bias=cfg.no_decay_norm_bias,
+        )  # fmt: skip
+        self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule_obj(), self.iters_per_epoch)
+        self.base_lrs = list(self.scheduler.base_lrs)
+        self.scaler = make_grad_scaler(info.device, cfg.amp)
+        self.model = wrap_ddp(model, info, find_unused_parameters=cfg.find_unused_parameters)
+        self.epoch, self.iteration, self.closed = 0, 0, True
+        self.meter, self.best_ap, self.stats = EpochMeter(), None, {}
+        self.metrics = cfg.output_dir / "metrics.jsonl"
+        self.steps = StepLog(cfg.output_dir / "steps.jsonl" if cfg.log_steps else None)
+        self.stop = StopRequest()
+
+    # ----------------------------------------------------------------------------------------------------
+    def restore(self, checkpoint: dict[str, Any] | None) -> None:
+        """Load a resumed run's state and position; restore the random generators last."""
+        if checkpoint is None:
+            return
+        load_checkpoint(
+            checkpoint,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+        )
+        if {"lr", "epochs", "drops", "warmup_iters"} & set(self.cfg.changed):
+            retarget_scheduler(self.scheduler, self.cfg.schedule_obj(), self.iters_per_epoch, self.base_lrs)
+        progress = checkpoint.get("progress") or {
+            "epoch": checkpoint["epoch"],
+            "iteration": self.iters_per_epoch,
+        }
+        self.epoch, self.iteration = progress["epoch"], progress["iteration"]
+        self.closed = progress.get("closed", True)
+        self.meter = EpochMeter(**progress["meter"]) if "meter" in progress else EpochMeter()
+        self.best_ap = progress.get("best_ap")
+        saved_world = progress.get("world_size", 1)
+        if self.iteration < self.iters_per_epoch and saved_world != self.info.world_size:
+            raise RunConfigError(
+                f"{self.cfg.resumed_from} was saved mid-epoch by {saved_world} process(es); resume it with as "
+                f"many (this run has {self.info.world_size}), or from an epoch's end"
+            )
+        rng = checkpoint.get("rng")
+        if isinstance(rng, list) and len(rng) == self.info.world_size:
+            set_rng_state(rng[get_rank()])
+        elif isinstance(rng, dict) and self.info.world_size == 1:
+            set_rng_state(rng)
+        else:
+            say(
+                f"note: the random state was saved by another number of processes; re-seeded for epoch {self.epoch}"
+            )
+            seed_everything(self.cfg.seed + self.info.rank + 1000 * (self.epoch + 1))
+
+    def announce(self) -> None:
+        """Print the settings in force and write ``config.json``."""
+        cfg, train = self.cfg, self.data.train
+        assert train is not None
+        summary = _common_summary(cfg, self.data, self.model, self.info)
+        schedule = cfg.schedule_obj()
+        summary.update(
+            {
+                "train images": f"{len(train)} ({self.iters_per_epoch} iterations/epoch, batch {cfg.batch_size} x "
+                f"{self.info.world_size}{'' if cfg.no_aspect_grouping else ', grouped by aspect ratio'}; "
+                f"{train.removed_empty} without boxes left out)",
+                "schedule": f"{cfg.schedule}: {schedule.epochs} epochs, lr x{schedule.gamma} at epochs "
+                f"{list(schedule.drops)}, {schedule.warmup_iters} warm-up iterations",
+                "optimizer": "AdamW: "
+                + ", ".join(
+                    f"{g['name']} lr {lr:.3g} wd {g['weight_decay']:.3g}"
+                    for g, lr in zip(self.groups, self.base_lrs, strict=True)
+                ),
+                "clip": cfg.clip_max_norm or "off",
+                "backward": "one graph" if cfg.one_graph_backward else "branch-wise",
+                "evaluation": f"every {cfg.eval_every} epoch(s) and after the last",
+                "checkpoints": f"{LAST} every epoch"
+                + (f" and every {cfg.checkpoint_every} iterations" if cfg.checkpoint_every else "")
+                + f", {BEST} by AP"
+                + (f", checkpoint_epoch<N>.pth every {cfg.keep_every} epochs" if cfg.keep_every else ""),
+                "image check": "skipped (--skip-image-check)"
+                if cfg.skip_image_check
+                else "every image opened before training",
+            }
+        )
+        if cfg.resumed_from is not None:
+            where = f"epoch {self.epoch}, iteration {self.iteration}/{self.iters_per_epoch}"
+            summary["resumed"] = f"{cfg.resumed_from} ({where})"
+        if cfg.changed:
+            summary["changed on resume"] = ", ".join(
+                f"{k} {old} -> {new}" for k, (old, new) in cfg.changed.items()
+            )
+        say("training\n" + _summary_lines(summary))
+        if is_main_process():
+            config = {"model": self.record, "args": self.cfg.to_dict()}
+            (cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    # ----------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        with self.stop:
+            if self.iteration >= self.iters_per_epoch:  # resumed at an epoch's end
+                self._end_epoch(self.epoch, resumed=True)
+                self.epoch, self.iteration, self.meter = self.epoch + 1, 0, EpochMeter()
+            for epoch in range(self.epoch, self.cfg.epochs):
+                self._train_epoch(epoch)
+                self._end_epoch(epoch)
+                self.iteration, self.meter = 0, EpochMeter()
+        say(f"training done in {time.perf_counter() - start:.1f}s; outputs in {self.cfg.output_dir}")
+        _pictures(self.cfg, unwrap(self.model), self.data, self.info)
+        return self.stats
+
+    def _train_epoch(self, epoch: int) -> None:
+        self.epoch, self.closed = epoch, False
+        self.loader.batch_sampler.set_epoch(epoch, start=self.iteration, stop=self.iters_per_epoch)  # type: ignore[union-attr]
+        self.model.train()
+        bar = progress_bar(self.iters_per_epoch, f"epoch {epoch}", initial=self.iteration)
+        start = time.perf_counter() - self.meter.time_s
+        for i, batch in enumerate(self.loader, start=self.iteration):
+            result = train_step(
+                self.model, batch, self.optimizer, device=self.info.device, epoch=epoch, iteration=i,
+                scheduler=self.scheduler, amp=self.cfg.amp, scaler=self.scaler, clip_max_norm=self.cfg.clip_max_norm,
+                branchwise=not self.cfg.one_graph_backward, stop_vote=self.stop.requested,
+            )  # fmt: skip
+            self.meter.add(result)
+            self.meter.time_s, self.iteration = time.perf_counter() - start, i + 1
+            self._show_step(bar, epoch, i, result)
+            if result.stop:
+                bar.close()
+                self._interrupted(self._save())
+            step = epoch * self.iters_per_epoch + i + 1
+            if (
+                self.cfg.checkpoint_every
+                and step % self.cfg.checkpoint_every == 0
+                and i + 1 < self.iters_per_epoch
+            ):
+                path = self._save()
+                if is_main_process():
+                    bar.write(f"checkpoint at epoch {epoch} iteration {i + 1}: {path}")
+            self.stop.after_iteration(epoch, i, self.info.rank)
+        bar.close()
+
+    def _show_step(self, bar: Any, epoch: int, i: int, result: Any) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+        bar.update(1)
+        freq = self.cfg.print_freq
+        if is_main_process() and freq and (i % freq == 0 or i + 1 == self.iters_per_epoch):
+            bar.write(
+                progress_line(epoch, i, self.iters_per_epoch, self.optimizer, result, self.meter.time_s)
+            )
+        self.steps.write(
+            {"epoch": epoch, "iteration": i, "lr": lr, "grad_norm": result.grad_norm, **result.losses}
+        )
+
+    def _end_epoch(self, epoch: int, *, resumed: bool = False) -> None:
+        """The epoch's summary, checkpoint, evaluation (when due) and metrics record, in an order that
+        loses nothing if the run stops half-way: the checkpoint before an evaluation records that it is
+        still to run, and a resumed run runs it first."""
+        cfg = self.cfg
+        train_stats = self.meter.stats(self.optimizer.param_groups[0]["lr"])
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        if resumed and self.closed:
+            return  # this epoch's record was written before its checkpoint
+        if not resumed:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in headline(train_stats).items())
+            say(f"epoch {epoch} done in {train_stats['time_s']:.1f}s: {shown}")
+        record: dict[str, Any] = {"epoch": epoch, "train": train_stats}
+        if due:
+            if not resumed:
+                self._save()  # still open: a resumed run evaluates first
+            self._stop_if_requested()
+            try:
+                self.stats = _evaluate(
+                    cfg, self.model, self.data, self.info, epoch, should_stop=self._stop_asked
+                )
+            except EvaluationStopped:
+                self._interrupted(cfg.output_dir / LAST)
+            record["eval"] = self.stats
+        improved = due and (self.best_ap is None or self.stats["AP"] > self.best_ap)
+        if improved:
+            self.best_ap = self.stats["AP"]
+        self.closed = True
+        _write_jsonl(self.metrics, record)
+        last = self._save()
+        if is_main_process():
+            if improved:
+                copy_checkpoint(last, cfg.output_dir / BEST)
+            if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
+                copy_checkpoint(last, cfg.output_dir / f"checkpoint_epoch{epoch}.pth")
+            records = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+            plot_training_curves(records, cfg.output_dir / "training_curves.png")
+        self._stop_if_requested()
+
+    def _stop_asked(self) -> bool:
+        return self.stop.requested
+
+    def _stop_if_requested(self) -> None:
+        if any_process(self.stop.requested):
+            self._interrupted(self.cfg.output_dir / LAST)
+
+    def _save(self) -> Path:
+        """Write ``checkpoint_last.pth`` at the current position (every process calls it: each one's random
+        state goes in)."""
+        rngs = gather_object(rng_state())
+        progress = {
+            "epoch": self.epoch, "iteration": self.iteration, "iters_per_epoch": self.iters_per_epoch,
+            "closed": self.closed, "meter": self.meter.state(), "best_ap": self.best_ap,
+            "world_size": self.info.world_size,
+        }  # fmt: skip
+        path = self.cfg.output_dir / LAST
+        save_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, epoch=self.epoch,
+            config=self.record, args=self.cfg.to_dict(), scaler=self.scaler,
+            extra={"progress": progress, "rng": rngs},
+        )  # fmt: skip
+        return path
+
+    def _interrupted(self, path: Path) -> None:
+        where = f"epoch {self.epoch}, iteration {self.iteration}/{self.iters_per_epoch}"
+        raise TrainingInterrupted(f"stopped at {where}; checkpoint saved to {path}", path)
+
+
+def _pictures(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo) -> None:
+    """What a person looks at after a run: the refinement curve and val predictions beside ground truth."""
+    model = unwrap(model)
+    if cfg.refinement_curve is not None:
+        say(f"refinement curve: AP after 0..{cfg.refinement_curve} test-time steps")
+        loader = _val_loader(cfg, data, info)
+        curve = refinement_curve(
+            model, loader, data.val.coco, max_steps=cfg.refinement_curve, device=info.device,
+            label_to_category_id=data.val.label_to_category_id,
+        )  # fmt: skip
+        say("  ".join(f"{p['steps']}: {p['AP']:.3f}" for p in curve))
+        if is_main_process():
+            json_path, png = save_refinement_curve(
+                curve, cfg.output_dir, train_depth=getattr(model, "train_steps", None)
+            )
+            say(f"refinement curve saved to {png} and {json_path}")
+    if cfg.save_predictions and is_main_process():
+        detector = Detector(
+            model.eval(), cfg.image_size, cfg.max_size, list(data.val.category_names), info.device
+        )
+        grid = save_prediction_grid(
+            detector,
+            data.val.coco,
+            data.paths.val_images,
+            cfg.output_dir / "predictions.png",
+            count=cfg.save_predictions,
+        )
+        say(f"predictions (ground truth left, model right) saved to {grid}")

@@ -1,0 +1,374 @@
+"""The settings of a run, resolved and checked once: from the options, and on resume from the checkpoint.
+
+:func:`build_run_config` turns the command line's values (a dict keyed like the options, ``lr_drops`` for
+``--lr-drops``) into a frozen :class:`RunConfig`: defaults filled in (the config's optimiser recipe, the
+schedule, the data's input size), every value checked, the model overrides read by their types. On
+``--resume`` the run's own settings come from the checkpoint; an option given again that differs is
+applied where that is well defined (:data:`CHANGEABLE_ON_RESUME`) and refused otherwise. Every problem
+is a :class:`RunConfigError` whose message names the option and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models import CONFIGS
+from ..models.configs import parse_model_args
+from .optim import SCHEDULES, Schedule, parse_drops, recipe_for
+
+__all__ = [
+    "CHANGEABLE_ON_RESUME",
+    "COCO_MAX_SIZE",
+    "COCO_SIZE",
+    "DEFAULT_CONFIG",
+    "DIGITS_MAX_SIZE",
+    "DIGITS_SIZE",
+    "RunConfig",
+    "RunConfigError",
+    "build_run_config",
+]
+
+DEFAULT_CONFIG = "deqdet_tiny"
+# Shorter side / longer-side cap of the network input: COCO's standard sizes, and the digits set's native
+# scale (its canvases are 128-192 pixels).
+COCO_SIZE, COCO_MAX_SIZE = 800, 1333
+DIGITS_SIZE, DIGITS_MAX_SIZE = 160, 256
+
+#: Settings a resumed run may change: the length and learning rate of the schedule, and everything that
+#: does not touch the training state (how often to evaluate and save, logging, loading, the test-time
+#: refinement). Any other setting given again with another value is refused.
+CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "epochs", "lr_drops", "lr", "warmup_iters", "eval_every", "checkpoint_every", "keep_every",
+        "print_freq", "log_steps", "workers", "device", "eval_batch_size", "deq_steps", "deq_tol",
+        "deq_solver", "refinement_curve", "save_predictions", "skip_image_check", "amp",
+        "find_unused_parameters",
+    }
+)  # fmt: skip
+# Also changeable when only evaluating a checkpoint: the evaluation data and input size.
+_CHANGEABLE_IN_EVAL = frozenset(
+    {"val_ann", "val_images", "data_root", "image_size", "max_size", "max_iters", "output_dir"}
+)
+# Per invocation, never taken from a checkpoint.
+_PER_INVOCATION = ("resume", "eval_only", "overwrite")
+
+
+class RunConfigError(ValueError):
+    """An option, or a combination of options, that the run cannot use; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run, resolved (see the options of :mod:`implicitkit_det.cli` for their meaning).
+
+    ``drops`` are the resolved learning-rate drops; ``overrides`` the typed model-config changes;
+    ``resumed_from`` the checkpoint file of a resumed run and ``changed`` the options a resume changed
+    (``{name: (old, new)}``).
+    """
+
+    config: str = DEFAULT_CONFIG
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    data_root: Path | None = None
+    train_ann: Path | None = None
+    val_ann: Path | None = None
+    train_images: Path | None = None
+    val_images: Path | None = None
+    digits_train: int = 1000
+    digits_val: int = 200
+    image_size: int = DIGITS_SIZE
+    max_size: int = DIGITS_MAX_SIZE
+    workers: int = 2
+    keep_empty_images: bool = False
+    no_aspect_grouping: bool = False
+    skip_image_check: bool = False
+    schedule: str = "1x"
+    epochs: int = 12
+    drops: tuple[int, ...] = (8, 11)
+    warmup_iters: int = 500
+    batch_size: int = 2
+    eval_batch_size: int | None = None
+    lr: float = 2.5e-5
+    weight_decay: float = 0.01
+    decoder_lr_mult: float = 4.0
+    decoder_wd_mult: float = 10.0
+    no_decay_norm_bias: bool = False
+    clip_max_norm: float = 1.0
+    amp: bool = False
+    one_graph_backward: bool = False
+    device: str | None = None
+    seed: int = 0
+    output_dir: Path = Path("outputs") / DEFAULT_CONFIG
+    overwrite: bool = False
+    eval_only: bool = False
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    keep_every: int = 0
+    max_iters: int | None = None
+    print_freq: int = 20
+    log_steps: bool = False
+    deq_steps: int | None = None
+    deq_tol: float | None = None
+    deq_solver: str | None = None
+    refinement_curve: int | None = None
+    save_predictions: int = 0
+    find_unused_parameters: bool = False
+    resumed_from: Path | None = None
+    changed: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    @property
+    def on_digits(self) -> bool:
+        """Whether the run uses the bundled digits set (no data option given)."""
+        paths = (self.data_root, self.train_ann, self.val_ann, self.train_images, self.val_images)
+        return all(p is None for p in paths)
+
+    def schedule_obj(self) -> Schedule:
+        """The learning-rate :class:`~.optim.Schedule` in force."""
+        return Schedule(self.epochs, self.drops, warmup_iters=self.warmup_iters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (paths as strings, tuples as lists): what ``config.json`` and checkpoints hold."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("resumed_from", "changed", *_PER_INVOCATION):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value.resolve())  # a resumed run may start from another folder
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+
+_PATHS = ("data_root", "train_ann", "val_ann", "train_images", "val_images", "output_dir")
+
+
+def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``args`` back to :class:`RunConfig` values (unknown entries dropped)."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    out = {k: v for k, v in saved.items() if k in names and k not in _PER_INVOCATION}
+    for k in _PATHS:
+        if out.get(k) is not None:
+            out[k] = Path(out[k])
+    if "drops" in out:
+        out["drops"] = tuple(out["drops"])
+    if "overrides" in out:
+        out["overrides"] = {k: tuple(v) if isinstance(v, list) else v for k, v in out["overrides"].items()}
+    return out
+
+
+def _check_values(o: Mapping[str, Any]) -> None:
+    for name in (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "max_iters",
+        "eval_every",
+        "image_size",
+        "max_size",
+    ):
+        value = o.get(name)
+        if value is not None and value < 1:
+            raise RunConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in (
+        "workers",
+        "warmup_iters",
+        "deq_steps",
+        "checkpoint_every",
+        "keep_every",
+        "save_predictions",
+    ):
+        value = o.get(name)
+        if value is not None and value < 0:
+            raise RunConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if o.get("deq_tol") is not None and not o["deq_tol"] >= 0:
+        raise RunConfigError(f"--deq-tol must be >= 0, got {o['deq_tol']}")
+    if o.get("lr") is not None and not o["lr"] > 0:
+        raise RunConfigError(f"--lr must be > 0, got {o['lr']}")
+    if o.get("eval_only") and o.get("resume") is None:
+        raise RunConfigError(
+            "--eval-only evaluates a trained model: pass its run folder or checkpoint with --resume"
+        )
+    if o.get("overwrite") and o.get("resume") is not None:
+        raise RunConfigError(
+            "--overwrite starts a new run in place of an old one; it does not go with --resume"
+        )
+
+
+def _new_values(options: Mapping[str, Any], given: set[str]) -> dict[str, Any]:
+    """The options given on the command line, as :class:`RunConfig` values."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    out = {k: v for k, v in options.items() if k in given and k in names}  # in the options' order
+    if "model_arg" in given:
+        try:
+            out["overrides"] = parse_model_args(options["model_arg"])
+        except ValueError as err:
+            raise RunConfigError(str(err)) from None
+    if "lr_drops" in given:
+        try:
+            out["drops"] = parse_drops(options["lr_drops"])
+        except ValueError:
+            raise RunConfigError(
+                f"--lr-drops {options['lr_drops']!r}: give epochs separated by commas, e.g. 8,11"
+            ) from None
+    return out
+
+
+def _option(name: str) -> str:
+    return {"drops": "--lr-drops", "overrides": "--model-arg", "config": "--config"}.get(
+        name, "--" + name.replace("_", "-")
+    )
+
+
+def _merge_resumed(
+    saved: dict[str, Any], new: dict[str, Any], eval_only: bool, run_dir: Path
+) -> dict[str, Any]:
+    """The resumed run's values with the options given again applied, or a :class:`RunConfigError`."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    allowed = CHANGEABLE_ON_RESUME | (_CHANGEABLE_IN_EVAL if eval_only else frozenset())
+    allowed |= {"drops"}
+    merged = dict(saved)
+    if "output_dir" not in new or not eval_only:
+        merged["output_dir"] = run_dir
+    for name, value in new.items():
+        if name in _PER_INVOCATION or name == "lr_drops":
+            continue
+        old = merged.get(name)
+        if name == "overrides":
+            value = {**(old or {}), **value}
+        same_path = (
+            name in _PATHS and None not in (value, old) and Path(value).resolve() == Path(old).resolve()
+        )
+        if same_path or value == old:
+            continue
+        if name not in allowed:
+            raise RunConfigError(
+                f"{_option(name)} {_show(value)} differs from the run being resumed ({_show(old)}); a resumed "
+                f"run keeps it. Drop {_option(name)}, or start a new run without --resume"
+                + (" (a resumed run continues in its own folder)" if name == "output_dir" else "")
+            )
+        changed[name] = (old, value)
+        merged[name] = value
+    if "epochs" in changed and changed["epochs"][1] < (changed["epochs"][0] or 0) and not eval_only:
+        raise RunConfigError(
+            f"--epochs {changed['epochs'][1]}: the run being resumed has {changed['epochs'][0]}; "
+            "a resumed run can only be made longer"
+        )
+    merged["changed"] = changed
+    return merged
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _fill_defaults(v: dict[str, Any]) -> dict[str, Any]:
+    """A fresh run: schedule, recipe and input size from the config and the data where not given."""
+    config = v.get("config") or DEFAULT_CONFIG
+    if config not in CONFIGS:
+        raise RunConfigError(f"unknown --config {config!r}; choose one of {sorted(CONFIGS)}")
+    v["config"] = config
+    overrides = v.get("overrides") or {}
+    try:
+        recipe = recipe_for(overrides.get("arch", CONFIGS[config].arch))
+    except KeyError as err:
+        raise RunConfigError(f"--model-arg arch: {err.args[0]}") from None
+    for f in dataclasses.fields(recipe):
+        if v.get(f.name) is None:
+            v[f.name] = getattr(recipe, f.name)
+    name = v.get("schedule") or next((s for s in SCHEDULES if config.endswith(s)), "1x")
+    v["schedule"] = name
+    schedule = SCHEDULES[name]
+    if v.get("epochs") is not None and v["epochs"] != schedule.epochs:
+        schedule = schedule.with_epochs(v["epochs"])
+    v["epochs"] = schedule.epochs
+    v.setdefault("drops", schedule.drops)
+    digits = all(v.get(k) is None for k in _PATHS[:-1])
+    if v.get("image_size") is None:
+        v["image_size"] = DIGITS_SIZE if digits else COCO_SIZE
+    if v.get("max_size") is None:
+        v["max_size"] = DIGITS_MAX_SIZE if digits else COCO_MAX_SIZE
+    if v.get("output_dir") is None:
+        v["output_dir"] = Path("outputs") / config
+    return v
+
+
+def build_run_config(
+    options: Mapping[str, Any], given: set[str], checkpoint: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Resolve and check a run's settings.
+
+    **Arguments**
+    - `options`: every option's value (``vars()`` of the parsed command line).
+    - `given`: the options the command line named (the others hold their defaults).
+    - `checkpoint`: the ``--resume`` checkpoint dict, whose ``args`` are the resumed run's settings.
+
+    **Returns** a :class:`RunConfig`. **Raises** :class:`RunConfigError`.
+    """
+    _check_values(options)
+    new = _new_values(options, given)
+    eval_only = bool(options.get("eval_only"))
+    if checkpoint is None:
+        defaults = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}
+        values = _fill_defaults({**defaults, **new})
+    else:
+        resume = Path(options["resume"])
+        run_dir = resume if resume.is_dir() else resume.parent
+        args = checkpoint.get("args") or {}
+        # A checkpoint from before the settings were saved whole (no "overrides"): only its model config is
+        # taken, the rest from today's options.
+        saved = _from_saved(args) if "overrides" in args else {}
+        model = checkpoint.get("config") or {}
+        saved.setdefault("config", model.get("name", DEFAULT_CONFIG))
+        saved.setdefault("overrides", dict(model.get("overrides") or {}))
+        if "input_size" in model:
+            saved.setdefault("image_size", model["input_size"][0])
+            saved.setdefault("max_size", model["input_size"][1])
+        if "overrides" not in args:
+            base = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}
+            saved = _fill_defaults({**base, **new, **saved})
+        values = _merge_resumed(saved, new, eval_only, run_dir)
+        values["resumed_from"] = Path(options["resume"])
+    for k in _PER_INVOCATION[1:]:
+        values[k] = bool(options.get(k))
+    values.pop("resume", None)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in values.items() if k in names})
+    _check_config(cfg)
+    return cfg
+
+
+def _check_config(cfg: RunConfig) -> None:
+    if cfg.config not in CONFIGS:
+        raise RunConfigError(f"unknown --config {cfg.config!r}; choose one of {sorted(CONFIGS)}")
+    if cfg.image_size >= cfg.max_size:
+        raise RunConfigError(
+            f"--image-size {cfg.image_size} must be smaller than --max-size {cfg.max_size} (the cap on the "
+            "longer side); raise --max-size or lower --image-size"
+        )
+    try:
+        cfg.schedule_obj()
+    except ValueError as err:
+        raise RunConfigError(f"--epochs / --lr-drops: {err}") from None
+    if any(d >= cfg.epochs for d in cfg.drops):
+        raise RunConfigError(
+            f"--lr-drops {_show(cfg.drops)}: every drop must come before the last epoch (--epochs {cfg.epochs})"
+        )
+    arch = cfg.overrides.get("arch", CONFIGS[cfg.config].arch)
+    deq = arch in ("deqdet", "deq_sparse_rcnn")
+    if cfg.deq_steps is not None and not deq:
+        raise RunConfigError(
+            f"--deq-steps: {cfg.config} ({arch}) has no test-time step count (not a DEQ model)"
+        )
+    if (cfg.deq_tol is not None or cfg.deq_solver is not None) and arch != "deqdet":
+        raise RunConfigError(
+            f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit (DEQDet has)"
+        )

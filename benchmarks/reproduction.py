@@ -542,25 +542,40 @@ def judge(claim: Claim, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for c in claim.comparisons:
         a, b = _values(rows, *c.a), _values(rows, *c.b)
         if not a or not b:
-            out.append({"comparison": c.label, "verdict": "no data (a run failed)"})
+            out.append({"comparison": c.label, "metric": c.a[1], "verdict": "no data (a run failed)"})
             continue
-        out.append({"comparison": c.label, "kind": c.kind, **verdict(a, b, c.sign, c.kind)})
+        out.append({"comparison": c.label, "metric": c.a[1], "kind": c.kind, **verdict(a, b, c.sign, c.kind)})
     return out
 
 
-def _signed(value: float, metric_is_ap: bool) -> str:
-    return f"{100 * value:+.1f}" if metric_is_ap else f"{value:+.2f}"
+def verdict_cells(judged: dict[str, Any]) -> list[str]:
+    """Comparison, difference, threshold and verdict as table cells (AP metrics in percent points)."""
+    scale = 100 if judged.get("metric", "").startswith("AP") else 1
+
+    def number(value: float | None, signed: bool) -> str:
+        return (
+            "-" if value is None else f"{scale * value:{'+' if signed else ''}.{1 if scale == 100 else 2}f}"
+        )
+
+    return [
+        judged["comparison"],
+        number(judged.get("difference"), True),
+        number(judged.get("threshold"), False),
+        judged["verdict"],
+    ]
 
 
-def claim_markdown(claim: dict[str, Any]) -> str:
+VERDICT_HEADERS = ["comparison", "difference (claimed direction)", "2 x pooled std / sqrt(n)", "verdict"]
+
+
+def claim_markdown(claim: dict[str, Any], statement: bool = True) -> str:
     """The tables of one claim from its ``reproduction.json`` entry: numbers by variant, then verdicts."""
-    lines = [f"*{claim['statement']}*", ""]
+    lines = [f"*{claim['statement']}*", ""] if statement else []
     if claim["key"] == "memory":
         return "\n".join([*lines, memory_markdown(claim["rows"]), "", claim["note"]])
     rows = claim["rows"]
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
     table = []
-    for v in variants:
+    for v in dict.fromkeys(r["variant"] for r in rows):
         seeds = [r for r in rows if r["variant"] == v]
         wall = [r["wall_s"] for r in seeds if "wall_s" in r]
         cells = [_cell(_values(rows, v, m), m) for m in claim["metrics"]]
@@ -569,24 +584,16 @@ def claim_markdown(claim: dict[str, Any]) -> str:
         table.append([v, n, *cells, f"{statistics.fmean(wall):.0f}" if wall else "-"])
     lines.append(markdown_table(["variant", "seeds", *claim["metrics"], "run time (s)"], table))
     lines += ["", "AP in percent (COCO AP x 100), mean ± std over seeds.", ""]
-    verdicts = []
-    for j in claim["verdicts"]:
-        if "difference" not in j:
-            verdicts.append([j["comparison"], "-", "-", j["verdict"]])
-            continue
-        is_ap = "steps" not in j["comparison"]
-        threshold = "-" if j["threshold"] is None else _signed(j["threshold"], is_ap).lstrip("+")
-        verdicts.append([j["comparison"], _signed(j["difference"], is_ap), threshold, j["verdict"]])
-    if verdicts:
-        lines.append(
-            markdown_table(
-                ["comparison", "difference (claimed direction)", "2 x pooled std / sqrt(n)", "verdict"],
-                verdicts,
-            )
-        )
+    lines.append(markdown_table(VERDICT_HEADERS, [verdict_cells(j) for j in claim["verdicts"]]))
     if claim.get("note"):
         lines += ["", claim["note"]]
     return "\n".join(lines)
+
+
+def summary_markdown(data: dict[str, Any]) -> str:
+    """Every comparison of every claim with its verdict, in one table."""
+    rows = [[c["title"], *verdict_cells(j)] for c in data["claims"] for j in c["verdicts"]]
+    return markdown_table(["claim", *VERDICT_HEADERS], rows)
 
 
 def memory_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -627,7 +634,9 @@ def memory_verdict(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     judged = [
         {
             "comparison": f"DEQDet (depth {deq['depth']}) vs {nearest['variant']}",
-            "difference_mib": diff,
+            "metric": "step's memory (MiB)",
+            "difference": diff,
+            "threshold": None,
             "verdict": f"{text} (one measurement each, no spread)",
         }
     ]
@@ -790,6 +799,7 @@ def report_markdown(data: dict[str, Any]) -> str:
         "",
         run_header(data),
     ]
+    parts += ["", "## Verdicts", "", summary_markdown(data)]
     for claim in data["claims"]:
         parts += ["", f"## {claim['title']}", "", claim_markdown(claim)]
     return "\n".join(parts) + "\n"
@@ -798,7 +808,9 @@ def report_markdown(data: dict[str, Any]) -> str:
 def run_header(data: dict[str, Any]) -> str:
     return (
         f"Seeds {data['seeds']}, device {data['device'] or 'the CLI default'}, {data['jobs']} run(s) at once, "
-        f"{data['total_wall_s'] / 60:.1f} minutes in all ({data['runs']} runs, {data['reused']} reused). "
+        f"{data['runs']} CLI runs taking {data['runs_wall_s'] / 60:.1f} minutes summed "
+        f"({data['reused']} reused from an earlier invocation); this invocation "
+        f"{data['total_wall_s'] / 60:.1f} minutes wall clock. "
         f"Machine: {data['machine']}. Command: `{data['command']}`. Recipe: `{' '.join(data['recipe'])}`"
         + (" (quick: the backbone is not pre-trained)" if data["quick"] else "")
         + "."
@@ -808,7 +820,11 @@ def run_header(data: dict[str, Any]) -> str:
 def render_docs(data: dict[str, Any], page: Path = DOCS_PAGE) -> Path:
     """Paste the tables of `data` into `page` between its ``<!-- results:KEY -->`` markers."""
     text = page.read_text()
-    blocks = {"run": run_header(data), **{c["key"]: claim_markdown(c) for c in data["claims"]}}
+    blocks = {
+        "run": run_header(data),
+        "summary": summary_markdown(data),
+        **{c["key"]: claim_markdown(c, statement=False) for c in data["claims"]},
+    }
     for key, body in blocks.items():
         pattern = re.compile(rf"(<!-- results:{key} -->\n).*?(\n<!-- /results:{key} -->)", re.S)
         text, count = pattern.subn(lambda m, body=body: m.group(1) + body + m.group(2), text)
@@ -929,6 +945,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             entry["rows"] = claim_rows(claim, args.seeds, results, settings)
             entry["verdicts"] = judge(claim, entry["rows"])
         data["claims"].append(entry)
+    data["runs_wall_s"] = sum(record["wall_s"] for record in records.values())
     data["total_wall_s"] = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)

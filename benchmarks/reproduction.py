@@ -277,7 +277,7 @@ def build_claims(
             "Stopping each image once its refinement converges keeps the AP of the fixed step count with "
             "fewer refinement steps per image.",
             [Variant(f"fixed {test_steps} steps")] + [Variant(f"tol {t:g}", tol=t) for t in tols],
-            ["AP", "AP50", "mean steps per image"],
+            ["AP", "AP50", "mean steps per image", "evaluation time (s)"],
             [
                 c
                 for t in tols
@@ -360,7 +360,8 @@ def execute(spec: RunSpec, settings: Settings) -> dict[str, Any]:
         print(f"  reused   {spec.name} ({record['wall_s']:.0f}s when run)", flush=True)
         return {**record, "reused": True}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").unlink(missing_ok=True)
+    for stale in ("run.json", "metrics.jsonl"):  # an evaluation appends to metrics.jsonl
+        (run_dir / stale).unlink(missing_ok=True)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(settings.threads),
@@ -401,6 +402,7 @@ def run_result(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
         "AP_per_epoch": [{"epoch": r["epoch"], "AP": r["eval"]["AP"]} for r in evals],
         **{k: last[k] for k in ("AP", "AP50", "AP75")},
         "mean_steps": last.get("mean_steps"),
+        "eval_s": last.get("time_s"),
         "wall_s": record["wall_s"],
     }
     curve_file = run_dir / "refinement_curve.json"
@@ -421,6 +423,8 @@ def metrics_of(result: dict[str, Any], depth: int) -> dict[str, float]:
     }
     if result.get("mean_steps") is not None:
         metrics["mean steps per image"] = result["mean_steps"]
+    if result.get("eval_s") is not None:
+        metrics["evaluation time (s)"] = result["eval_s"]
     curve = {p["steps"]: p["AP"] for p in result.get("refinement_curve") or []}
     for steps in (0, depth, 2 * depth):
         if steps in curve:

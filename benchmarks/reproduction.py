@@ -774,6 +774,7 @@ def plot_early_exit(data: dict[str, Any], path: Path) -> Path | None:
             (s, s_sd), (a, a_sd) = mean_sd(steps), mean_sd(ap)
             ax.errorbar([s], [100 * a], xerr=[s_sd], yerr=[100 * a_sd], marker="o", capsize=3, label=variant)
     ax.set(xlabel="mean refinement steps per image", ylabel="AP (%)", title="Early exit: AP against steps")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

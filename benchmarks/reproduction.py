@@ -168,137 +168,162 @@ def recipe_value(recipe: Sequence[str], key: str, config: str) -> Any:
     return value
 
 
+def _vs(a: str, b: str, metric: str = "AP", label: str | None = None, **kwargs: Any) -> Comparison:
+    """Variant `a` against variant `b` on one metric."""
+    return Comparison(label or f"{a} vs {b}", (a, metric), (b, metric), **kwargs)
+
+
+RAG = Variant("RAG k=2 (default)")
+JFB = Variant("JFB (k=1)", model_args=("rag_steps=1",))
+
+
+def rag_claim(quick: bool) -> Claim:
+    """RAG k=2 (DEQDet's ``rag_steps``, the ``k`` of ``implicitkit.RAG``) against k=1 (JFB) and k=3."""
+    k3 = [] if quick else [Variant("RAG k=3", model_args=("rag_steps=3",))]
+    return Claim(
+        "rag",
+        "RAG trains better than JFB",
+        "The refinement-aware gradient (k=2 grad-attached applications of F) trains a better detector "
+        "than the 1-step Jacobian-free backward (k=1).",
+        [RAG, JFB, *k3],
+        ["AP", "AP50", "AP75"],
+        [_vs(RAG.label, JFB.label, label="RAG k=2 vs JFB")]
+        + [_vs(v.label, JFB.label, label="RAG k=3 vs JFB") for v in k3],
+    )
+
+
+def rap_claim(quick: bool) -> Claim:
+    """RAP on against off, content noise only and box noise only."""
+    on, off = (
+        Variant("RAP on (default)"),
+        Variant("RAP off", model_args=("rap_content_prob=0", "rap_box_prob=0")),
+    )
+    parts = (
+        []
+        if quick
+        else [
+            Variant("content only", model_args=("rap_box_prob=0",)),
+            Variant("box only", model_args=("rap_content_prob=0",)),
+        ]
+    )
+    return Claim(
+        "rap",
+        "RAP helps",
+        "Refinement-aware perturbation of the no-grad path (content and box noise) improves AP.",
+        [on, off, *parts],
+        ["AP", "AP50", "AP75"],
+        [_vs(v.label, off.label) for v in (on, *parts)],
+    )
+
+
+def refinement_claim(depth: int) -> Claim:
+    """The refinement curves of the RAG and JFB runs: AP after 0, `depth` and 2 `depth` steps."""
+    at0, at_depth, at_2x = "AP after 0 steps", f"AP after {depth} steps", f"AP after {2 * depth} steps"
+    return Claim(
+        "refinement",
+        "Refinement awareness",
+        "AP rises with test-time refinement steps and does not collapse past the training depth; RAG "
+        "makes F a better refiner than JFB does.",
+        [RAG, JFB],
+        [at0, at_depth, at_2x],
+        [
+            Comparison(
+                "RAG: AP rises from 0 steps to the training depth", (RAG.label, at_depth), (RAG.label, at0)
+            ),
+            Comparison(
+                "RAG: AP holds from the training depth to 2x",
+                (RAG.label, at_2x),
+                (RAG.label, at_depth),
+                kind="not_worse",
+            ),
+            _vs(RAG.label, JFB.label, at_2x, label="RAG vs JFB at 2x the training depth"),
+        ],
+        note=ADAMIXER_CURVE_NOTE,
+    )
+
+
+def convergence_claim() -> Claim:
+    """AP after every epoch, DEQDet against the 6-stage AdaMixer."""
+    deq, ada = Variant("DEQDet"), Variant("AdaMixer (6 stages)", config="adamixer_tiny")
+    first, mean = "AP after epoch 1", "AP averaged over epochs"
+    return Claim(
+        "convergence",
+        "Faster convergence than AdaMixer",
+        "DEQDet reaches a higher AP than the 6-stage AdaMixer after the same number of epochs.",
+        [deq, ada],
+        [first, mean, "AP"],
+        [
+            _vs(deq.label, ada.label, first, label="DEQDet vs AdaMixer, after epoch 1"),
+            _vs(deq.label, ada.label, mean, label="DEQDet vs AdaMixer, averaged over epochs"),
+        ],
+    )
+
+
+def memory_claim() -> Claim:
+    """Memory against depth: no runs, read from the DEQDet-vs-AdaMixer benchmark (:func:`memory_rows`)."""
+    return Claim(
+        "memory",
+        "Less training memory at equal refinement depth",
+        "DEQDet's training memory does not grow with the refinement depth; an explicit stack's does.",
+        [],
+        [],
+        [],
+    )
+
+
+def sparse_claim() -> Claim:
+    """DEQ Sparse R-CNN against the 6-stage Sparse R-CNN."""
+    deq, plain = (
+        Variant("DEQ Sparse R-CNN", config="deq_sparse_rcnn_tiny"),
+        Variant("Sparse R-CNN", config="sparse_rcnn_tiny"),
+    )
+    return Claim(
+        "sparse",
+        "Equilibrium training also improves Sparse R-CNN",
+        "DEQ Sparse R-CNN (one shared refinement stage, RAG, RAP) beats the 6-stage Sparse R-CNN.",
+        [deq, plain],
+        ["AP", "AP50", "AP75"],
+        [_vs(deq.label, plain.label)],
+    )
+
+
+def early_exit_claim(test_steps: int, tols: Sequence[float]) -> Claim:
+    """The RAG checkpoints with ``--deq-tol`` against the fixed `test_steps` (their training's last eval)."""
+    fixed = Variant(f"fixed {test_steps} steps")
+    exits = [Variant(f"tol {t:g}", tol=t) for t in tols]
+    steps = "mean steps per image"
+    return Claim(
+        "early_exit",
+        "Early exit keeps AP with fewer steps",
+        "Stopping each image once its refinement converges keeps the AP of the fixed step count with "
+        "fewer refinement steps per image.",
+        [fixed, *exits],
+        ["AP", "AP50", steps, "evaluation time (s)"],
+        [
+            c
+            for v in exits
+            for c in (
+                _vs(v.label, fixed.label, label=f"{v.label}: AP kept", kind="not_worse"),
+                _vs(v.label, fixed.label, steps, label=f"{v.label}: fewer steps", sign=-1),
+            )
+        ],
+    )
+
+
 def build_claims(
     keys: Sequence[str], quick: bool, depth: int, test_steps: int, tols: Sequence[float]
 ) -> list[Claim]:
-    """The claims in `keys`; `quick` keeps one or two variants each (a smoke test of every code path)."""
-    rag, jfb = Variant("RAG k=2 (default)"), Variant("JFB (k=1)", model_args=("rag_steps=1",))
-    rap_off = Variant("RAP off", model_args=("rap_content_prob=0", "rap_box_prob=0"))
-    at0, at_depth, at_2x = "AP after 0 steps", f"AP after {depth} steps", f"AP after {2 * depth} steps"
-    claims = {
-        "rag": Claim(
-            "rag",
-            "RAG trains better than JFB",
-            "The refinement-aware gradient (k=2 grad-attached applications of F) trains a better detector "
-            "than the 1-step Jacobian-free backward (k=1).",
-            [rag, jfb] + ([] if quick else [Variant("RAG k=3", model_args=("rag_steps=3",))]),
-            ["AP", "AP50", "AP75"],
-            [Comparison("RAG k=2 vs JFB", (rag.label, "AP"), (jfb.label, "AP"))]
-            + ([] if quick else [Comparison("RAG k=3 vs JFB", ("RAG k=3", "AP"), (jfb.label, "AP"))]),
-        ),
-        "rap": Claim(
-            "rap",
-            "RAP helps",
-            "Refinement-aware perturbation of the no-grad path (content and box noise) improves AP.",
-            [Variant("RAP on (default)"), rap_off]
-            + (
-                []
-                if quick
-                else [
-                    Variant("content only", model_args=("rap_box_prob=0",)),
-                    Variant("box only", model_args=("rap_content_prob=0",)),
-                ]
-            ),
-            ["AP", "AP50", "AP75"],
-            [Comparison("RAP on vs off", ("RAP on (default)", "AP"), (rap_off.label, "AP"))]
-            + [
-                Comparison(f"{name} vs off", (name, "AP"), (rap_off.label, "AP"))
-                for name in ([] if quick else ["content only", "box only"])
-            ],
-        ),
-        "refinement": Claim(
-            "refinement",
-            "Refinement awareness",
-            "AP rises with test-time refinement steps and does not collapse past the training depth; RAG "
-            "makes F a better refiner than JFB does.",
-            [rag, jfb],
-            [at0, at_depth, at_2x],
-            [
-                Comparison(
-                    "RAG: AP rises from 0 steps to the training depth",
-                    (rag.label, at_depth),
-                    (rag.label, at0),
-                ),
-                Comparison(
-                    "RAG: AP holds from the training depth to 2x",
-                    (rag.label, at_2x),
-                    (rag.label, at_depth),
-                    kind="not_worse",
-                ),
-                Comparison("RAG vs JFB at 2x the training depth", (rag.label, at_2x), (jfb.label, at_2x)),
-            ],
-            note=ADAMIXER_CURVE_NOTE,
-        ),
-        "convergence": Claim(
-            "convergence",
-            "Faster convergence than AdaMixer",
-            "DEQDet reaches a higher AP than the 6-stage AdaMixer after the same number of epochs.",
-            [Variant("DEQDet"), Variant("AdaMixer (6 stages)", config="adamixer_tiny")],
-            ["AP after epoch 1", "AP averaged over epochs", "AP"],
-            [
-                Comparison(
-                    "DEQDet vs AdaMixer, after epoch 1",
-                    ("DEQDet", "AP after epoch 1"),
-                    ("AdaMixer (6 stages)", "AP after epoch 1"),
-                ),
-                Comparison(
-                    "DEQDet vs AdaMixer, averaged over epochs",
-                    ("DEQDet", "AP averaged over epochs"),
-                    ("AdaMixer (6 stages)", "AP averaged over epochs"),
-                ),
-            ],
-        ),
-        "memory": Claim(
-            "memory",
-            "Less training memory at equal refinement depth",
-            "DEQDet's training memory does not grow with the refinement depth; an explicit stack's does.",
-            [],
-            [],
-            [],
-        ),
-        "sparse": Claim(
-            "sparse",
-            "Equilibrium training also improves Sparse R-CNN",
-            "DEQ Sparse R-CNN (one shared refinement stage, RAG, RAP) beats the 6-stage Sparse R-CNN.",
-            [
-                Variant("DEQ Sparse R-CNN", config="deq_sparse_rcnn_tiny"),
-                Variant("Sparse R-CNN", config="sparse_rcnn_tiny"),
-            ],
-            ["AP", "AP50", "AP75"],
-            [
-                Comparison(
-                    "DEQ Sparse R-CNN vs Sparse R-CNN", ("DEQ Sparse R-CNN", "AP"), ("Sparse R-CNN", "AP")
-                )
-            ],
-        ),
-        "early_exit": Claim(
-            "early_exit",
-            "Early exit keeps AP with fewer steps",
-            "Stopping each image once its refinement converges keeps the AP of the fixed step count with "
-            "fewer refinement steps per image.",
-            [Variant(f"fixed {test_steps} steps")] + [Variant(f"tol {t:g}", tol=t) for t in tols],
-            ["AP", "AP50", "mean steps per image", "evaluation time (s)"],
-            [
-                c
-                for t in tols
-                for c in (
-                    Comparison(
-                        f"tol {t:g}: AP kept",
-                        (f"tol {t:g}", "AP"),
-                        (f"fixed {test_steps} steps", "AP"),
-                        kind="not_worse",
-                    ),
-                    Comparison(
-                        f"tol {t:g}: fewer steps",
-                        (f"tol {t:g}", "mean steps per image"),
-                        (f"fixed {test_steps} steps", "mean steps per image"),
-                        sign=-1,
-                    ),
-                )
-            ],
-        ),
+    """The claims in `keys`; `quick` keeps two variants each (a smoke test of every code path)."""
+    makers: dict[str, Callable[[], Claim]] = {
+        "rag": lambda: rag_claim(quick),
+        "rap": lambda: rap_claim(quick),
+        "refinement": lambda: refinement_claim(depth),
+        "convergence": convergence_claim,
+        "memory": memory_claim,
+        "sparse": sparse_claim,
+        "early_exit": lambda: early_exit_claim(test_steps, tols),
     }
-    return [claims[k] for k in keys]
+    return [makers[k]() for k in keys]
 
 
 def all_specs(claims: Iterable[Claim], seeds: Sequence[int]) -> tuple[list[RunSpec], list[RunSpec]]:

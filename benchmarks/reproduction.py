@@ -889,7 +889,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}, quick: ..._quick)"
     )
-    p.add_argument("--extra-args", default="", help='more CLI options for every run, e.g. "--amp --epochs 6"')
+    p.add_argument(
+        "--extra-args",
+        default="",
+        help='more CLI options for every run, given with = (--extra-args="--amp --epochs 6")',
+    )
     p.add_argument(
         "--render-docs",
         nargs="?",

@@ -866,9 +866,7 @@ def render_docs(data: dict[str, Any], page: Path = DOCS_PAGE) -> Path:
 
 # -- the program ------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--quick", action="store_true", help="smoke version: 1 seed, tiny splits, 1 epoch, few variants"
     )
@@ -877,7 +875,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--claims", default=",".join(CLAIM_KEYS), help=f"comma-separated subset of {','.join(CLAIM_KEYS)}"
     )
     p.add_argument(
-        "--jobs", type=int, default=1, help="CLI subprocesses at once (OMP threads = cores / jobs)"
+        "--jobs", type=int, default=1, help="CLI subprocesses at once (default 1; OMP threads = cores / jobs)"
     )
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="the CLI's --device (default: its own)"
@@ -885,7 +883,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: cores / jobs)"
     )
-    p.add_argument("--tols", default="0.5,0.2", help="early-exit tolerances (--deq-tol)")
+    p.add_argument("--tols", default="0.5,0.2", help="early-exit tolerances (--deq-tol; default 0.5,0.2)")
     p.add_argument(
         "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}, quick: ..._quick)"
     )

@@ -163,30 +163,31 @@ def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_AT_LEAST_ONE = (
+    "epochs",
+    "batch_size",
+    "eval_batch_size",
+    "max_iters",
+    "eval_every",
+    "image_size",
+    "max_size",
+)
+_AT_LEAST_ZERO = (
+    "workers",
+    "warmup_iters",
+    "deq_steps",
+    "checkpoint_every",
+    "keep_every",
+    "save_predictions",
+)
+
+
 def _check_values(o: Mapping[str, Any]) -> None:
-    for name in (
-        "epochs",
-        "batch_size",
-        "eval_batch_size",
-        "max_iters",
-        "eval_every",
-        "image_size",
-        "max_size",
-    ):
-        value = o.get(name)
-        if value is not None and value < 1:
-            raise RunConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in (
-        "workers",
-        "warmup_iters",
-        "deq_steps",
-        "checkpoint_every",
-        "keep_every",
-        "save_predictions",
-    ):
-        value = o.get(name)
-        if value is not None and value < 0:
-            raise RunConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    for names, low in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0)):
+        for name in names:
+            value = o.get(name)
+            if value is not None and value < low:
+                raise RunConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if o.get("deq_tol") is not None and not o["deq_tol"] >= 0:
         raise RunConfigError(f"--deq-tol must be >= 0, got {o['deq_tol']}")
     if o.get("lr") is not None and not o["lr"] > 0:

@@ -326,17 +326,20 @@ def build_claims(
     return [makers[k]() for k in keys]
 
 
-def all_specs(claims: Iterable[Claim], seeds: Sequence[int]) -> tuple[list[RunSpec], list[RunSpec]]:
+def all_specs(
+    claims: Iterable[Claim], seeds: Callable[[str], Sequence[int]]
+) -> tuple[list[RunSpec], list[RunSpec]]:
     """The distinct training runs and evaluation runs (early exit) the claims need, in a stable order.
 
-    A fixed-step variant of the early-exit claim reuses its training run's last evaluation: the same
-    checkpoint, the same validation images and the trained ``test_steps``.
+    `seeds` gives each claim's seeds (by its key). A fixed-step variant of the early-exit claim reuses its
+    training run's last evaluation: the same checkpoint, the same validation images and the trained
+    ``test_steps``.
     """
     train: dict[RunSpec, None] = {}
     evals: dict[RunSpec, None] = {}
     for claim in claims:
         for variant in claim.variants:
-            for seed in seeds:
+            for seed in seeds(claim.key):
                 spec = variant.spec(seed)
                 train[spec.training] = None
                 if spec.tol is not None:
@@ -837,7 +840,9 @@ def report_markdown(data: dict[str, Any]) -> str:
 
 def run_header(data: dict[str, Any]) -> str:
     return (
-        f"Seeds {data['seeds']}, device {data['device'] or 'the CLI default'}, {data['jobs']} run(s) at once, "
+        f"Seeds {data['seeds']}"
+        + "".join(f" ({key}: {seeds})" for key, seeds in data.get("claim_seeds", {}).items())
+        + f", device {data['device'] or 'the CLI default'}, {data['jobs']} run(s) at once, "
         f"{data['runs']} CLI runs taking {data['runs_wall_s'] / 60:.1f} minutes summed "
         f"({data['reused']} reused from an earlier invocation); this invocation "
         f"{data['total_wall_s'] / 60:.1f} minutes wall clock. "
@@ -872,6 +877,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     p.add_argument(
+        "--seeds-for",
+        action="append",
+        default=[],
+        metavar="CLAIM=SEEDS",
+        help="other seeds for one claim, e.g. rap=0 (repeatable)",
+    )
+    p.add_argument(
         "--claims", default=",".join(CLAIM_KEYS), help=f"comma-separated subset of {','.join(CLAIM_KEYS)}"
     )
     p.add_argument(
@@ -904,6 +916,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.out = args.out or (DEFAULT_OUT.with_name("reproduction_quick") if args.quick else DEFAULT_OUT)
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     args.claims = [c.strip() for c in args.claims.split(",") if c.strip()]
+    args.claim_seeds = {}
+    for item in args.seeds_for:
+        key, _, seeds = item.partition("=")
+        if key not in CLAIM_KEYS or not seeds:
+            p.error(f"--seeds-for {item!r}: give CLAIM=SEEDS with a claim of {list(CLAIM_KEYS)}, e.g. rap=0")
+        args.claim_seeds[key] = [int(s) for s in seeds.split(",")]
+    args.seeds_of = lambda key: args.claim_seeds.get(key, args.seeds)
     unknown = sorted(set(args.claims) - set(CLAIM_KEYS))
     if unknown:
         p.error(f"--claims {unknown}: choose from {list(CLAIM_KEYS)}")
@@ -937,7 +956,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         recipes=recipes,
     )
     claims = build_claims(args.claims, args.quick, settings.train_depth, settings.test_steps, args.tols)
-    train_specs, eval_specs = all_specs(claims, args.seeds)
+    train_specs, eval_specs = all_specs(claims, args.seeds_of)
     print(
         f"{len(train_specs)} training runs, {len(eval_specs)} evaluations, {args.jobs} at a time, "
         f"{settings.threads} thread(s) each; outputs in {args.out / 'runs'}",
@@ -950,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "quick": args.quick,
         "seeds": args.seeds,
+        "claim_seeds": args.claim_seeds,
         "device": args.device,
         "jobs": args.jobs,
         "train_depth": settings.train_depth,
@@ -974,7 +994,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             entry["rows"] = memory_rows()
             entry["verdicts"], entry["note"] = memory_verdict(entry["rows"])
         else:
-            entry["rows"] = claim_rows(claim, args.seeds, results, settings)
+            entry["rows"] = claim_rows(claim, args.seeds_of(claim.key), results, settings)
             entry["verdicts"] = judge(claim, entry["rows"])
         data["claims"].append(entry)
     data["runs_wall_s"] = sum(record["wall_s"] for record in records.values())

@@ -85,3 +85,14 @@ def test_reproduction_quick_covers_every_claim(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused" in again.stdout and "  done" not in again.stdout
+
+
+def test_seeds_for_gives_one_claim_its_own_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import reproduction
+
+    args = reproduction.parse_args(["--seeds", "0,1,2", "--seeds-for", "rap=0", "--seeds-for", "sparse=4,5"])
+    assert args.seeds_of("rap") == [0] and args.seeds_of("sparse") == [4, 5]
+    assert args.seeds_of("rag") == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        reproduction.parse_args(["--seeds-for", "nope=1"])

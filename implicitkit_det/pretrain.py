@@ -100,22 +100,17 @@ def _background_windows(
     boxes: np.ndarray, width: int, height: int, config: PretrainConfig, rng: np.random.Generator
 ) -> list[list[float]]:
     windows = []
-    areas = boxes[:, 2] * boxes[:, 3] if len(boxes) else np.zeros(0)
+    xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    areas = boxes[:, 2] * boxes[:, 3]
     for _ in range(config.background_per_image):
-        for _attempt in range(20):
+        for _attempt in range(20):  # a crowded image may have no room: then fewer background crops
             side = rng.uniform(0.1, 0.5) * min(width, height)
-            x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
-            ix = np.clip(
-                np.minimum(x0 + side, boxes[:, 0] + boxes[:, 2]) - np.maximum(x0, boxes[:, 0]), 0, None
+            corner = rng.uniform(0, [width - side, height - side])
+            overlap = np.clip(
+                np.minimum(xyxy[:, 2:], corner + side) - np.maximum(xyxy[:, :2], corner), 0, None
             )
-            iy = np.clip(
-                np.minimum(y0 + side, boxes[:, 1] + boxes[:, 3]) - np.maximum(y0, boxes[:, 1]), 0, None
-            )
-            if (
-                not len(boxes)
-                or (ix * iy <= config.background_overlap * np.minimum(areas, side * side)).all()
-            ):
-                windows.append([x0, y0, side])
+            if (overlap.prod(axis=1) <= config.background_overlap * np.minimum(areas, side * side)).all():
+                windows.append([*corner.tolist(), side])
                 break
     return windows
 

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="after the last evaluation, score a DEQ model after 0..N test-time refinement steps "
+        help="after the last evaluation, score the model after 0..N test-time refinement steps (a stack of "
+        "stages: each stage, then its last one again) "
         "(refinement_curve.json and .png in the output folder)",
     )
     g.add_argument(

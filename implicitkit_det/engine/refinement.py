@@ -1,10 +1,11 @@
-"""The refinement curve: a DEQ detector's AP after 0, 1, ..., N refinement steps at test, in one pass."""
+"""The refinement curve: a detector's AP after 0, 1, ..., N refinement steps at test, in one pass."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,40 @@ from ..evaluation import CocoEvaluator, to_coco_results
 from .evaluate import rescale_to_original
 from .process_group import unwrap
 
-__all__ = ["plot_refinement_curve", "refinement_curve", "save_refinement_curve"]
+__all__ = [
+    "plot_refinement_curve",
+    "refinement_curve",
+    "refinement_layers",
+    "save_refinement_curve",
+    "training_depth",
+]
+
+
+def refinement_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The layers a detector applies at test, one per refinement step, without end.
+
+    A DEQ detector (:class:`~implicitkit_det.models.DEQDet`, :class:`~implicitkit_det.models.DEQSparseRCNN`):
+    ``G``, then ``F`` again and again. A stack of stages (:class:`~implicitkit_det.models.AdaMixer`,
+    :class:`~implicitkit_det.models.SparseRCNN`): its stages in order, then its last stage again, the only
+    way an explicit stack can run past its depth.
+    """
+    if all(hasattr(model, name) for name in ("init_layer", "refine_layer")):
+        return itertools.chain([model.init_layer], itertools.repeat(model.refine_layer))
+    if isinstance(getattr(model, "stages", None), nn.ModuleList) and len(model.stages):
+        return itertools.chain(model.stages, itertools.repeat(model.stages[-1]))
+    raise TypeError(
+        f"the refinement curve needs a DEQ detector (init layer G, refinement layer F) or a stack of decoder "
+        f"stages (AdaMixer, Sparse R-CNN); got {type(model).__name__}"
+    )
+
+
+def training_depth(model: nn.Module) -> int | None:
+    """The step of :func:`refinement_layers` a detector was trained to: a DEQ's no-grad training steps, a
+    stack's last stage; None when the model says neither."""
+    if hasattr(model, "train_steps"):
+        return model.train_steps
+    stages = getattr(model, "stages", None)
+    return len(stages) - 1 if isinstance(stages, nn.ModuleList) else None
 
 
 @torch.no_grad()
@@ -29,14 +63,15 @@ def refinement_curve(
     device: torch.device,
     label_to_category_id: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
-    """COCO AP of ``y_n = F^n(G(q_0))`` for ``n = 0 .. max_steps``: the paper's refinement-awareness figure.
+    """COCO AP of ``y_n = L_n(... L_1(L_0(q_0)))`` for ``n = 0 .. max_steps``: the refinement-awareness figure.
 
-    Each batch goes through the backbone, ``G`` and ``max_steps`` applications of ``F`` once; the prediction
-    after every step is scored by its own evaluator, so the whole curve costs one evaluation at
-    ``max_steps`` (``n = 0`` is ``G``'s own prediction).
+    ``L_n`` are :func:`refinement_layers`: for a DEQ detector ``y_n = F^n(G(q_0))``; for an explicit stack
+    ``y_n`` is stage ``n``'s output, and past the last stage that stage applied again. Each batch goes
+    through the backbone and ``max_steps + 1`` layers once; the prediction after every layer is scored by
+    its own evaluator, so the whole curve costs one evaluation at ``max_steps``.
 
     **Arguments**
-    - `model`: a DEQ detector (:class:`~implicitkit_det.models.DEQDet` or a subclass), plain or in DDP.
+    - `model`: the detector, plain or in DDP.
     - `loader`: yields evaluation batches with ``image_id``, ``size`` and ``orig_size`` in the targets.
     - `coco_gt`: the ground truth (``dataset.coco``).
     - `max_steps`: the last step scored; beyond the training depth shows whether AP holds.
@@ -45,11 +80,7 @@ def refinement_curve(
     **Returns** one dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
     """
     model = unwrap(model).eval()
-    if not all(hasattr(model, name) for name in ("init_layer", "refine_layer", "queries")):
-        raise TypeError(
-            f"the refinement curve needs a DEQ detector with an init layer G and a refinement layer F "
-            f"(DEQDet, DEQSparseRCNN); got {type(model).__name__}"
-        )
+    refinement_layers(model)  # the model's kind is checked before any work
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     evaluators = [CocoEvaluator(coco_gt) for _ in range(max_steps + 1)]
@@ -58,11 +89,9 @@ def refinement_curve(
         sizes = model.image_sizes(batch.images, mask=batch.mask)
         features = model.features(batch.images)
         ids = [t["image_id"] for t in batch.targets]
-        state = model.init_layer(model.queries(sizes), features, sizes)
-        for n, evaluator in enumerate(evaluators):
-            if n > 0:
-                state = model.refine_layer(state, features, sizes)
-            layer = model.init_layer if n == 0 else model.refine_layer
+        state = model.queries(sizes)
+        for evaluator, layer in zip(evaluators, refinement_layers(model)):
+            state = layer(state, features, sizes)
             detections = rescale_to_original(
                 model.postprocess(layer.predict(state, sizes), sizes), batch.targets
             )

@@ -42,7 +42,7 @@ from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
 from .progress import StepLog, plot_training_curves, progress_bar
-from .refinement import refinement_curve, save_refinement_curve
+from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError
 from .run_setup import (
     RunData,
@@ -424,9 +424,7 @@ def _pictures(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo) -
         )  # fmt: skip
         say("  ".join(f"{p['steps']}: {p['AP']:.3f}" for p in curve))
         if is_main_process():
-            json_path, png = save_refinement_curve(
-                curve, cfg.output_dir, train_depth=getattr(model, "train_steps", None)
-            )
+            json_path, png = save_refinement_curve(curve, cfg.output_dir, train_depth=training_depth(model))
             say(f"refinement curve saved to {png} and {json_path}")
     if cfg.save_predictions and is_main_process():
         detector = Detector(

@@ -94,12 +94,20 @@ def test_predict_files_and_cli(trained_run, tiny_digits, tmp_path, capsys):
     assert again[0]["output"] == tmp_path / "sub" / images[0].name and again[0]["output"].is_file()
 
 
-def test_refinement_curve_refuses_an_explicit_detector(tiny_digits):
-    from implicitkit_det.models import build_model
+def test_an_explicit_stack_scores_each_stage_then_its_last_again(tiny_digits, tmp_path):
+    # AdaMixer with 3 stages: steps 0..2 are its stages, 3 and 4 its last stage applied again.
+    shared = SMALL[2 : SMALL.index("--deq-steps")]  # without the DEQ options
+    argv = [*shared, "--config", "adamixer_tiny", "--model-arg", "num_stages=3", "--epochs", "1",
+            "--data-root", str(tiny_digits.root), "--output-dir", str(tmp_path), "--refinement-curve", "4"]  # fmt: skip
+    stats = cli.main(argv)
+    saved = json.loads((tmp_path / "refinement_curve.json").read_text())
+    assert [p["steps"] for p in saved["curve"]] == [0, 1, 2, 3, 4] and saved["train_depth"] == 2
+    assert saved["curve"][2]["AP"] == pytest.approx(stats["AP"], abs=1e-9)  # the model's own output
 
-    model = build_model("adamixer_tiny", 10)
-    with pytest.raises(TypeError, match="DEQ detector"):
-        refinement_curve(model, [], None, max_steps=2, device=torch.device("cpu"))
+
+def test_refinement_curve_refuses_a_model_without_refinement_layers():
+    with pytest.raises(TypeError, match="stack of decoder"):
+        refinement_curve(torch.nn.Linear(2, 2), [], None, max_steps=2, device=torch.device("cpu"))
 
 
 def test_predict_rescales_boxes_to_the_image_given():

@@ -17,7 +17,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         prog="python -m implicitkit_det.predict", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint.pth written by a training run")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a training run's folder, or one of its checkpoint_*.pth files"
+    )
     parser.add_argument("inputs", type=Path, nargs="+", help="image files, or folders of them")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawn PNGs")
     parser.add_argument("--score", type=float, default=0.3, help="draw detections scoring at least this")

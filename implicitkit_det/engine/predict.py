@@ -59,7 +59,8 @@ def load_detector(
     """Build the model a checkpoint was trained with, load its weights, and read its input size.
 
     **Arguments**
-    - `checkpoint`: a ``checkpoint.pth`` written by a training run (``--output-dir``).
+    - `checkpoint`: a checkpoint written by a training run (``checkpoint_last.pth``, ``checkpoint_best.pth``),
+      or its run folder.
     - `device`: where to run it.
     - `image_size`, `max_size`: the evaluation resize; default the training run's.
     """

@@ -715,11 +715,8 @@ def plot_convergence(data: dict[str, Any], path: Path) -> Path | None:
             if runs:
                 n = min(len(r) for r in runs)
                 _band(ax, list(range(1, n + 1)), [r[:n] for r in runs], variant)
-        ax.set(xlabel="epoch", ylabel="AP (%)", title=claim["title"])
-        ax.set_ylim(bottom=0)
+        _label(ax, xlabel="epoch", ylabel="AP (%)", title=claim["title"])
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -746,14 +743,12 @@ def plot_refinement(data: dict[str, Any], path: Path) -> Path | None:
     ax.axvline(
         data["train_depth"], color="grey", ls="--", lw=1, label=f"training depth ({data['train_depth']})"
     )
-    ax.set(
+    _label(
+        ax,
         xlabel="refinement steps at test",
         ylabel="AP (%)",
         title="Refinement curve (AdaMixer: its stages, then its last stage again)",
     )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -777,14 +772,12 @@ def plot_memory(data: dict[str, Any], path: Path) -> Path | None:
         points = sorted(points, key=lambda r: r["depth"])
         if points:
             ax.plot([r["depth"] for r in points], [r["step_mib"] for r in points], marker="o", label=label)
-    ax.set(
+    _label(
+        ax,
         xlabel="refinement depth in training",
         ylabel="training step's memory (MiB)",
         title="Training memory against depth (tiny preset, CPU RSS)",
     )
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -802,11 +795,18 @@ def plot_early_exit(data: dict[str, Any], path: Path) -> Path | None:
         if steps and ap:
             (s, s_sd), (a, a_sd) = mean_sd(steps), mean_sd(ap)
             ax.errorbar([s], [100 * a], xerr=[s_sd], yerr=[100 * a_sd], marker="o", capsize=3, label=variant)
-    ax.set(xlabel="mean refinement steps per image", ylabel="AP (%)", title="Early exit: AP against steps")
+    _label(
+        ax, xlabel="mean refinement steps per image", ylabel="AP (%)", title="Early exit: AP against steps"
+    )
+    return _save(fig, path)
+
+
+def _label(ax: Any, **labels: str) -> None:
+    """Axis labels and title; the y axis from 0, a light grid, the legend."""
+    ax.set(**labels)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:

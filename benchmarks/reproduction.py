@@ -24,7 +24,7 @@ past the training depth, AP with early exit) hold unless significantly worse.
 Run (from the repository root)::
 
     .venv/bin/python benchmarks/reproduction.py --quick            # ~2 minutes on one core: 1 seed, 1 epoch
-    .venv/bin/python benchmarks/reproduction.py --jobs 16 --device cuda   # the full version
+    .venv/bin/python benchmarks/reproduction.py --jobs 16 --threads 1   # every variant, 3 seeds, 16 cores
     .venv/bin/python benchmarks/reproduction.py --render-docs      # paste the results into docs/reproduction.md
 
 Outputs in ``--out``: ``reproduction.json`` (every run), ``reproduction.md`` (the tables with verdicts),

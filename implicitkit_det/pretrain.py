@@ -167,8 +167,8 @@ def _normalise(crops: Tensor) -> Tensor:
 def train_classifier(crops: Tensor, labels: Tensor, config: PretrainConfig) -> tuple[torch.nn.Module, float]:
     """Train ``torchvision`` ResNet `config.backbone` on the crops; return it and its final train accuracy.
 
-    Each batch is flipped at random per crop in neither direction (a mirrored digit is another shape) but
-    its brightness and contrast are jittered, since the detector meets light and dark canvases.
+    Crops are never flipped (a mirrored digit is another shape); each crop's brightness and contrast are
+    jittered, since the detector meets light and dark canvases.
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)

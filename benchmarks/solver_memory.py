@@ -7,7 +7,8 @@ the process's RSS just before the solve (CPU), or ``torch.cuda.max_memory_alloca
 allocated before it (GPU). The heap's layout varies from process to process by a few state-sized blocks
 (4 MiB here), so each cell is the median of ``--repeats`` fresh processes. A DEQ promises that memory does not grow with the solver's steps: the growth
 from 10 to 100 steps should be small next to the 10-step figure for every estimator except ``Unrolled``,
-which keeps every step's graph by design.
+which keeps every step's graph by design; ``Unrolled-ckptK`` (``Unrolled(checkpoint_every=K)``) keeps the
+loop's state every ``K`` steps and replays the segments in backward.
 
 Run: ``.venv/bin/python benchmarks/solver_memory.py [--device cuda] [--steps 10 100]``
 """
@@ -23,7 +24,17 @@ import subprocess
 import sys
 
 SOLVERS = ("FixedPointIteration", "Anderson", "Broyden")
-ESTIMATORS = ("IFT", "JFB", "RAG", "Phantom", "Neumann", "Unrolled", "none")
+ESTIMATORS = (
+    "IFT",
+    "JFB",
+    "RAG",
+    "Phantom",
+    "Neumann",
+    "Unrolled",
+    "Unrolled-ckpt1",
+    "Unrolled-ckpt10",
+    "none",
+)
 
 
 def _rss_bytes() -> int:
@@ -49,6 +60,8 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
         "Phantom": ik.Phantom(k=5, tau=0.5),
         "Neumann": ik.Neumann(k=5),
         "Unrolled": ik.Unrolled(),
+        "Unrolled-ckpt1": ik.Unrolled(checkpoint_every=1),
+        "Unrolled-ckpt10": ik.Unrolled(checkpoint_every=10),
         "none": ik.JFB(),
     }
 
@@ -67,6 +80,8 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
 
     with torch.no_grad():  # one warm-up application: the BLAS and allocator set up their buffers
         f(x)
+    # Checkpointing imports torch._dynamo on its first use: about 150 MiB of code, not memory the solve holds.
+    import torch._dynamo  # noqa: F401
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

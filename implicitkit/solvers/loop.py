@@ -7,15 +7,18 @@ then a process's memory grows with the step count even though nothing large is k
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..stats import FixedPointError, Result, SolverStats
 
@@ -48,6 +51,7 @@ def iterate(
     perturbation: FlatPerturbation | None = None,
     capture: Iterable[int] = (),
     on_failure: str | None = None,
+    checkpoint_every: int | None = None,
 ) -> SolveResult:
     """Iterate ``f`` from ``z0`` (``[B, D]``) with ``solver``'s steps until every sample stops.
 
@@ -64,6 +68,8 @@ def iterate(
             contributes its returned value.
         on_failure: overrides ``solver.on_failure`` (an estimator that owns the failure policy passes
             ``"report"``).
+        checkpoint_every: with autograd on, keep only the loop's state every this many steps and recompute
+            the steps between in the backward pass (see :func:`_run_checkpointed`); ``None`` keeps them all.
 
     Returns:
         A :class:`SolveResult`.
@@ -77,60 +83,82 @@ def iterate(
     rule = None if fixed_count else solver  # who decides which samples go on
     batch, steps = z0.shape[0], solver.max_iter
     history = _History(steps, batch, z0, solver.stop_mode)
-    memory = solver.init(z0)
-    z = last = best_value = z0
-    best_res = history.best[0]
-    limit = best_res  # divergence_factor times each sample's first absolute residual, set at step 1
-    captured: dict[int, Tensor] = {}
     autocast_on = torch.is_autocast_enabled(z0.device.type)
-    all_active = True  # known from the last host sync; a full batch skips its masking ops
-    taken, active = 0, history.active_rows[0]
-    for k in range(1, steps + 1):
-        taken = k
-        act = history.active_rows[k - 1]  # the samples this step moves
-        if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
-            act = act.clone()
-        if perturbation is not None:
-            z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
-        fz = f(z)
-        with torch.no_grad():
-            abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
-            if k == 1:
-                limit = solver.divergence_factor * abs_res
-            improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
-            if not reads_host:
-                n_active, n_improved = batch, -1  # no stopping, no host sync
+    # divergence_factor times each sample's first absolute residual (``limit``) is set at step 1; before it
+    # the best residual is inf. ``all_active`` is known from the last host sync: a full batch skips masking.
+    start_carry = _Carry(
+        z=z0, last=z0, best_value=z0, best_res=history.best[0], limit=history.best[0],
+        active=history.active_rows[0], all_active=True, memory=solver.init(z0),
+    )  # fmt: skip
+
+    def run(carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
+        """Steps ``start..stop`` from ``carry``, which is left as it was (a checkpoint replays from it)."""
+        z, last, best_value, best_res = carry.z, carry.last, carry.best_value, carry.best_res
+        limit, active, all_active, taken = carry.limit, carry.active, carry.all_active, carry.taken
+        memory = copy.copy(carry.memory)  # solvers update their memory's fields in place
+        captured: dict[int, Tensor] = {}
+        done = False
+        for k in range(start, stop + 1):
+            taken = k
+            act = history.active_rows[k - 1]  # the samples this step moves
+            if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
+                act = act.clone()
+            if perturbation is not None:
+                z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
+            fz = f(z)
+            with torch.no_grad():
+                abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
+                if k == 1:
+                    limit = solver.divergence_factor * abs_res
+                improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
+                if not reads_host:
+                    n_active, n_improved = batch, -1  # no stopping, no host sync
+                else:
+                    active, n_active, n_improved, probe = history.stop(
+                        rule, k, limit, improved, all_active, fz_norm
+                    )
+                    if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
+                        abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
+                        improved = torch.lt(res, best_res, out=history.improved)
+                        active, n_active, n_improved, _ = history.stop(
+                            rule, k, limit, improved, False, fz_norm
+                        )
+                if n_improved == batch:  # the usual case: every sample improved, no masking needed
+                    best_res = res
+                else:
+                    best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
+            if (
+                n_improved != batch
+            ):  # (unrolled: the mask saved for backward must not see the next step's write)
+                mask = improved.clone() if torch.is_grad_enabled() else improved
+                best_value = torch.where(mask[:, None], fz, best_value)
             else:
-                active, n_active, n_improved, probe = history.stop(
-                    rule, k, limit, improved, all_active, fz_norm
-                )
-                if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
-                    abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
-                    improved = torch.lt(res, best_res, out=history.improved)
-                    active, n_active, n_improved, _ = history.stop(rule, k, limit, improved, False, fz_norm)
-            if n_improved == batch:  # the usual case: every sample improved, no masking needed
-                best_res = res
+                best_value = fz
+            last = fz if all_active else torch.where(act[:, None], fz, last)
+            if k in capture:
+                captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
+            if n_active == 0 or k == steps:
+                done = True
+                break
+            if autocast_on:
+                # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
+                # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
+                with torch.autocast(z.device.type, enabled=False):
+                    proposal = solver.step(memory, z, fz)
             else:
-                best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
-        if n_improved != batch:  # (unrolled: the mask saved for backward must not see the next step's write)
-            mask = improved.clone() if torch.is_grad_enabled() else improved
-            best_value = torch.where(mask[:, None], fz, best_value)
-        else:
-            best_value = fz
-        last = fz if all_active else torch.where(act[:, None], fz, last)
-        if k in capture:
-            captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
-        if n_active == 0 or k == steps:
-            break
-        if autocast_on:
-            # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
-            # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
-            with torch.autocast(z.device.type, enabled=False):
                 proposal = solver.step(memory, z, fz)
-        else:
-            proposal = solver.step(memory, z, fz)
-        all_active = n_active == batch
-        z = proposal if all_active else torch.where(active[:, None].clone(), proposal, z)
+            all_active = n_active == batch
+            z = proposal if all_active else torch.where(active[:, None].clone(), proposal, z)
+        end = _Carry(z, last, best_value, best_res, limit, active, all_active, memory, taken, done)
+        return end, captured
+
+    if checkpoint_every is None or not torch.is_grad_enabled():
+        carry, captured = run(start_carry, 1, steps)
+    else:
+        carry, captured = _run_checkpointed(run, start_carry, steps, checkpoint_every)
+    taken, best_value, best_res, limit, last = (
+        carry.taken, carry.best_value, carry.best_res, carry.limit, carry.last
+    )  # fmt: skip
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
@@ -141,6 +169,74 @@ def iterate(
             raise FixedPointError(stats.failure_message(), stats)
         warnings.warn(stats.failure_message(), RuntimeWarning, stacklevel=3)
     return SolveResult(best_value, last, stats, captured)
+
+
+@dataclass
+class _Carry:
+    """What one step hands to the next, besides the history buffers (written once per step, in place)."""
+
+    z: Tensor
+    last: Tensor
+    best_value: Tensor
+    best_res: Tensor
+    limit: Tensor
+    active: Tensor
+    all_active: bool
+    memory: Any
+    taken: int = 0
+    done: bool = False
+
+
+Run = Callable[[_Carry, int, int], "tuple[_Carry, dict[int, Tensor]]"]
+
+
+def _run_checkpointed(run: Run, carry: _Carry, steps: int, every: int) -> tuple[_Carry, dict[int, Tensor]]:
+    """Run the loop in segments of ``every`` steps, each one an activation checkpoint.
+
+    A segment keeps only the state it started from; backward replays it with autograd (the same operations
+    on the same values, so the gradient is exactly the plain unrolled one) and frees it before the one
+    before it. Autograd memory thus holds ``steps / every`` loop states plus one segment's graphs. The
+    replay is compared with the forward pass, so a map or solver that does not repeat itself raises
+    instead of giving a wrong gradient.
+    """
+    captured: dict[int, Tensor] = {}
+    for start in range(1, steps + 1, every):
+        stop = min(start + every - 1, steps)
+        # The best residual lives in buffers the later steps overwrite: the replay needs its own copy.
+        carry = dataclasses.replace(carry, best_res=carry.best_res.clone())
+        segment = _Segment(run, start, stop)
+        # z is passed on its own so that checkpoint sees the device whose random state it must restore.
+        carry, found = checkpoint(segment, carry.z, carry, use_reentrant=False, early_stop=False)
+        segment.forward_end = carry.z.detach()  # detached: no reference cycle through the graph
+        captured.update(found)
+        if carry.done:
+            break
+    return carry, captured
+
+
+class _Segment:
+    """Steps ``start..stop`` of the loop as a function of their starting state, for :func:`checkpoint`."""
+
+    def __init__(self, run: Run, start: int, stop: int) -> None:
+        self.run, self.start, self.stop = run, start, stop
+        self.forward_end: Tensor | None = None
+
+    def __call__(self, z: Tensor, carry: _Carry) -> tuple[_Carry, dict[int, Tensor]]:
+        end, captured = self.run(dataclasses.replace(carry, z=z), self.start, self.stop)
+        if self.forward_end is not None:  # the backward pass's replay
+            same = torch.allclose(
+                end.z.detach(), self.forward_end.detach(), rtol=1e-4, atol=1e-6, equal_nan=True
+            )
+            if not same:
+                raise RuntimeError(
+                    f"Replaying solver steps {self.start}-{self.stop} for the backward pass of "
+                    "Unrolled(checkpoint_every=...) gave a different state than the forward pass, so its "
+                    "gradient would be wrong. The map, the perturbation or the solver does not repeat itself: "
+                    "draw random numbers from torch's global generator (checkpointing restores it, not a "
+                    "torch.Generator of your own), update solver memory out of place, or pass "
+                    "checkpoint_every=None."
+                )
+        return end, captured
 
 
 class _History:

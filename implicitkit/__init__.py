@@ -9,6 +9,7 @@ from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
 from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, PolynomialAdjoint, Unrolled
 from .graph_memory import GraphMemory
+from .layers import PerSolve, SolveScope, VariationalDropout, new_solve, spectral_norm, weight_norm
 from .linearize import Linearization
 from .perturbation import GaussianPerturbation, Perturbation
 from .regularize import jacobian_frobenius
@@ -36,17 +37,23 @@ __all__ = [
     "Linearization",
     "Neumann",
     "Path",
+    "PerSolve",
     "Perturbation",
     "Phantom",
     "PolynomialAdjoint",
     "Result",
     "SharedInputs",
     "Solution",
+    "SolveScope",
     "Solver",
     "SolverStats",
     "Unrolled",
+    "VariationalDropout",
     "fixed_point",
     "gradient_audit",
     "jacobian_frobenius",
+    "new_solve",
+    "spectral_norm",
     "spectral_radius",
+    "weight_norm",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch._C._functorch import TransformType, peek_interpreter_stack
@@ -25,6 +26,7 @@ def fixed_point(
     gradient: GradientEstimator | None = None,
     perturbation: Perturbation | None = None,
     capture: Iterable[int] = (),
+    has_aux: bool = False,
 ) -> Solution:
     """Find ``z* = f(z*)`` from ``z0`` and return it with a gradient estimate attached.
 
@@ -35,7 +37,8 @@ def fixed_point(
     Arguments:
         f: maps a state to a state of the same structure: a tensor ``[B, ...]`` or a tuple/list/dict of
             tensors whose first dimension is the batch ``B``. Samples must not interact inside ``f``.
-        z0: the starting state. An empty batch (``B = 0``) returns an empty solution without calling ``f``.
+        z0: the starting state. An empty batch (``B = 0``) returns an empty solution without solving (with
+            ``has_aux``, ``f`` is called once on it, for its aux).
         solver: default ``Anderson()``; ``tol=None`` on any solver is a fixed count of ``max_iter`` steps.
         gradient: default ``IFT()``.
         perturbation: ``(state, step) -> state`` applied before each solver step (steps count from 1); pass it
@@ -43,6 +46,11 @@ def fixed_point(
         capture: solver steps after which to keep the state for path supervision: ``Solution.path`` holds
             the state after each (ascending, ``Solution.path.steps``) passed through ``gradient``, built when
             accessed (see ``docs/path_supervision.md``).
+        has_aux: ``f`` returns a pair ``(state, aux)``, ``aux`` any output besides the state (a tensor, a
+            pytree of tensors, anything). The solver iterates on the state only; ``Solution.aux`` is the aux
+            of the evaluation that belongs to ``value``, with its graph: for IFT, Neumann and Unrolled one more
+            evaluation of ``f`` at the returned ``z*``, for JFB, Phantom and RAG their last grad-attached
+            application. Path branches hold states only.
 
     Returns:
         A :class:`Solution`: ``value, stats = fixed_point(...)``; also ``.last`` and ``.path``.
@@ -50,12 +58,14 @@ def fixed_point(
     solver = solver if solver is not None else Anderson()
     gradient = gradient if gradient is not None else IFT()
     _refuse_vmap()
+    f_aux = _pair_checked(f) if has_aux else None
+    f_state = (lambda z: f_aux(z)[0]) if has_aux else f
     spec = spec_of(z0)
     if spec.batch_size == 0:
-        return _empty_solution(z0, solver, capture)
+        return _empty_solution(z0, solver, capture, f_aux)
 
     def f_flat(z):
-        return flatten(f(unflatten(z, spec)), spec)
+        return flatten(f_state(unflatten(z, spec)), spec)
 
     flat_perturbation = None
     if perturbation is not None:
@@ -69,7 +79,12 @@ def fixed_point(
     backward_stats: list = []
 
     def attach(z_flat):
-        return gradient.attach(f, unflatten(z_flat, spec), backward_stats.append)
+        return gradient.attach(f_state, unflatten(z_flat, spec), backward_stats.append)
+
+    def value_and_aux():
+        if f_aux is None:
+            return attach(result.value), None
+        return gradient.attach_with_aux(f_aux, unflatten(result.value, spec), backward_stats.append)
 
     shared_graph = any(x.requires_grad for x in result.captured.values())
     path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=shared_graph)
@@ -78,7 +93,7 @@ def fixed_point(
         unflatten(result.last, spec),
         path,
         backward_stats,
-        _make_value=lambda: attach(result.value),
+        _make_value=value_and_aux,
     )
 
 
@@ -92,8 +107,29 @@ def _refuse_vmap() -> None:
         )
 
 
-def _empty_solution(z0: State, solver: Solver, capture: Iterable[int]) -> Solution:
-    """The solution of an empty batch: ``z0`` itself (with its structure) and zero-sized stats."""
+def _pair_checked(f: Callable[[State], Any]) -> Callable[[State], tuple[State, Any]]:
+    """``f`` of ``has_aux=True``, raising a clear error when it does not return a ``(state, aux)`` pair."""
+
+    def f_aux(z):
+        out = f(z)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else f"a {type(out).__name__}"
+            raise TypeError(
+                f"With has_aux=True the map must return a pair (state, aux), but it returned {got}. Return "
+                "`new_state, aux` (aux may be any object), or drop has_aux=True if there is no auxiliary output."
+            )
+        return out
+
+    return f_aux
+
+
+def _empty_solution(
+    z0: State, solver: Solver, capture: Iterable[int], f_aux: Callable[[State], tuple[State, Any]] | None
+) -> Solution:
+    """The solution of an empty batch: ``z0`` itself (with its structure) and zero-sized stats.
+
+    With ``has_aux`` the map is evaluated once on the empty state, for the aux of the empty batch.
+    """
     device = leaves_of(z0)[0][0].device
     empty = torch.zeros(0, device=device)
     stats = SolverStats(
@@ -108,4 +144,5 @@ def _empty_solution(z0: State, solver: Solver, capture: Iterable[int]) -> Soluti
         solver=type(solver).__name__,
     )
     steps = sorted({int(k) for k in capture})
-    return Solution(stats, z0, Path(steps, lambda k: z0), _value=z0)
+    aux = None if f_aux is None else f_aux(z0)[1]
+    return Solution(stats, z0, Path(steps, lambda k: z0), _value=z0, _aux=aux)

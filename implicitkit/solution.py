@@ -105,6 +105,9 @@ class Solution:
         path: the states after the requested ``capture`` steps (:class:`Path`), empty when none were asked.
         backward_stats: the :class:`~implicitkit.AdjointStats` of every adjoint solve run by backward passes
             through this solution or its path (IFT), appended as they happen.
+        aux: with ``has_aux=True``, the auxiliary output of the evaluation of ``f`` that belongs to ``value``
+            (which one depends on the estimator, see ``GradientEstimator.attach_with_aux``), with its graph,
+            so gradients reach it as they reach ``value``; built with ``value``. ``None`` without ``has_aux``.
     """
 
     stats: SolverStats
@@ -112,14 +115,20 @@ class Solution:
     path: Path
     backward_stats: list[AdjointStats] = field(default_factory=list)
     _value: Any = field(default=_UNREAD, repr=False)
-    _make_value: Callable[[], State] | None = field(default=None, repr=False)
+    _aux: Any = field(default=None, repr=False)
+    _make_value: Callable[[], tuple[State, Any]] | None = field(default=None, repr=False)
 
     @property
     def value(self) -> State:
         if self._value is _UNREAD:
-            self._value = self._make_value()
+            self._value, self._aux = self._make_value()
             self._make_value = None
         return self._value
+
+    @property
+    def aux(self) -> Any:
+        self.value  # noqa: B018 (value and aux are built together)
+        return self._aux
 
     def __iter__(self) -> Iterator:
         yield self.value
@@ -130,13 +139,13 @@ class Solution:
 
 
 def _flatten_solution(sol: Solution):
-    return [sol.value, sol.last], (sol.stats, sol.path, sol.backward_stats)
+    return [sol.value, sol.last, sol.aux], (sol.stats, sol.path, sol.backward_stats)
 
 
 def _unflatten_solution(children, context) -> Solution:
-    value, last = children
+    value, last, aux = children
     stats, path, backward_stats = context
-    return Solution(stats, last, path, backward_stats, _value=value)
+    return Solution(stats, last, path, backward_stats, _value=value, _aux=aux)
 
 
 pytree.register_pytree_node(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
 
 Map = Callable[[State], State]
+AuxMap = Callable[[State], "tuple[State, Any]"]  # f with has_aux: state -> (state, aux)
 VJP = Callable[[Tensor], Tensor]
 Recorder = Callable[[SolverStats], None]
 
@@ -56,6 +58,18 @@ class GradientEstimator(ABC):
             record: called with the stats of any solve done in the backward pass (IFT's adjoint solve).
         """
 
+    def attach_with_aux(self, f: AuxMap, z_star: State, record: Recorder | None = None) -> tuple[State, Any]:
+        """:meth:`attach` for a map that also returns an auxiliary output: ``(output, aux)``.
+
+        Here ``aux`` comes from one more evaluation of ``f`` at the estimator's output, with its graph:
+        ``aux(f(attach(z*)))``. For IFT, Neumann and Unrolled, whose output is ``z*`` itself, that is the aux
+        at the fixed point, and a loss on it is differentiated through ``z*`` by the estimator's own rule.
+        Estimators whose output is an application of ``f`` (JFB, Phantom, RAG) override it to return the aux
+        of their last grad-attached application instead, at no extra cost.
+        """
+        value = self.attach(lambda z: f(z)[0], z_star, record)
+        return value, f(value)[1]
+
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
@@ -71,3 +85,15 @@ class PolynomialAdjoint(GradientEstimator):
     @abstractmethod
     def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
         """The adjoint ``u`` (flat ``[B, D]``) such that this estimator's gradient is ``u df/dtheta``."""
+
+
+class LastAux:
+    """``f`` without its aux, remembering the aux of its latest call (for estimators that apply ``f``)."""
+
+    def __init__(self, f: AuxMap) -> None:
+        self._f = f
+        self.aux: Any = None
+
+    def __call__(self, z: State) -> State:
+        state, self.aux = self._f(z)
+        return state

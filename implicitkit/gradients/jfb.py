@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from .._tree import State, tree_map
-from .base import VJP, Map, PolynomialAdjoint, Recorder
+from .base import VJP, AuxMap, LastAux, Map, PolynomialAdjoint, Recorder
 
 
 class JFB(PolynomialAdjoint):
@@ -19,6 +21,11 @@ class JFB(PolynomialAdjoint):
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         return f(tree_map(lambda x: x.detach(), z_star))
+
+    def attach_with_aux(self, f: AuxMap, z_star: State, record: Recorder | None = None) -> tuple[State, Any]:
+        """The output ``f(sg(z*))`` and the aux of that same application."""
+        f_state = LastAux(f)
+        return self.attach(f_state, z_star, record), f_state.aux
 
     def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
         return g

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._tree import State, tree_map
-from .base import GradientEstimator, Map, Recorder
+from .base import AuxMap, GradientEstimator, LastAux, Map, Recorder
 
 
 class Phantom(GradientEstimator):
@@ -33,3 +35,8 @@ class Phantom(GradientEstimator):
             fz = f(z)
             z = fz if self.tau == 1.0 else tree_map(lambda a, b: (1.0 - self.tau) * a + self.tau * b, z, fz)
         return z
+
+    def attach_with_aux(self, f: AuxMap, z_star: State, record: Recorder | None = None) -> tuple[State, Any]:
+        """The output and the aux of the last (the ``k``-th) grad-attached application of ``f``."""
+        f_state = LastAux(f)
+        return self.attach(f_state, z_star, record), f_state.aux

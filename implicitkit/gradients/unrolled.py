@@ -37,7 +37,9 @@ class Unrolled(GradientEstimator):
 
     def __init__(self, checkpoint_every: int | None = None) -> None:
         if checkpoint_every is not None and (
-            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every < 1
         ):
             raise ValueError(
                 f"checkpoint_every must be a positive number of steps, or None to keep every step's graph; "

@@ -81,7 +81,8 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
     with torch.no_grad():  # one warm-up application: the BLAS and allocator set up their buffers
         f(x)
     # Checkpointing imports torch._dynamo on its first use: about 150 MiB of code, not memory the solve holds.
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
+
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

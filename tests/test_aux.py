@@ -42,7 +42,9 @@ def solve(estimator, w, x, v, solver=None):
         new = state_map(z, w, x)
         return new, {"a": new @ v, "name": "energy"}
 
-    return ik.fixed_point(f, torch.zeros_like(x), solver=solver or ik.Anderson(**TIGHT), gradient=estimator, has_aux=True)
+    return ik.fixed_point(
+        f, torch.zeros_like(x), solver=solver or ik.Anderson(**TIGHT), gradient=estimator, has_aux=True
+    )
 
 
 def fixed_point_of(w, x):

@@ -1,0 +1,107 @@
+"""``Unrolled(checkpoint_every=k)``: the plain unrolled gradient exactly, with memory for ``steps / k`` states.
+
+The reference is plain ``Unrolled()`` in float64 (itself checked against IFT and dense solves in
+``test_gradients.py``): the checkpointed replay must repeat the forward's operations on the same values, so the
+two agree to rounding (1e-12), including per-sample stopping, Anderson's and Broyden's memory and the path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from problems import contraction
+
+import implicitkit as ik
+
+B, D = 4, 5
+
+
+def grads(gradient, solver, *, capture=(), perturbation=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = contraction(D, 0.8, gen).requires_grad_()
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    sol = ik.fixed_point(
+        lambda z: torch.tanh(z @ w.T + x),
+        torch.zeros(B, D, dtype=torch.float64),
+        solver=solver,
+        gradient=gradient,
+        capture=capture,
+        perturbation=perturbation,
+    )
+    loss = (c * sol.value).sum() + sum((c * z).square().sum() for z in sol.path)
+    return torch.autograd.grad(loss, (w, x)), sol
+
+
+SOLVERS = {
+    "FixedPointIteration (tol)": ik.FixedPointIteration(tol=1e-9, max_iter=60),
+    "FixedPointIteration (count)": ik.FixedPointIteration(tol=None, max_iter=23),
+    "Anderson": ik.Anderson(tol=1e-10, max_iter=60),
+    "Broyden": ik.Broyden(tol=1e-10, max_iter=60),
+}
+
+
+@pytest.mark.parametrize("every", [1, 4, 100])
+@pytest.mark.parametrize("solver", list(SOLVERS.values()), ids=list(SOLVERS))
+def test_checkpointed_gradient_equals_plain_unrolled(solver, every):
+    (ref_w, ref_x), ref = grads(ik.Unrolled(), solver, capture=(2, 7))
+    (got_w, got_x), sol = grads(ik.Unrolled(checkpoint_every=every), solver, capture=(2, 7))
+    assert torch.equal(sol.stats.nstep, ref.stats.nstep)
+    if isinstance(solver, (ik.FixedPointIteration, ik.Anderson)) and solver.tol is not None:
+        assert ref.stats.nstep.unique().numel() > 1  # samples stop at different steps: masks are replayed
+    assert torch.allclose(got_w, ref_w, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(got_x, ref_x, rtol=1e-12, atol=1e-14)
+
+
+def test_perturbation_from_the_global_generator_is_replayed_one_of_its_own_raises():
+    solver = ik.FixedPointIteration(tol=None, max_iter=12)
+    pert = ik.GaussianPerturbation(prob=1.0, scale=0.1)
+    (ref_w, _), _ = grads(ik.Unrolled(), solver, perturbation=pert)
+    (got_w, _), _ = grads(ik.Unrolled(checkpoint_every=5), solver, perturbation=pert)
+    assert torch.allclose(got_w, ref_w, rtol=1e-12, atol=1e-14)
+    own = ik.GaussianPerturbation(prob=1.0, scale=0.1, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        RuntimeError, match=r"Replaying solver steps 11-12 .*different state.*torch.Generator"
+    ):
+        grads(ik.Unrolled(checkpoint_every=5), solver, perturbation=own)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_checkpoint_every_must_be_a_positive_step_count(bad):
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive number of steps"):
+        ik.Unrolled(checkpoint_every=bad)
+
+
+CHILD = """
+import os, resource, torch
+import implicitkit as ik
+import torch._dynamo  # checkpointing imports it on first use: code, not memory the solve holds
+torch.set_num_threads(1)
+x = torch.randn(256, 2048, generator=torch.Generator().manual_seed(0))
+w = torch.ones(2048, requires_grad=True)
+f = lambda z: 0.9 * torch.tanh(z * w) + x
+f(x)
+base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+for every in (10, None):  # the smaller peak first: the process's peak only grows
+    sol = ik.fixed_point(f, torch.zeros_like(x), solver=ik.FixedPointIteration(tol=1e-30, max_iter=100),
+                         gradient=ik.Unrolled(checkpoint_every=every))
+    sol.value.sum().backward()
+    del sol
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20)
+"""
+
+
+def test_peak_rss_of_100_steps_drops_with_checkpoints():
+    """A state is 2 MiB: plain unrolling keeps two per step (about 400 MiB), every 10 steps about 10 + 10."""
+    # Large blocks straight from mmap: glibc's default heap can keep freed state-sized blocks pinned by the
+    # graph's small allocations between them, which hides the saving from RSS (see docs/benchmarks.md).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    checkpointed, plain = (float(line) for line in out.stdout.split())
+    assert checkpointed < plain / 3, f"peak RSS {plain:.0f} MiB plain, {checkpointed:.0f} MiB checkpointed"

@@ -139,12 +139,15 @@ class Solution:
 
 
 def _flatten_solution(sol: Solution):
-    return [sol.value, sol.last, sol.aux], (sol.stats, sol.path, sol.backward_stats)
+    # The aux is a child only when there is one, so a solution without has_aux keeps two children.
+    has_aux = sol.aux is not None
+    children = [sol.value, sol.last, sol.aux] if has_aux else [sol.value, sol.last]
+    return children, (sol.stats, sol.path, sol.backward_stats, has_aux)
 
 
 def _unflatten_solution(children, context) -> Solution:
-    value, last, aux = children
-    stats, path, backward_stats = context
+    stats, path, backward_stats, has_aux = context
+    value, last, aux = children if has_aux else (*children, None)
     return Solution(stats, last, path, backward_stats, _value=value, _aux=aux)
 
 

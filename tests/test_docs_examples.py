@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from docs_blocks import ROOT, blocks_of, pages
 
 PAGES = [p for p in pages() if any(b.skip_reason is None for b in blocks_of(p))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.autograd.functional import jacobian
+from torch.nn.parallel.distributed import _find_tensors
 from torch.utils import _pytree as pytree
 
 import implicitkit as ik
@@ -138,7 +139,8 @@ def test_aux_is_a_pytree_child_and_empty_batches_evaluate_it():
     w, x, v, *_ = problem()
     sol = solve(ik.IFT(), w, x, v.requires_grad_())
     leaves, spec = pytree.tree_flatten(sol)
-    assert any(leaf is sol.aux["a"] for leaf in leaves)  # DDP and pytree users see the aux tensors
+    assert any(leaf is sol.aux["a"] for leaf in leaves)  # DDP's output sink and pytree users see it
+    assert any(t is sol.aux["a"] for t in _find_tensors(sol))  # as does find_unused_parameters
     rebuilt = pytree.tree_unflatten(leaves, spec)
     assert rebuilt.aux["a"] is sol.aux["a"] and rebuilt.aux["name"] == "energy"
     empty = solve(ik.IFT(), w, x[:0], v)

@@ -58,6 +58,27 @@ def test_checkpointed_gradient_equals_plain_unrolled(solver, every):
     assert torch.allclose(got_x, ref_x, rtol=1e-12, atol=1e-14)
 
 
+def test_path_backward_retains_the_checkpointed_graph_for_the_value():
+    """``Path.backward`` back-propagates branch by branch (retaining the shared unrolled graph), then the value."""
+    solver = ik.FixedPointIteration(tol=None, max_iter=10)
+    got = []
+    for every in (None, 3):
+        gen = torch.Generator().manual_seed(0)
+        w = contraction(D, 0.8, gen).requires_grad_()
+        x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+        sol = ik.fixed_point(
+            lambda z, w=w, x=x: torch.tanh(z @ w.T + x),
+            torch.zeros(B, D, dtype=torch.float64),
+            solver=solver,
+            gradient=ik.Unrolled(checkpoint_every=every),
+            capture=(2, 5, 8),
+        )
+        sol.path.backward(lambda z: z.square().sum())
+        sol.value.sum().backward()
+        got.append(w.grad)
+    assert torch.allclose(got[0], got[1], rtol=1e-12, atol=1e-14)
+
+
 def test_perturbation_from_the_global_generator_is_replayed_one_of_its_own_raises():
     solver = ik.FixedPointIteration(tol=None, max_iter=12)
     pert = ik.GaussianPerturbation(prob=1.0, scale=0.1)

@@ -146,6 +146,7 @@ def test_weight_norm_once_per_solve_with_exact_gradient_to_g_and_v(monkeypatch):
     sol = deq(torch.zeros_like(x), x)
     (c * sol.value).sum().backward()
     assert calls[0] == 1 and int(sol.stats.nstep.max()) > 5
+    assert cell.training and int(sol.stats.converged.sum()) == B
     deq(torch.zeros_like(x), x)
     assert calls[0] == 2
     g = cell.lin.parametrizations.weight.original0
@@ -208,6 +209,7 @@ def test_spectral_norm_advances_once_per_solve_with_exact_gradient(monkeypatch):
         calls[0] == 1 and torch.allclose(norm._u, u1, atol=1e-14) and torch.allclose(norm._v, v1, atol=1e-14)
     )
     assert not torch.allclose(u0, u1)
+    assert cell.training and int(sol.stats.converged.sum()) == B
 
     def f(z, ww):
         return torch.tanh(0.5 * (z @ (ww / (u1 @ ww @ v1)).T + cell.lin.bias.detach()) + x)

@@ -53,7 +53,7 @@ def fixed_point(
             application. Path branches hold states only.
 
     Returns:
-        A :class:`Solution`: ``value, stats = fixed_point(...)``; also ``.last`` and ``.path``.
+        A :class:`Solution`: ``value, stats = fixed_point(...)``; also ``.last``, ``.path`` and ``.aux``.
     """
     solver = solver if solver is not None else Anderson()
     gradient = gradient if gradient is not None else IFT()

@@ -29,6 +29,7 @@ class Unrolled(GradientEstimator):
     gradient is exactly the plain unrolled one. Randomness inside the map (dropout) is replayed from the
     global generator's saved state; a replay that does not reproduce its segment's forward pass (a
     ``torch.Generator`` of the cell's own, a solver that mutates its memory in place) raises an error.
+    The replay builds an ordinary graph, so second derivatives stay exact.
 
     Arguments:
         checkpoint_every: segment length ``k`` in steps; ``None`` (default) keeps every step's graph.

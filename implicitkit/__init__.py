@@ -7,7 +7,18 @@ attaches a gradient to it, and an optional perturbation disturbs the path while 
 from .deq import DEQ
 from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
-from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, PolynomialAdjoint, Unrolled
+from .gradients import (
+    IFT,
+    JFB,
+    RAG,
+    GradientEstimator,
+    Neumann,
+    Phantom,
+    PolynomialAdjoint,
+    Reversible,
+    ReversibleStats,
+    Unrolled,
+)
 from .graph_memory import GraphMemory
 from .linearize import Linearization
 from .perturbation import GaussianPerturbation, Perturbation
@@ -40,6 +51,8 @@ __all__ = [
     "Phantom",
     "PolynomialAdjoint",
     "Result",
+    "Reversible",
+    "ReversibleStats",
     "SharedInputs",
     "Solution",
     "Solver",

@@ -68,17 +68,17 @@ def fixed_point(
     )
     backward_stats: list = []
 
-    def attach(z_flat):
-        return gradient.attach(f, unflatten(z_flat, spec), backward_stats.append)
+    def attach(step):
+        return gradient.attach_result(f, result, step, spec, backward_stats.append)
 
     shared_graph = any(x.requires_grad for x in result.captured.values())
-    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=shared_graph)
+    path = Path(sorted(result.captured), attach, shared_graph=shared_graph)
     return Solution(
         result.stats,
         unflatten(result.last, spec),
         path,
         backward_stats,
-        _make_value=lambda: attach(result.value),
+        _make_value=lambda: attach(None),
     )
 
 

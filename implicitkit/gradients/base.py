@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .._tree import State
+from .._tree import State, StateSpec, unflatten
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
@@ -55,6 +55,17 @@ class GradientEstimator(ABC):
             z_star: the state the solve returned (detached unless :meth:`solve` kept a graph).
             record: called with the stats of any solve done in the backward pass (IFT's adjoint solve).
         """
+
+    def attach_result(
+        self, f: Map, result: SolveResult, step: int | None, spec: StateSpec, record: Recorder | None = None
+    ) -> State:
+        """The estimator's output for a solve's value (``step=None``) or for its state captured after ``step``.
+
+        By default :meth:`attach` at that state. An estimator whose :meth:`solve` keeps more than the state
+        (:class:`~implicitkit.Reversible`: the partner state and the step count) reads it from ``result`` here.
+        """
+        z_flat = result.value if step is None else result.captured[step]
+        return self.attach(f, unflatten(z_flat, spec), record)
 
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]

@@ -8,7 +8,7 @@ operation that the call did not itself produce, and that requires grad, is one o
 graph then checks that nothing else feeds a gradient, so a tensor the watch missed is an error, not a
 silently dropped gradient.
 
-:meth:`ClosureInputs.call` evaluates ``f`` with each of those tensors swapped for a detached alias that
+:meth:`ClosureInputs.vjp` evaluates ``f`` with each of those tensors swapped for a detached alias that
 requires grad: ``torch.autograd.grad`` with respect to the aliases gives the partial derivatives of ``f``
 alone, and never traverses the graph that produced the inputs (an encoder's), however often it is called.
 """
@@ -100,11 +100,18 @@ class ClosureInputs:
                 if nxt is not None and (id(nxt), nr) not in stops:
                     stack.append((nxt, nr))
 
-    def call(self, f: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``f(z)`` with a graph to a fresh leaf copy of ``z`` and to aliases of :attr:`tensors`.
+    def vjp(
+        self, f: Callable[[Tensor], Tensor], z: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        """``f(z)`` and the products ``v df/dz`` and ``v df/dt`` for each closure tensor ``t``, from one call of f.
+
+        Inside the call each closure tensor is swapped for a detached alias, so the products are partial
+        derivatives of ``f`` alone and never traverse the graph that produced the tensors. A tensor that
+        reaches an operation the watch does not see (inside a custom ``autograd.Function``, say) keeps its
+        own edge; its product is then taken at the tensor itself and added.
 
         Returns:
-            ``(f(z), z_leaf, aliases)``: differentiate ``f(z)`` with respect to ``z_leaf`` and ``aliases``.
+            ``(f(z) detached, v df/dz, [v df/dt or None])``.
         """
         z_leaf = z.detach().requires_grad_()
         aliases = [t.detach().requires_grad_() for t in self.tensors]
@@ -114,7 +121,19 @@ class ClosureInputs:
         if watch.found:
             shapes = ", ".join(str(tuple(t.shape)) for t in watch.found.values())
             raise RuntimeError(_MISSED.format(what=f"f used tensors it had not used before ({shapes})."))
-        return out, z_leaf, aliases
+        if not out.requires_grad:
+            return out.detach(), torch.zeros_like(v), [None] * len(self.tensors)
+        inputs = [z_leaf, *aliases, *self.tensors]
+        parts = torch.autograd.grad(out, inputs, v.to(out.dtype), allow_unused=True)
+        n = len(self.tensors)
+        products = [_add(a, b) for a, b in zip(parts[1 : 1 + n], parts[1 + n :], strict=True)]
+        return out.detach(), parts[0] if parts[0] is not None else torch.zeros_like(v), products
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 def _edge_key(t: Tensor) -> tuple[int, int]:

@@ -44,25 +44,40 @@ class Reversible(GradientEstimator):
     ``||(y_{n+1}, z_{n+1}) - (y_n, z_n)||`` (divided by ``||(y_{n+1}, z_{n+1})||`` under ``"rel"``), which near
     the fixed point is ``beta sqrt(2) ||f(z) - z||`` (``"abs"``) or ``beta ||f(z) - z|| / ||f(z)||`` (``"rel"``).
 
-    Rebuilding the iterates divides by ``1 - beta`` at every step, and the iteration contracts: in floating
-    point each step loses about ``log2(1 / rate)`` bits of the earlier iterates, so the rebuilt path drifts
-    from the forward one as the step count grows, faster in float32. Each backward pass records a
-    :class:`ReversibleStats` (in ``Solution.backward_stats``) with the error of the rebuilt start ``z_0``; see
-    ``docs/gradients.md`` for measured errors. Use few steps (the paper's models take 4 to 8), or float64.
-    ``f`` must be deterministic (hold dropout masks fixed within a solve) and may not take a perturbation.
+    Undoing a step divides by ``1 - beta``: a step shrinks the pair's volume by ``(1 - beta)^2`` per
+    coordinate, so in floating point it loses about ``2 log2(1 / |1 - beta|)`` bits of the earlier iterates
+    (4.6 bits at ``beta = 0.8``), and the rebuilt path drifts from the forward one exponentially in the number
+    of steps undone: the gradient is exact to rounding for a few steps (about 5 in float32 and 10 in float64
+    at ``beta = 0.8``, twice that at ``beta = 0.5``), then degrades. ``checkpoint_every=k`` stores the pair
+    every ``k`` steps (states only, no activations) and restarts the rebuilding from each, which bounds the
+    drift by that of ``k`` steps at the price of memory growing as ``steps / k``. Each backward pass records
+    a :class:`ReversibleStats` in ``Solution.backward_stats``, with the drift measured against every known
+    state; ``docs/gradients.md`` has measured errors. ``f`` must be deterministic (hold dropout masks fixed
+    within a solve) and may not take a perturbation.
 
     Arguments:
         beta: the relaxation, in ``(0, 2)`` and not 1 (where a step cannot be undone).
+        checkpoint_every: store the pair after every this many steps; ``None`` (the paper's scheme) stores
+            nothing, so memory does not grow with the steps.
 
     Reference: McCallum, Arora & Foster, "Reversible deep equilibrium models", 2025 (arXiv 2509.12917).
     """
 
-    def __init__(self, beta: float = 0.8) -> None:
+    def __init__(self, beta: float = 0.8, *, checkpoint_every: int | None = None) -> None:
         if not 0.0 < beta < 2.0 or beta == 1.0:
             raise ValueError(
                 f"beta must lie in (0, 2) and not be 1 (a step with beta = 1 cannot be undone), got {beta}."
             )
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(
+                f"checkpoint_every must be a positive step count or None, got {checkpoint_every}."
+            )
         self.beta = float(beta)
+        self.checkpoint_every = checkpoint_every
+
+    def __repr__(self) -> str:
+        every = "" if self.checkpoint_every is None else f", checkpoint_every={self.checkpoint_every}"
+        return f"Reversible(beta={self.beta:g}{every})"
 
     def solve(
         self,
@@ -82,17 +97,17 @@ class Reversible(GradientEstimator):
             y = torch.lerp(y, f(z), beta)
             return torch.cat([y, torch.lerp(z, f(y), beta)], dim=1)
 
+        capture = {int(k) for k in capture}
+        every = self.checkpoint_every
+        checkpoints = set(range(every, solver.max_iter, every)) if every else set()
         with torch.no_grad():
             start = z0.detach()
-            run = iterate(
-                solver, step, torch.cat([start, start], dim=1), capture=capture, on_failure="report"
-            )
+            pair0 = torch.cat([start, start], dim=1)
+            run = iterate(solver, step, pair0, capture=capture | checkpoints, on_failure="report")
         stats = dataclasses.replace(run.stats, solver=repr(self))
         _apply_failure_policy(solver.on_failure, stats)
         best = _best_steps(stats)
-        ends = {
-            k: _End(pair, torch.where(stats.nstep >= k, k, best), dim) for k, pair in run.captured.items()
-        }
+        ends = {k: _End(run.captured[k], torch.where(stats.nstep >= k, k, best), dim) for k in capture}
         value = _End(run.value, best, dim)
         return _ReversibleResult(
             value=value.z,
@@ -100,6 +115,7 @@ class Reversible(GradientEstimator):
             stats=stats,
             captured={k: end.z for k, end in ends.items()},
             ends={None: value, **ends},
+            checkpoints={k: (run.captured[k][:, :dim], run.captured[k][:, dim:]) for k in checkpoints},
             z0=z0,
         )
 
@@ -118,7 +134,9 @@ class Reversible(GradientEstimator):
         closure = ClosureInputs(f_flat, end.z)
         if not closure.tensors and not result.z0.requires_grad:
             return unflatten(end.z, spec)  # nothing could receive a gradient
-        sweep = _Sweep(f_flat, closure, self.beta, end, result.z0.detach(), record, repr(self))
+        sweep = _Sweep(
+            f_flat, closure, self.beta, end, result.checkpoints, result.z0.detach(), record, repr(self)
+        )
         return unflatten(_Reverse.apply(sweep, result.z0, *closure.tensors), spec)
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
@@ -148,8 +166,9 @@ class ReversibleStats:
 
     Attributes:
         nstep: the steps undone (those taken up to the differentiated state).
-        reconstruction_error: the largest absolute difference between the rebuilt start, both states of the
-            pair, and the true ``z0``: the drift of the rebuilt path, 0 in exact arithmetic.
+        reconstruction_error: the largest absolute difference between a rebuilt state (either of the pair)
+            and the known one: ``z0`` at the start, and each stored pair under ``checkpoint_every``. It
+            measures the drift of the rebuilt path, 0 in exact arithmetic.
         estimator: the estimator's name, for messages.
     """
 
@@ -183,6 +202,7 @@ class _ReversibleResult(SolveResult):
     """A solve's result with the pair and step count of each differentiable output (key: step, or None)."""
 
     ends: dict[int | None, _End] = dataclasses.field(default_factory=dict)
+    checkpoints: dict[int, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)
     z0: Tensor | None = None
 
 
@@ -213,11 +233,13 @@ class _Sweep:
         closure: ClosureInputs,
         beta: float,
         end: _End,
+        checkpoints: dict[int, tuple[Tensor, Tensor]],
         z0: Tensor,
         record: Recorder | None,
         name: str,
     ) -> None:
-        self.f, self.closure, self.beta, self.end, self.z0 = f, closure, beta, end, z0
+        self.f, self.closure, self.beta, self.end = f, closure, beta, end
+        self.known = {**checkpoints, 0: (z0, z0)}  # states the rebuilt path can be checked against
         self.record, self.name = record, name
 
     def run(self, grad_z: Tensor) -> tuple[Tensor, list[Tensor | None]]:
@@ -226,6 +248,7 @@ class _Sweep:
         y, z, steps = self.end.y, self.end.z, self.end.steps
         a_z, a_y = grad_z.to(z.dtype), torch.zeros_like(z)
         grads: list[Tensor | None] = [None] * len(self.closure.tensors)
+        error = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         for n in range(int(steps.max()) if steps.numel() else 0, 0, -1):
             moving = (steps >= n).unsqueeze(1)  # the samples whose step n is undone here
             # z_n = keep z_{n-1} + beta f(y_n): undo it, and pull a_z back to y_n and z_{n-1}.
@@ -238,23 +261,23 @@ class _Sweep:
             y = torch.where(moving, (y - beta * fz) / keep, y)
             a_z = a_z + j_z
             a_y = torch.where(moving, keep * a_y, a_y)
-        self._report(steps, y, z)
+            if n - 1 in self.known:  # a stored pair: measure the drift, and restart from the exact states
+                y_known, z_known = self.known[n - 1]
+                drift = torch.maximum((y - y_known).abs().amax(dim=1), (z - z_known).abs().amax(dim=1))
+                error = torch.where(moving.squeeze(1), torch.maximum(error, drift), error)
+                y, z = torch.where(moving, y_known, y), torch.where(moving, z_known, z)
+        self._report(steps, error)
         return a_z + a_y, grads  # y_0 = z_0 = z0
 
     def _vjp(self, point: Tensor, v: Tensor, grads: list[Tensor | None]) -> tuple[Tensor, Tensor]:
         """``f(point)`` (detached) and ``v df/dz`` there; adds ``v df/d(closure)`` into ``grads``."""
-        out, leaf, aliases = self.closure.call(self.f, point)
-        if not out.requires_grad:
-            return out.detach(), torch.zeros_like(v)
-        parts = torch.autograd.grad(out, [leaf, *aliases], v.to(out.dtype), allow_unused=True)
-        for i, part in enumerate(parts[1:]):
+        out, j, products = self.closure.vjp(self.f, point, v)
+        for i, part in enumerate(products):
             if part is not None:
                 grads[i] = part if grads[i] is None else grads[i] + part
-        j = parts[0] if parts[0] is not None else torch.zeros_like(v)
-        return out.detach(), j
+        return out, j
 
-    def _report(self, steps: Tensor, y: Tensor, z: Tensor) -> None:
-        error = torch.maximum((y - self.z0).abs().amax(dim=1), (z - self.z0).abs().amax(dim=1))
+    def _report(self, steps: Tensor, error: Tensor) -> None:
         stats = ReversibleStats(steps.clone(), error, self.name)
         if self.record is not None:
             self.record(stats)
@@ -262,8 +285,9 @@ class _Sweep:
         if bool(bad.any()):
             warnings.warn(
                 f"{self.name}: rebuilding the forward path overflowed for {int(bad.sum())}/{bad.numel()} samples "
-                "(each undone step divides by 1 - beta), so their gradients are not finite. Take fewer steps, "
-                "solve in float64, or use IFT for long solves.",
+                "(each undone step divides by 1 - beta), so their gradients are not finite. Pass "
+                "Reversible(checkpoint_every=k) to restart from a stored pair every k steps, take fewer "
+                "steps, or solve in float64.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -7,7 +7,8 @@ the process's RSS just before the solve (CPU), or ``torch.cuda.max_memory_alloca
 allocated before it (GPU). The heap's layout varies from process to process by a few state-sized blocks
 (4 MiB here), so each cell is the median of ``--repeats`` fresh processes. A DEQ promises that memory does not grow with the solver's steps: the growth
 from 10 to 100 steps should be small next to the 10-step figure for every estimator except ``Unrolled``,
-which keeps every step's graph by design.
+which keeps every step's graph by design. ``Reversible`` (one step is a step of its pair, two applications
+of the map) keeps nothing per step; ``Reversible/10`` stores the pair every 10 steps, 2 states each.
 
 Run: ``.venv/bin/python benchmarks/solver_memory.py [--device cuda] [--steps 10 100]``
 """
@@ -23,7 +24,9 @@ import subprocess
 import sys
 
 SOLVERS = ("FixedPointIteration", "Anderson", "Broyden")
-ESTIMATORS = ("IFT", "JFB", "RAG", "Phantom", "Neumann", "Unrolled", "none")
+ESTIMATORS = ("IFT", "JFB", "RAG", "Phantom", "Neumann", "Unrolled", "Reversible", "Reversible/10", "none")
+# Reversible runs its own iteration and takes only the budget of a plain FixedPointIteration.
+REVERSIBLE = ("Reversible", "Reversible/10")
 
 
 def _rss_bytes() -> int:
@@ -49,6 +52,8 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
         "Phantom": ik.Phantom(k=5, tau=0.5),
         "Neumann": ik.Neumann(k=5),
         "Unrolled": ik.Unrolled(),
+        "Reversible": ik.Reversible(beta=0.8),
+        "Reversible/10": ik.Reversible(beta=0.8, checkpoint_every=10),
         "none": ik.JFB(),
     }
 
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for solver in args.solvers:
         for estimator in args.estimators:
+            if estimator in REVERSIBLE and solver != "FixedPointIteration":
+                continue
             mib = []
             for steps in args.steps:
                 cmd = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch)]

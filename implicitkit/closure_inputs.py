@@ -23,9 +23,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 _MISSED = (
-    "{what} Reversible differentiates f at many points and must find every tensor f closes over that needs a "
-    "gradient by watching the torch operations f calls; pass such tensors through torch operations (not a "
-    "C extension that bypasses __torch_function__), and keep which tensors f uses the same from call to call."
+    "{what} Reversible differentiates f at many points, so it finds the tensors f closes over that need a "
+    "gradient (parameters, inputs) by watching the torch operations f calls. Run f's operations with torch "
+    "function handling enabled (not under torch._C.DisableTorchFunction, nor in a C extension that bypasses "
+    "__torch_function__), and use the same tensors in every call of f."
 )
 
 
@@ -35,7 +36,8 @@ class _Watch(TorchFunctionMode):
     def __init__(self, own: list[Tensor], aliases: dict[int, Tensor] | None = None) -> None:
         super().__init__()
         self.aliases = aliases or {}
-        self._kept = list(own)  # kept alive so that their ids stay unique during the call
+        # Ids of what the call made. One may be reused once its tensor dies, but never by a closure tensor:
+        # those live through the whole call, so an id seen here cannot be theirs.
         self._produced = {id(t) for t in own}
         self.found: dict[int, Tensor] = {}
 
@@ -44,7 +46,6 @@ class _Watch(TorchFunctionMode):
         out = func(*args, **kwargs)
         for t in pytree.tree_leaves(out):
             if isinstance(t, Tensor):
-                self._kept.append(t)
                 self._produced.add(id(t))
         return out
 
@@ -120,7 +121,9 @@ class ClosureInputs:
             out = f(z_leaf)
         if watch.found:
             shapes = ", ".join(str(tuple(t.shape)) for t in watch.found.values())
-            raise RuntimeError(_MISSED.format(what=f"f used tensors it had not used before ({shapes})."))
+            raise RuntimeError(
+                _MISSED.format(what=f"f used tensors requiring grad that the first call did not ({shapes}).")
+            )
         if not out.requires_grad:
             return out.detach(), torch.zeros_like(v), [None] * len(self.tensors)
         inputs = [z_leaf, *aliases, *self.tensors]

@@ -238,6 +238,19 @@ def test_what_f_closes_over_gets_its_gradient():
     assert_close(grads((run(ik.Reversible(0.8)) * c).sum(), params), want)
 
 
+def test_a_tensor_the_watch_cannot_see_is_an_error_not_a_lost_gradient():
+    w = torch.eye(D, dtype=F64).mul(0.5).requires_grad_()
+
+    def f(z):
+        with torch._C.DisableTorchFunction():  # hides w from the watch
+            h = z @ w
+        return torch.tanh(h) + 1
+
+    sol = ik.fixed_point(f, torch.zeros(B, D, dtype=F64), solver=fixed_count(3), gradient=ik.Reversible())
+    with pytest.raises(RuntimeError, match="watching the torch operations"):
+        sol.value.sum().backward()
+
+
 def test_deq_module_and_no_grad():
     torch.manual_seed(1)
     cell = nn.Sequential(nn.Linear(D, D), nn.Tanh()).double()

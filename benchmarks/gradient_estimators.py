@@ -622,7 +622,7 @@ def plan(args: Any) -> Plan:
         digits_limit=None,
         drift_width=64,
         drift_steps=[5, 10, 20, 40, 80],
-        drift_settings=[(0.5, None), (0.8, None), (0.8, 5)],
+        drift_settings=[(0.5, None), (0.5, 3), (0.8, None), (0.8, 2), (0.8, 5)],
         only=args.only,
     )
 

@@ -35,8 +35,8 @@ class Reversible(GradientEstimator):
     ``z_n = (z_{n+1} - beta f(y_{n+1})) / (1 - beta)`` then ``y_n = (y_{n+1} - beta f(z_n)) / (1 - beta)``,
     so the backward pass rebuilds every iterate from the last pair instead of storing it, applying the VJPs
     of ``f`` as it goes: the gradient is that of the steps actually taken (the same as :class:`Unrolled`
-    through this iteration), at two applications of f forward and two with a VJP backward per step, with one
-    graph of ``f`` alive at a time. Gradients reach ``z0`` too.
+    through this iteration), at two applications of f forward and two with a VJP backward per step, with the
+    graph of one application of ``f`` alive at a time. Gradients reach ``z0`` too.
 
     The solver only gives the budget: pass ``FixedPointIteration(tol=..., max_iter=...)`` (plain, no damping:
     ``beta`` is this iteration's relaxation). One step of the solve is one step of the pair (two applications
@@ -47,8 +47,8 @@ class Reversible(GradientEstimator):
     Undoing a step divides by ``1 - beta``: a step shrinks the pair's volume by ``(1 - beta)^2`` per
     coordinate, so in floating point it loses about ``2 log2(1 / |1 - beta|)`` bits of the earlier iterates
     (4.6 bits at ``beta = 0.8``), and the rebuilt path drifts from the forward one exponentially in the number
-    of steps undone: the gradient is exact to rounding for a few steps (about 5 in float32 and 10 in float64
-    at ``beta = 0.8``, twice that at ``beta = 0.5``), then degrades. ``checkpoint_every=k`` stores the pair
+    of steps undone: the gradient is exact to rounding for a few steps (in float64 about 5 at ``beta = 0.8``
+    and 10 at ``beta = 0.5``; in float32 about 5 at ``beta = 0.5`` and none at 0.8), then degrades. ``checkpoint_every=k`` stores the pair
     every ``k`` steps (states only, no activations) and restarts the rebuilding from each, which bounds the
     drift by that of ``k`` steps at the price of memory growing as ``steps / k``. Each backward pass records
     a :class:`ReversibleStats` in ``Solution.backward_stats``, with the drift measured against every known

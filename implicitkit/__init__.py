@@ -26,7 +26,7 @@ from .regularize import jacobian_frobenius
 from .shared_inputs import SharedInputs
 from .solution import Path, Solution
 from .solvers import Anderson, Broyden, FixedPointIteration, Solver
-from .stats import AdjointStats, FixedPointError, Result, SolverStats
+from .stats import AdjointStats, FixedPointError, FixedPointWarning, Result, SolverStats
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "Broyden",
     "FixedPointError",
     "FixedPointIteration",
+    "FixedPointWarning",
     "GaussianPerturbation",
     "GradientAudit",
     "GradientEstimator",

@@ -66,7 +66,16 @@ def leaves_of(state: State) -> tuple[list[Tensor], pytree.TreeSpec]:
 
 
 def spec_of(state: State) -> StateSpec:
+    """The structure of a solve's state; refuses a state with no dimension besides the batch."""
     leaves, treespec = leaves_of(state)
+    if all(leaf.dim() == 1 for leaf in leaves):
+        shape = tuple(leaves[0].shape)
+        raise ValueError(
+            f"The fixed-point state has no dimension besides the batch (leaf 0 has shape {shape}), so nothing "
+            f"says whether {shape[0]} is a batch or one sample's size. One sample of {shape[0]} numbers: pass "
+            f"z0[None] (shape (1, {shape[0]})); {shape[0]} samples of one number each: pass z0[:, None]. (A "
+            "1-D leaf is read as one number per sample only beside a leaf with more dimensions.)"
+        )
     return StateSpec(treespec, tuple(x.shape for x in leaves), tuple(x.dtype for x in leaves))
 
 

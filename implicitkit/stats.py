@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -32,14 +35,24 @@ _MESSAGES = {
         "residual stalls, the map may not be contractive here (add damping or a Jacobian regulariser)"
     ),
     Result.diverged: (
-        "diverged (the residual grew past divergence_factor times its first value): the map is likely not "
-        "contractive; add damping, normalisation or a Jacobian regulariser"
+        "diverged (the residual or the state's norm grew past divergence_factor times its first value, or "
+        "the state grew 100-fold while the residual did not shrink): the map is likely not contractive here "
+        "or has no fixed point; add damping, normalisation or a Jacobian regulariser (if the fixed point "
+        "really lies that far from z0, raise divergence_factor)"
     ),
     Result.nonfinite: (
         "produced NaN or inf: check the inputs and initial state for NaN, and the cell for overflow (lower "
         "the learning rate, add normalisation, or compute in float32)"
     ),
 }
+
+
+class FixedPointWarning(RuntimeWarning):
+    """Some samples of a solve failed under a warning failure policy (the default ``on_failure="warn"``).
+
+    Shown once per call site and kind of failure; filter it like any warning, e.g.
+    ``warnings.simplefilter("error", ik.FixedPointWarning)``, or pass ``on_failure="report"``.
+    """
 
 
 class FixedPointError(RuntimeError):
@@ -150,3 +163,38 @@ class AdjointStats(SolverStats):
 
     fell_back: Tensor | None = None
     fallback: str | None = None
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_WARNED: set[tuple] = set()
+
+
+def warn_at_call_site(message: str, key: tuple = ()) -> None:
+    """Issue a :class:`FixedPointWarning` attributed to the first frame outside implicitkit and torch.
+
+    Shown once per call site and ``key`` (the kinds of failure), whatever the counts in the text, unless a
+    warnings filter asks for every occurrence (``"always"``, ``"error"``, as ``pytest.warns`` does).
+    """
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    site = (frame.f_code.co_filename, frame.f_lineno, key)
+    if site in _WARNED and _filter_action(message, frame) not in ("always", "error"):
+        return
+    _WARNED.add(site)
+    warnings.warn(message, FixedPointWarning, stacklevel=level)
+
+
+def _filter_action(message: str, frame) -> str:
+    """The action the warnings filters give a FixedPointWarning with this text raised at ``frame``."""
+    module = frame.f_globals.get("__name__", "")
+    for action, text, category, module_pattern, lineno in warnings.filters:
+        if (
+            (text is None or text.match(message))
+            and issubclass(FixedPointWarning, category)
+            and (module_pattern is None or module_pattern.match(module))
+            and lineno in (0, frame.f_lineno)
+        ):
+            return action
+    return warnings.defaultaction

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from docs_blocks import ROOT, blocks_of, pages
 
 PAGES = [p for p in pages() if any(b.skip_reason is None for b in blocks_of(p))]
@@ -16,6 +15,7 @@ PAGES = [p for p in pages() if any(b.skip_reason is None for b in blocks_of(p))]
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    monkeypatch.setenv("IMPLICITKIT_CACHE", str(tmp_path / "cache"))  # the digits sets a page builds
     torch.manual_seed(0)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for block in blocks_of(page):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from .._tree import State
 from ..solvers import Anderson, Solver, iterate
-from ..stats import AdjointStats, FixedPointError, SolverStats
+from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
 
@@ -63,7 +62,8 @@ class IFT(GradientEstimator):
                 )
         elif not isinstance(on_failure, GradientEstimator):
             raise TypeError(
-                f"on_failure must be 'raise', 'warn' or a GradientEstimator, got {type(on_failure).__name__}."
+                f"on_failure must be 'report', 'warn', 'raise' or an estimator such as JFB(), got "
+                f"{type(on_failure).__name__}."
             )
         elif not isinstance(on_failure, PolynomialAdjoint):
             raise TypeError(
@@ -99,11 +99,10 @@ class IFT(GradientEstimator):
                 stats,
             )
         if fallback == "best_iterate" and self.on_failure == "warn":
-            warnings.warn(
+            warn_at_call_site(
                 f"{stats.failure_message()} Using the best adjoint iterate for those samples; pass "
                 "IFT(on_failure=JFB()) to fall back to a cheaper estimator instead.",
-                RuntimeWarning,
-                stacklevel=2,
+                key=("adjoint", *sorted(set(stats.result.tolist()))),
             )
         return u
 

@@ -11,7 +11,7 @@ from .base import Solver, replace_row
 
 
 @dataclass
-class _History:
+class _AndersonMemory:
     fz: Tensor  # [B, m, D] images f(z_i) of the last m iterates
     g: Tensor  # [B, m, D] their residuals f(z_i) - z_i
     ones: Tensor  # [B, m, 1] right-hand side of the weights' linear system
@@ -49,17 +49,17 @@ class Anderson(Solver):
             raise ValueError(f"beta must lie in (0, 1], got {beta}.")
         self.m, self.beta, self.lam = int(m), float(beta), float(lam)
 
-    def init(self, z0: Tensor) -> _History:
+    def init(self, z0: Tensor) -> _AndersonMemory:
         batch, dim = z0.shape
         m = self.m
-        return _History(
+        return _AndersonMemory(
             fz=z0.new_zeros(batch, m, dim),
             g=z0.new_zeros(batch, m, dim),
             ones=z0.new_ones(batch, m, 1),
             eye=torch.eye(m, dtype=z0.dtype, device=z0.device),
         )
 
-    def step(self, memory: _History, z: Tensor, fz: Tensor) -> Tensor:
+    def step(self, memory: _AndersonMemory, z: Tensor, fz: Tensor) -> Tensor:
         slot = memory.count % self.m
         memory.count += 1
         n = min(memory.count, self.m)

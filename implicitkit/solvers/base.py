@@ -2,12 +2,12 @@
 
 A solver holds configuration only (budget, stop rule, failure policy) and says how to propose the next
 iterate from the current one and its image under the map (:meth:`Solver.init` and :meth:`Solver.step`).
-Which samples are done is decided by one rule for all solvers (:meth:`Solver.terminate`).
+Which samples are done is decided by one rule for all solvers (:meth:`Solver.continues`).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,28 +27,48 @@ def replace_row(buffer: Tensor, slot: int, row: Tensor) -> Tensor:
     return buffer
 
 
-class Solver(ABC):
+class _Frozen(ABCMeta):
+    """Freezes an instance once its class's ``__init__`` has run: a solver's settings are fixed at construction."""
+
+    def __call__(cls, *args, **kwargs):
+        instance = super().__call__(*args, **kwargs)
+        object.__setattr__(instance, "_frozen", True)
+        return instance
+
+
+class Solver(ABC, metaclass=_Frozen):
     """Finds ``z* = f(z*)`` for a batch of samples, each stopping on its own.
 
     Every sample ``b`` is iterated until its residual ``r_b = ||f(z_b) - z_b||`` (``stop_mode="abs"``) or
-    ``r_b / ||f(z_b)||`` (``"rel"``) is at most ``tol``; from then on it is frozen, so its value and step
-    count do not depend on the rest of the batch. The value returned for a sample is ``f(z_k)`` at the step
-    ``k`` with the lowest residual, never worse than the last. A sample whose map returns NaN/inf, or whose
-    absolute residual grows past ``divergence_factor`` times its first one, is stopped and flagged.
+    ``r_b / ||f(z_b)||`` (``"rel"``) is at most ``tol``; from then on it is frozen. Samples do not interact
+    in the solver's own arithmetic, so a sample's steps and value are those it would get alone, up to the
+    round-off of the cell itself (a batched matmul may round differently from a single one, and an
+    accelerated solver can amplify that difference). The value returned for a sample is ``f(z_k)`` at the step
+    ``k`` with the lowest residual, never worse than the last.
+
+    A sample is stopped and flagged when its map returns NaN/inf (``nonfinite``), or as ``diverged`` when its
+    absolute residual or its state's norm grows past ``divergence_factor`` times its first value, or when it
+    meets ``tol`` only because its state grew (100-fold, with the absolute residual not halved: a map with no
+    fixed point, such as ``z + 1``, iterated off to infinity). ``successful`` means a fixed point to ``tol``;
+    it says nothing of stability: Anderson and Broyden can converge to a repelling fixed point (spectral
+    radius of ``J`` above 1) that plain iteration would leave; check with :func:`~implicitkit.spectral_radius`.
 
     With ``tol=None`` the solve is a fixed count: every sample takes exactly ``max_iter`` steps, nothing is
     read back to the host during the loop, and only NaN/inf is reported as a failure.
+
+    Settings are fixed at construction (assigning one raises); :meth:`replace` makes a changed copy.
 
     Arguments:
         tol: residual at which a sample counts as converged, or ``None`` for exactly ``max_iter`` steps.
         max_iter: most applications of the map per sample; the solve always returns after at most this many.
         stop_mode: ``"abs"`` or ``"rel"``, the residual the stop rule (and ``stats.residual``) uses.
         on_failure: what a failed sample leads to, in the vocabulary that :class:`~implicitkit.IFT` uses for
-            the backward solve: ``"report"`` (in the stats only), ``"warn"`` (also a ``RuntimeWarning`` with
-            the message) or ``"raise"`` (a :class:`~implicitkit.FixedPointError` naming the cause and fix).
+            the backward solve: ``"warn"`` (a :class:`~implicitkit.FixedPointWarning` with the counts, the
+            cause and the fix, once per call site), ``"report"`` (in the stats only) or ``"raise"`` (a
+            :class:`~implicitkit.FixedPointError`).
         throw: ``True`` is ``on_failure="raise"``.
-        divergence_factor: how much the absolute residual may grow over its first value before the sample is
-            declared diverged.
+        divergence_factor: how much the absolute residual, or the state's norm, may grow over its first value
+            before the sample is declared diverged.
     """
 
     def __init__(
@@ -57,7 +77,7 @@ class Solver(ABC):
         tol: float | None = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
-        on_failure: str = "report",
+        on_failure: str = "warn",
         throw: bool = False,
         divergence_factor: float = 1e4,
     ) -> None:
@@ -77,6 +97,27 @@ class Solver(ABC):
         self.on_failure = "raise" if throw else on_failure
         self.divergence_factor = float(divergence_factor)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"{type(self).__name__}'s settings are fixed at construction, so setting {name!r} would be "
+                f"ignored or half-applied; make a changed copy instead: solver = solver.replace({name}=...)."
+            )
+        super().__setattr__(name, value)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this solver."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def replace(self, **changes: Any) -> Solver:
+        """A copy with some settings changed, e.g. ``solver.replace(max_iter=100, on_failure="raise")``."""
+        unknown = set(changes) - set(self.settings()) - {"throw"}
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} has no setting {sorted(unknown)}; it has {sorted(self.settings())}."
+            )
+        return type(self)(**{**self.settings(), **changes})
+
     # -- what a concrete solver provides -------------------------------------------------------------
     @abstractmethod
     def init(self, z0: Tensor) -> Any:
@@ -87,11 +128,11 @@ class Solver(ABC):
         """Propose the next iterate from ``z`` and ``f(z)``, updating ``memory`` in place."""
 
     # -- the stop rule, the same for every solver ----------------------------------------------------
-    def terminate(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor:
-        """``[B]`` bool, True for the samples that go on: those above ``tol``.
+    def continues(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[B]`` bool, True for the samples that go on: those whose residual is above ``tol``.
 
-        The loop also stops a sample whose absolute residual grew past ``divergence_factor`` times its first;
-        NaN fails both comparisons, so a sample that produced NaN stops.
+        The loop also stops a sample whose absolute residual, or whose state's norm, grew past
+        ``divergence_factor`` times its first; NaN fails every comparison, so a sample that produced NaN stops.
         """
         return torch.gt(residual, self.tol, out=out)
 
@@ -107,5 +148,4 @@ class Solver(ABC):
         return iterate(self, f, z0, perturbation=perturbation, capture=capture)
 
     def __repr__(self) -> str:
-        keys = [k for k in vars(self) if not k.startswith("_")]
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"

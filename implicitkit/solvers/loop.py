@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..stats import FixedPointError, Result, SolverStats
+from ..stats import FixedPointError, Result, SolverStats, warn_at_call_site
 
 if TYPE_CHECKING:
     from .base import Solver
@@ -28,6 +27,11 @@ FlatPerturbation = Callable[[Tensor, int], Tensor]
 FAILURE_POLICIES = ("report", "warn", "raise")
 # Keeps the relative residual finite at a fixed point of (near) zero norm.
 _REL_EPS = 1e-8
+# A sample whose state grew this many times its starting size while its absolute residual stayed above this
+# fraction of its first value made no progress towards a fixed point: only the relative residual shrank, by
+# the growth of its denominator (a map with no fixed point, iterated off to infinity).
+_NO_PROGRESS_GROWTH = 100.0
+_NO_PROGRESS_RESIDUAL = 0.5
 
 
 @dataclass
@@ -76,11 +80,11 @@ def iterate(
     reads_host = not fixed_count or z0.device.type == "cpu"
     rule = None if fixed_count else solver  # who decides which samples go on
     batch, steps = z0.shape[0], solver.max_iter
-    history = _History(steps, batch, z0, solver.stop_mode)
+    history = _Record(steps, batch, z0, solver.stop_mode)
     memory = solver.init(z0)
     z = last = best_value = z0
     best_res = history.best[0]
-    limit = best_res  # divergence_factor times each sample's first absolute residual, set at step 1
+    limits = None  # set at step 1 from each sample's first residual and size
     captured: dict[int, Tensor] = {}
     autocast_on = torch.is_autocast_enabled(z0.device.type)
     all_active = True  # known from the last host sync; a full batch skips its masking ops
@@ -96,18 +100,18 @@ def iterate(
         with torch.no_grad():
             abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
             if k == 1:
-                limit = solver.divergence_factor * abs_res
+                limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
             improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
             if not reads_host:
                 n_active, n_improved = batch, -1  # no stopping, no host sync
             else:
-                active, n_active, n_improved, probe = history.stop(
-                    rule, k, limit, improved, all_active, fz_norm
-                )
+                active, n_active, n_improved, probe = history.stop(rule, k, limits, improved, all_active)
                 if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
                     abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
+                    if k == 1:
+                        limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
                     improved = torch.lt(res, best_res, out=history.improved)
-                    active, n_active, n_improved, _ = history.stop(rule, k, limit, improved, False, fz_norm)
+                    active, n_active, n_improved, _ = history.stop(rule, k, limits, improved, False)
             if n_improved == batch:  # the usual case: every sample improved, no masking needed
                 best_res = res
             else:
@@ -134,21 +138,55 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, best_res, limit, last)
+    stats = history.stats(solver, taken, best_res, limits, last)
     policy = solver.on_failure if on_failure is None else on_failure
     if policy != "report" and not stats.all_converged:
         if policy == "raise":
             raise FixedPointError(stats.failure_message(), stats)
-        warnings.warn(stats.failure_message(), RuntimeWarning, stacklevel=3)
+        warn_at_call_site(
+            f"{stats.failure_message()} Pass on_failure='report' to the solver to keep failures in the stats "
+            "only, or on_failure='raise' to stop with a FixedPointError.",
+            key=tuple(sorted(set(stats.result.tolist()))),
+        )
     return SolveResult(best_value, last, stats, captured)
 
 
-class _History:
+@dataclass
+class _Limits:
+    """Per-sample bounds set at step 1, past which a sample is stopped as diverged.
+
+    ``residual``: ``divergence_factor`` times the first absolute residual (the map pushes the state away);
+    ``size``: ``divergence_factor`` times the larger of ``||z_0||`` and ``||f(z_0)||`` (the state runs off,
+    even where the residual stays flat, as for ``z + 1``). ``first_residual`` and ``first_size`` are kept for
+    the no-progress test of :meth:`_Record.stats`.
+    """
+
+    residual: Tensor
+    size: Tensor
+    first_residual: Tensor
+    first_size: Tensor
+
+    @classmethod
+    def at_first_step(cls, factor: float, abs_res: Tensor, z: Tensor, fz_norm: Tensor) -> _Limits:
+        first_size = torch.maximum(_scaled_norm(z.detach(), inplace=False), fz_norm)
+        first_residual = abs_res.clone()
+        return cls(factor * first_residual, factor * first_size, first_residual, first_size)
+
+    def no_progress(self, size: Tensor, abs_res: Tensor) -> Tensor:
+        """``[B]``: the state grew ``_NO_PROGRESS_GROWTH`` times its starting size while its absolute residual
+        stayed above ``_NO_PROGRESS_RESIDUAL`` times its first one: it ran off instead of approaching a fixed
+        point (in ``"rel"`` mode its residual may still have met ``tol``, by the growth of the denominator).
+        """
+        grew = size > _NO_PROGRESS_GROWTH * self.first_size
+        return grew & (abs_res > _NO_PROGRESS_RESIDUAL * self.first_residual)
+
+
+class _Record:
     """Everything the loop keeps between steps, in buffers allocated once and written in place.
 
     ``active[k - 1]`` marks the samples that step ``k`` moves; ``abs`` and ``res`` hold each step's absolute
-    and stop-mode residuals (one buffer in ``"abs"`` mode); ``best`` is a pair of buffers that the best
-    residual alternates between when only some samples improved.
+    and stop-mode residuals (one buffer in ``"abs"`` mode) and ``size`` each step's ``||f(z)||``; ``best`` is a
+    pair of buffers that the best residual alternates between when only some samples improved.
     """
 
     def __init__(self, steps: int, batch: int, like: Tensor, stop_mode: str) -> None:
@@ -156,87 +194,84 @@ class _History:
         self.steps, self.stop_mode = steps, stop_mode
         self.abs = new(steps, batch)
         self.res = self.abs if stop_mode == "abs" else new(steps, batch)
+        self.size = new(steps, batch)
         self.active = torch.ones(steps + 1, batch, device=like.device, dtype=torch.bool)  # a spare last row
         self.best = new(2, batch).fill_(torch.inf)
         # Scratch for every per-step temporary: small tensors that outlive a step between the map's large
         # temporaries are what fragments the heap. f(z) - z is reused too: one large allocation less.
         self._diff = torch.empty_like(like)
-        self._norm, self._denominator = new(batch), new(batch)
+        self._denominator = new(batch)
         self.improved, self._above, self._within = (like.new_empty(batch, dtype=torch.bool) for _ in range(3))
         self._counts = new(4)
         # Row views made once: indexing a tuple costs nothing, indexing a tensor is an operation.
-        self.abs_rows, self.res_rows = self.abs.unbind(0), self.res.unbind(0)
+        self.abs_rows, self.res_rows, self.size_rows = (
+            self.abs.unbind(0),
+            self.res.unbind(0),
+            self.size.unbind(0),
+        )
         self.active_rows, self.best = self.active.unbind(0), self.best.unbind(0)
         self._count_slots = self._counts.unbind(0)
 
-    def residuals(self, k: int, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write step ``k``'s residuals ``||f(z) - z||`` (and ``/ ||f(z)||``) into their rows; return them.
+    def residuals(self, k: int, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Write step ``k``'s ``||f(z) - z||``, stop-mode residual and ``||f(z)||`` into their rows; return them.
 
-        Also returns ``||f(z)||`` (``None`` in ``"abs"`` mode). ``safe`` computes norms that cannot overflow.
+        ``safe`` computes norms that cannot overflow.
         """
-        abs_row, res_row = self.abs_rows[k - 1], self.res_rows[k - 1]
+        abs_row, res_row, size_row = self.abs_rows[k - 1], self.res_rows[k - 1], self.size_rows[k - 1]
         diff = torch.sub(fz, z, out=self._diff)
         if safe:
             abs_row.copy_(_scaled_norm(diff, inplace=True))
+            size_row.copy_(_scaled_norm(fz, inplace=False))
         else:
             torch.linalg.vector_norm(diff, dim=1, out=abs_row)
-        if self.stop_mode == "abs":
-            return abs_row, abs_row, None
-        if safe:
-            self._norm.copy_(_scaled_norm(fz, inplace=False))
-        else:
-            torch.linalg.vector_norm(fz, dim=1, out=self._norm)
-        torch.div(abs_row, torch.add(self._norm, _REL_EPS, out=self._denominator), out=res_row)
-        return abs_row, res_row, self._norm
+            torch.linalg.vector_norm(fz, dim=1, out=size_row)
+        if self.stop_mode == "rel":
+            torch.div(abs_row, torch.add(size_row, _REL_EPS, out=self._denominator), out=res_row)
+        return abs_row, res_row, size_row
 
     def stop(
         self,
         solver: Solver | None,
         k: int,
-        limit: Tensor,
+        limits: _Limits,
         improved: Tensor,
         all_active: bool,
-        fz_norm: Tensor | None,
     ) -> tuple[Tensor, int, int, float]:
         """Apply the stop rule after step ``k`` and read the counts back: the loop's one host sync.
 
         Writes who goes on into ``active[k]`` and returns it, the numbers of active and improved samples, and
         an overflow probe, the sum of the step's norms (non-finite whenever one of them is). Without a solver
-        (a fixed count) every sample goes on.
+        (a fixed count) every sample goes on. A sample past either of its ``limits`` stops.
         """
         act, active = self.active_rows[k - 1], self.active_rows[k]
+        abs_row, size_row = self.abs_rows[k - 1], self.size_rows[k - 1]
         if solver is not None:
-            above = solver.terminate(self.res_rows[k - 1], self.abs_rows[k - 1], out=self._above)
-            torch.logical_and(above, torch.le(self.abs_rows[k - 1], limit, out=self._within), out=active)
+            above = solver.continues(self.res_rows[k - 1], abs_row, out=self._above)
+            torch.logical_and(above, torch.le(abs_row, limits.residual, out=self._within), out=active)
+            active.logical_and_(torch.le(size_row, limits.size, out=self._within))
             if not all_active:
                 improved.logical_and_(act)
                 active.logical_and_(act)
         slots, dtype = self._count_slots, self.abs.dtype
         torch.sum(active, dim=0, dtype=dtype, out=slots[0])
         torch.sum(improved, dim=0, dtype=dtype, out=slots[1])
-        torch.sum(self.abs_rows[k - 1], dim=0, out=slots[2])
-        if fz_norm is not None:
-            torch.sum(fz_norm, dim=0, out=slots[3])
-        counts = self._counts[: 3 if fz_norm is None else 4].tolist()
+        torch.sum(abs_row, dim=0, out=slots[2])
+        torch.sum(size_row, dim=0, out=slots[3])
+        counts = self._counts.tolist()
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
-    def stats(self, solver: Solver, taken: int, best_res: Tensor, limit: Tensor, last: Tensor) -> SolverStats:
+    def stats(
+        self, solver: Solver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
+    ) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
-        res, abs_res, act = self.res[:taken], self.abs[:taken], self.active[:taken]
+        res, act = self.res[:taken], self.active[:taken]
         best_res = best_res.clone()
         nstep = act.sum(dim=0)
-        stop = (nstep - 1).clamp_min(0).unsqueeze(0)  # the step at which each sample stopped
-        last_res = res.gather(0, stop).squeeze(0)
-        last_abs = abs_res.gather(0, stop).squeeze(0)
         if solver.tol is None:
             nonfinite = ~torch.isfinite(last.detach()).all(dim=1)
             result = torch.where(nonfinite, Result.nonfinite, Result.successful)
         else:
-            nonfinite = ~torch.isfinite(last_res)
-            result = torch.full_like(nstep, Result.max_steps_reached)
-            result = torch.where(best_res <= solver.tol, Result.successful, result)
-            result = torch.where(~nonfinite & (last_abs > limit), Result.diverged, result)
-            result = torch.where(nonfinite, Result.nonfinite, result)
+            result = self._results(solver.tol, taken, nstep, best_res, limits)
         return SolverStats(
             nstep=nstep,
             residual=best_res,
@@ -249,6 +284,26 @@ class _History:
             solver=type(solver).__name__,
         )
 
+    def _results(self, tol: float, taken: int, nstep: Tensor, best_res: Tensor, limits: _Limits) -> Tensor:
+        """Result codes of an adaptive solve: reached tol, ran out of steps, diverged or non-finite.
+
+        Diverged: past a limit when the sample stopped, or no progress at its best or its last iterate (see
+        :meth:`_Limits.no_progress`).
+        """
+        res, abs_res, size, act = self.res[:taken], self.abs[:taken], self.size[:taken], self.active[:taken]
+        stop = (nstep - 1).clamp_min(0).unsqueeze(0)  # the step at which each sample stopped
+        last_res = res.gather(0, stop).squeeze(0)
+        last_abs, last_size = abs_res.gather(0, stop).squeeze(0), size.gather(0, stop).squeeze(0)
+        best = torch.where(act & ~torch.isnan(res), res, torch.inf).argmin(dim=0, keepdim=True)
+        best_abs, best_size = abs_res.gather(0, best).squeeze(0), size.gather(0, best).squeeze(0)
+        nonfinite = ~torch.isfinite(last_res)
+        past_limit = (last_abs > limits.residual) | (last_size > limits.size)
+        no_progress = limits.no_progress(best_size, best_abs) | limits.no_progress(last_size, last_abs)
+        result = torch.full_like(nstep, Result.max_steps_reached)
+        result = torch.where(best_res <= tol, Result.successful, result)
+        result = torch.where(~nonfinite & (past_limit | no_progress), Result.diverged, result)
+        return torch.where(nonfinite, Result.nonfinite, result)
+
 
 def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:
     """``||x||`` per row without overflow (squares of float32 entries above ~1e19 are inf): ``s ||x / s||``."""
@@ -258,9 +313,9 @@ def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:
     return torch.linalg.vector_norm(scaled, dim=1) * scale.squeeze(1)
 
 
-def _overflowed(active: Tensor, res: Tensor, fz_norm: Tensor | None, z: Tensor, fz: Tensor) -> bool:
+def _overflowed(active: Tensor, res: Tensor, fz_norm: Tensor, z: Tensor, fz: Tensor) -> bool:
     """Some active sample's norm is not finite although its states are: it overflowed and is recomputed."""
-    bad = ~torch.isfinite(res if fz_norm is None else res + fz_norm) & active
+    bad = ~torch.isfinite(res + fz_norm) & active
     if not bool(bad.any()):
         return False
     finite = torch.isfinite(z[bad]).all(dim=1) & torch.isfinite(fz[bad]).all(dim=1)

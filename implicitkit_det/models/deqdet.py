@@ -129,7 +129,8 @@ class DEQDet(QueryDetector):
         return ik.fixed_point(
             lambda y: self.refine_layer(y, features, image_sizes),
             y0,
-            solver=ik.FixedPointIteration(tol=None, max_iter=steps),
+            # A fixed count only fails on NaN, which the training loop's loss check already reports.
+            solver=ik.FixedPointIteration(tol=None, max_iter=steps, on_failure="report"),
             gradient=self.gradient,
             perturbation=self.perturbation if self.training else None,
             capture=capture,
@@ -204,7 +205,13 @@ class DEQDet(QueryDetector):
         def unscaled(y: QueryState) -> QueryState:
             return {**y, "content": y["content"] * content_scale, "xyzr": y["xyzr"] * box_scale}
 
-        options = {"tol": self.test_tol, "max_iter": self.test_steps, "stop_mode": self.test_stop_mode}
+        # Samples that use the whole step budget are counted in the evaluation's steps per image, not warned of.
+        options = {
+            "tol": self.test_tol,
+            "max_iter": self.test_steps,
+            "stop_mode": self.test_stop_mode,
+            "on_failure": "report",
+        }
         if self.test_solver == "fixed":
             solver: ik.Solver = ik.FixedPointIteration(**options)
         elif self.test_solver == "anderson":

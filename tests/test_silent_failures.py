@@ -1,0 +1,186 @@
+"""Failures that must never pass silently: warnings by default, runaway states, 1-D states, frozen settings."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import implicitkit as ik
+
+SOLVERS = {"FixedPointIteration": ik.FixedPointIteration, "Anderson": ik.Anderson, "Broyden": ik.Broyden}
+
+
+def no_fixed_point(dim: int, dtype: torch.dtype):
+    """``f(z) = z + 1 + 0.1 tanh(W z + x)``: ``f(z) - z >= 0.9`` everywhere, so there is no fixed point."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(dim, dim, generator=gen, dtype=dtype) / dim**0.5
+    x = torch.randn(4, dim, generator=gen, dtype=dtype)
+    return lambda z: z + 1 + 0.1 * torch.tanh(z @ w.T + x), torch.zeros(4, dim, dtype=dtype)
+
+
+def slow_cell(x: torch.Tensor):
+    """A contraction at rate 0.99: 50 plain steps leave every sample short of tol=1e-6."""
+    return lambda z: 0.99 * z + x
+
+
+# -- forward failures warn by default, once per call site ---------------------------------------------------
+def solve_at_one_site(x: torch.Tensor, solver: ik.Solver) -> ik.SolverStats:
+    return ik.fixed_point(slow_cell(x), torch.zeros_like(x), solver=solver).stats
+
+
+def test_default_forward_failure_warns_once_per_call_site():
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    solver = ik.FixedPointIteration(tol=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            stats = solve_at_one_site(x, solver)
+    failed = int((~stats.converged).sum())
+    assert failed > 0
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    warning = caught[0]
+    assert issubclass(warning.category, ik.FixedPointWarning) and issubclass(warning.category, RuntimeWarning)
+    text = str(warning.message)
+    assert f"{failed}/8 samples did not reach tol" in text
+    assert "on_failure='report'" in text and "on_failure='raise'" in text
+    assert warning.filename == __file__  # attributed to the caller, not to the library
+
+
+def test_every_occurrence_when_the_filter_asks_and_none_when_reported():
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            solve_at_one_site(x, ik.FixedPointIteration(tol=1e-6))
+        solve_at_one_site(x, ik.FixedPointIteration(tol=1e-6, on_failure="report"))
+        solve_at_one_site(x, ik.FixedPointIteration(tol=None, max_iter=3))  # a fixed count that stays finite
+    assert len(caught) == 2
+    with pytest.raises(ik.FixedPointError, match="did not reach tol"):
+        solve_at_one_site(x, ik.FixedPointIteration(tol=1e-6, on_failure="raise"))
+
+
+def test_deq_module_default_warns_from_the_callers_line():
+    cell = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        cell.weight.fill_(0.999)
+    deq = ik.DEQ(lambda z, x: cell(z) + x, solver=ik.FixedPointIteration(tol=1e-8))
+    with pytest.warns(ik.FixedPointWarning, match="did not reach tol") as caught:
+        deq(torch.zeros(2, 1), torch.ones(2, 1))
+    assert caught[0].filename == __file__
+
+
+# -- a state that grows without bound is diverged, never successful -----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_runaway_state_is_never_successful(name, stop_mode, dtype):
+    f, z0 = no_fixed_point(8, dtype)
+    stats = ik.fixed_point(f, z0, solver=SOLVERS[name](stop_mode=stop_mode, on_failure="report")).stats
+    assert not stats.converged.any(), stats.result
+    if name == "FixedPointIteration":  # plain iteration creeps (one unit per step) and runs out of steps
+        assert (stats.result == ik.Result.max_steps_reached).all(), stats.result
+    else:  # the accelerated solvers extrapolate the drift and run off
+        assert stats.diverged.all(), stats.result
+
+
+def test_default_deq_on_a_map_without_fixed_point_warns_and_converges_nowhere():
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 8, generator=gen) / 8**0.5, torch.randn(4, 8, generator=gen)
+    deq = ik.DEQ(lambda z, x: z + 1 + 0.1 * torch.tanh(z @ w.T + x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _, stats = deq(torch.zeros(4, 8), x)
+    assert not stats.converged.any() and stats.diverged.all()
+    assert len(caught) == 1 and "4/4 samples diverged" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("name", ["Anderson", "Broyden"])
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_a_far_but_real_fixed_point_is_still_successful(name, stop_mode):
+    """``z* = 100 c`` lies 100 times further than ``f(z0)``: growth with progress is convergence."""
+    c = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    solver = SOLVERS[name](tol=1e-8, max_iter=60, stop_mode=stop_mode, on_failure="raise")
+    z, stats = ik.fixed_point(lambda z: 0.99 * z + c, torch.zeros_like(c), solver=solver)
+    assert stats.converged.all()
+    torch.testing.assert_close(z, 100 * c, rtol=1e-6, atol=0)
+
+
+def test_converged_means_a_fixed_point_not_a_stable_one():
+    """Anderson finds the repelling root of ``1.5 z + x``; the spectral radius says it repels."""
+    x = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    f = lambda z: 1.5 * z + x  # noqa: E731
+    z, stats = ik.fixed_point(f, torch.zeros_like(x), solver=ik.Anderson(tol=1e-10))
+    assert stats.converged.all()
+    torch.testing.assert_close(z, -2 * x)
+    torch.testing.assert_close(ik.spectral_radius(f, z), torch.tensor([1.5], dtype=torch.float64))
+
+
+# -- a state needs a batch dimension ------------------------------------------------------------------------
+def test_a_state_without_batch_dimension_is_refused_with_the_fix():
+    w, x = torch.randn(6, 6) * 0.3, torch.randn(6)
+    with pytest.raises(ValueError, match=r"z0\[None\].*z0\[:, None\]"):
+        ik.fixed_point(lambda z: torch.tanh(w @ z + x), torch.zeros(6))
+    with pytest.raises(ValueError, match="no dimension besides the batch"):
+        ik.fixed_point(lambda s: s, (torch.zeros(3), torch.zeros(3)))
+
+
+def test_a_per_sample_scalar_beside_a_matrix_leaf_is_read_as_one_number_per_sample():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    state = (torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    (_, s), stats = ik.fixed_point(lambda st: (0.5 * st[0] + x, 0.5 * st[1] + x[:, 0]), state)
+    assert stats.converged.all()
+    torch.testing.assert_close(s, 2 * x[:, 0], rtol=1e-4, atol=0)
+
+
+# -- settings are fixed at construction ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", SOLVERS)
+def test_solver_settings_cannot_be_changed_silently(name):
+    solver = SOLVERS[name](tol=1e-6)
+    with pytest.raises(AttributeError, match=r"fixed at construction.*replace\(throw=\.\.\.\)"):
+        solver.throw = True
+    with pytest.raises(AttributeError, match="max_iter"):
+        solver.max_iter = 3
+    strict = solver.replace(throw=True, max_iter=2)
+    assert (strict.on_failure, strict.max_iter, strict.tol, solver.max_iter) == ("raise", 2, 1e-6, 50)
+    with pytest.raises(ik.FixedPointError):
+        ik.fixed_point(slow_cell(torch.ones(2, 1)), torch.zeros(2, 1), solver=strict)
+    with pytest.raises(TypeError, match="no setting"):
+        solver.replace(tolerance=1.0)
+
+
+def test_continues_is_true_for_the_samples_that_go_on():
+    solver = ik.FixedPointIteration(tol=1e-3)
+    residual = torch.tensor([1e-2, 1e-4, float("nan")])
+    assert solver.continues(residual, residual).tolist() == [True, False, False]
+
+
+# -- per-sample stopping: exact where the cell itself treats samples alike ----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_sample_solved_in_a_batch_is_bitwise_the_sample_solved_alone(name, dtype):
+    """With an elementwise cell (batched and single outputs bitwise equal) the solver adds no coupling."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(24, generator=gen, dtype=dtype) * 1.8 - 0.9
+    x = (
+        torch.randn(6, 24, generator=gen, dtype=dtype)
+        * torch.tensor([0.01, 0.1, 1, 3, 10, 30], dtype=dtype)[:, None]
+    )
+
+    def cell(x):
+        return lambda z: torch.tanh(z * a + x) + 0.3 * torch.sin(z.flip(1))
+
+    solver = SOLVERS[name](tol=1e-5, max_iter=200, on_failure="report")
+    z_all, stats_all = ik.fixed_point(cell(x), torch.zeros_like(x), solver=solver)
+    assert len(set(stats_all.nstep.tolist())) > 2
+    for i in range(len(x)):
+        z_one, stats_one = ik.fixed_point(cell(x[i : i + 1]), torch.zeros_like(x[i : i + 1]), solver=solver)
+        assert torch.equal(z_one[0], z_all[i])
+        assert torch.equal(stats_one.nstep[0], stats_all.nstep[i])
+        assert torch.equal(stats_one.result[0], stats_all.result[i])
+
+
+def test_ift_on_failure_error_lists_every_choice():
+    with pytest.raises(TypeError, match="'report', 'warn', 'raise' or an estimator"):
+        ik.IFT(on_failure=None)

@@ -14,7 +14,7 @@ from .._tree import State, StateSpec, flatten, unflatten
 from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
-from ..stats import FixedPointError
+from ..stats import FixedPointError, warn_at_call_site
 from .base import GradientEstimator, Map, Recorder
 
 _HIGHER_ORDER = (
@@ -217,11 +217,16 @@ def _best_steps(stats) -> Tensor:
 
 
 def _apply_failure_policy(policy: str, stats) -> None:
+    """The solver's failure policy, applied as the loop applies it, with the stats under Reversible's name."""
     if policy == "report" or stats.all_converged:
         return
     if policy == "raise":
         raise FixedPointError(stats.failure_message(), stats)
-    warnings.warn(stats.failure_message(), RuntimeWarning, stacklevel=4)
+    warn_at_call_site(
+        f"{stats.failure_message()} Pass on_failure='report' to the solver to keep failures in the stats "
+        "only, or on_failure='raise' to stop with a FixedPointError.",
+        key=tuple(sorted(set(stats.result.tolist()))),
+    )
 
 
 class _Sweep:

@@ -11,11 +11,14 @@ Three parts, each a table in the report and a figure:
    estimate, against the same step along the exact gradient).
 3. Training. The DEQ classifier of scikit-learn's 8x8 digits trained with each estimator for the same number
    of epochs, over several seeds: test accuracy (mean ± std) and time.
+4. Reversible's drift. Its gradient against the autograd gradient of the same coupled iteration, in float64
+   and float32, as the number of steps undone grows, with and without checkpoints.
 
 Usage::
 
     .venv/bin/python benchmarks/gradient_estimators.py            # about 7 minutes on 2 cores
     .venv/bin/python benchmarks/gradient_estimators.py --quick    # seconds, for the smoke test
+    .venv/bin/python benchmarks/gradient_estimators.py --only IFT "Unrolled (FPI)" "Reversible beta=0.8"
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def color(name: str) -> str:
         "tab:pink",
         "tab:gray",
     ]
-    palette.append("tab:olive")
+    palette += ["tab:olive", "tab:cyan", "gold"]
     return palette[names.index(name) % len(palette)] if name in names else "black"
 
 
@@ -89,6 +92,8 @@ def estimators(adjoint_tol: float, adjoint_max_iter: int = 50) -> dict[str, Cand
 
     Unrolled appears twice: through Anderson (the forward solver of every other row) and through plain
     fixed-point iteration, because backpropagating through Anderson's mixing weights behaves differently.
+    Reversible runs its own coupled iteration under a plain fixed-point iteration's budget (one of its steps
+    applies f twice).
     """
     return {
         "IFT": Candidate(ik.IFT(ik.Anderson(tol=adjoint_tol, max_iter=adjoint_max_iter), on_failure="warn")),
@@ -100,6 +105,8 @@ def estimators(adjoint_tol: float, adjoint_max_iter: int = 50) -> dict[str, Cand
         "Neumann k=5": Candidate(ik.Neumann(k=5)),
         "Unrolled (Anderson)": Candidate(ik.Unrolled()),
         "Unrolled (FPI)": Candidate(ik.Unrolled(), picard=True),
+        "Reversible beta=0.8": Candidate(ik.Reversible(0.8), picard=True),
+        "Reversible beta=0.8 every 5": Candidate(ik.Reversible(0.8, checkpoint_every=5), picard=True),
     }
 
 
@@ -163,7 +170,7 @@ def measure_costs(problem: Problem, steps: int, cands: dict[str, Candidate], rep
             with backward:
                 torch.autograd.grad(value, params)
             records[name].append((forward.cpu, backward.cpu))
-            if sol.backward_stats:
+            if sol.backward_stats and isinstance(sol.backward_stats[-1], ik.AdjointStats):
                 adjoint[name] = float(sol.backward_stats[-1].nstep.float().mean())
 
         return run
@@ -475,6 +482,56 @@ def training_figure(runs: Sequence[TrainRun], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# -- part 4: Reversible's drift -----------------------------------------------------------------------------
+def coupled_iterates(problem: Problem, beta: float, steps: int) -> list[Tensor]:
+    """``z_0 .. z_steps`` of Reversible's coupled iteration, unrolled with autograd: the exact reference."""
+    y = z = problem.z0()
+    zs = [z]
+    for _ in range(steps):
+        y = (1 - beta) * y + beta * problem.f(z)
+        z = (1 - beta) * z + beta * problem.f(y)
+        zs.append(z)
+    return zs
+
+
+def drift_row(problem: Problem, beta: float, every: int | None, steps: int) -> tuple[float, float]:
+    """Relative error of Reversible's parameter gradient against the unrolled coupled iteration, and the drift
+    of its rebuilt path (``ReversibleStats.reconstruction_error``, max over the batch), after ``steps``."""
+    loss, params = Readout(problem), list(problem.cell.parameters())
+    gradient = ik.Reversible(beta, checkpoint_every=every)
+    solver = ik.FixedPointIteration(tol=None, max_iter=steps)
+    sol = ik.fixed_point(problem.f, problem.z0(), solver=solver, gradient=gradient)
+    got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(sol.value), params)])
+    back = sol.backward_stats[-1]
+    zs = coupled_iterates(problem, beta, int(back.nstep.max()))
+    rows = torch.arange(problem.batch)
+    z_ref = torch.stack(zs)[back.nstep, rows]  # each sample at its own (best) step
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(z_ref), params)])
+    return float((got - want).norm() / want.norm()), float(back.reconstruction_error.max())
+
+
+def drift_part(report: Report, sizes: Plan) -> None:
+    """Part 4: Reversible against the exact gradient of its own iteration, steps x dtype x beta x checkpoints."""
+    header, rows = None, []
+    for dtype in (torch.float64, torch.float32):
+        problem = make_problem("mlp", sizes.drift_width, 16, dtype=dtype)
+        for beta, every in sizes.drift_settings:
+            cells = [
+                fmt(e, 2) + " / " + fmt(d, 2)
+                for e, d in (drift_row(problem, beta, every, n) for n in sizes.drift_steps)
+            ]
+            label = f"{str(dtype).removeprefix('torch.')}, beta={beta:g}" + (
+                f", every {every}" if every else ""
+            )
+            rows.append([label, *cells])
+    header = ["Reversible", *[f"{n} steps" for n in sizes.drift_steps]]
+    report.add(
+        f"Reversible's gradient against the autograd gradient of the same iteration: relative error / drift of "
+        f"the rebuilt path (MLP w={sizes.drift_width}, batch 16, a fixed number of steps)",
+        markdown_table(header, rows),
+    )
+
+
 # -- the script ---------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0])
@@ -486,11 +543,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-width", type=int, default=64)
     parser.add_argument("--train-tol", type=float, default=1e-3)
     parser.add_argument("--train-max-iter", type=int, default=30)
+    parser.add_argument("--only", nargs="+", help="measure only these candidates (display names)")
     args = parser.parse_args(argv)
     setup(args.threads, args.seed)
     with warnings.catch_warnings():
-        # IFT's adjoint solve warns when it stops at max_iter; the tables report its steps instead.
+        # IFT's adjoint solve warns when it stops at max_iter, and Reversible when its rebuilt path overflows
+        # on long solves; the tables report the adjoint's steps and the gradients' errors instead.
         warnings.filterwarnings("ignore", message="IFT adjoint", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="Reversible", category=RuntimeWarning)
         return run(args)
 
 
@@ -507,6 +567,14 @@ class Plan:
     exact_max_iter: int
     train_names: list[str]
     digits_limit: int | None
+    drift_width: int
+    drift_steps: list[int]
+    drift_settings: list[tuple[float, int | None]]
+    only: list[str] | None = None
+
+    def chosen(self, cands: dict[str, Candidate]) -> dict[str, Candidate]:
+        """The candidates ``--only`` names (all without it)."""
+        return {k: v for k, v in cands.items() if self.only is None or k in self.only}
 
 
 def plan(args: Any) -> Plan:
@@ -523,6 +591,10 @@ def plan(args: Any) -> Plan:
             exact_max_iter=20,
             train_names=["IFT", "Unrolled (Anderson)"],
             digits_limit=128,
+            drift_width=16,
+            drift_steps=[2, 4],
+            drift_settings=[(0.8, None), (0.8, 2)],
+            only=args.only,
         )
     mlp, conv = (
         [make_problem("mlp", w, 64) for w in (64, 256, 1024)],
@@ -541,15 +613,23 @@ def plan(args: Any) -> Plan:
         exact_tol=1e-11,
         exact_max_iter=500,
         train_names=[
-            n for n in estimators(1e-3) if not n.startswith("Phantom k=10") and n != "Phantom k=5 tau=0.8"
+            n
+            for n in estimators(1e-3)
+            if not n.startswith("Phantom k=10")
+            and n != "Phantom k=5 tau=0.8"
+            and (args.only is None or n in args.only)
         ],
         digits_limit=None,
+        drift_width=64,
+        drift_steps=[5, 10, 20, 40, 80],
+        drift_settings=[(0.5, None), (0.5, 3), (0.8, None), (0.8, 2), (0.8, 5)],
+        only=args.only,
     )
 
 
 def cost_part(report: Report, sizes: Plan, repeats: int, out: Path) -> tuple[list[Cost], list[Cost], Path]:
     """Part 1: the step sweep on two cells, then every width at ``fixed_steps`` (reusing the sweep)."""
-    cands = estimators(adjoint_tol=1e-4)
+    cands = sizes.chosen(estimators(adjoint_tol=1e-4))
     sweep: list[Cost] = []
     for problem in sizes.sweep_problems:
         for steps in sizes.sweep_steps:
@@ -568,11 +648,12 @@ def cost_part(report: Report, sizes: Plan, repeats: int, out: Path) -> tuple[lis
     for problem in sizes.sweep_problems:
         report.add(f"Growth with forward steps: {problem.name}", steps_table(sweep, problem.name))
     adjoint = [c.adjoint_steps for c in sweep + widths if c.adjoint_steps is not None]
-    report.add(
-        "IFT's adjoint solve",
-        f"Anderson, rel. tol 1e-4, at most 50 steps: {min(adjoint):.0f} to {max(adjoint):.0f} steps (mean over "
-        "the batch) across the rows above.",
-    )
+    if adjoint:
+        report.add(
+            "IFT's adjoint solve",
+            f"Anderson, rel. tol 1e-4, at most 50 steps: {min(adjoint):.0f} to {max(adjoint):.0f} steps (mean "
+            "over the batch) across the rows above.",
+        )
     png = cost_figure(sweep, [p.name for p in sizes.sweep_problems], out / "gradient_estimators_cost.png")
     return widths, sweep, png
 
@@ -586,7 +667,11 @@ def quality_part(report: Report, sizes: Plan) -> list[Quality]:
             z, _ = ik.fixed_point(problem.f, problem.z0(), solver=exact)
         radius[problem.name] = float(ik.spectral_radius(problem.f, z, n_iter=100).median())
         quality += measure_quality(
-            problem, estimators(1e-4), 1e-4, exact_tol=sizes.exact_tol, max_iter=sizes.exact_max_iter
+            problem,
+            sizes.chosen(estimators(1e-4)),
+            1e-4,
+            exact_tol=sizes.exact_tol,
+            max_iter=sizes.exact_max_iter,
         )
         print(f"  quality measured: {problem.name}", flush=True)
     report.add(
@@ -625,6 +710,7 @@ def run(args: Any) -> dict[str, Any]:
     widths, sweep, cost_png = cost_part(report, sizes, args.repeats, out)
     quality = quality_part(report, sizes)
     runs, train_png = training_part(report, sizes, args, out)
+    drift_part(report, sizes)
     report.add("Figures", f"![cost]({cost_png.name})\n\n![training]({train_png.name})")
     report.add("Run time", f"{time.perf_counter() - start:.0f} s")
     path = report.write()

@@ -8,7 +8,9 @@ allocated before it (GPU). The heap's layout varies from process to process by a
 (4 MiB here), so each cell is the median of ``--repeats`` fresh processes. A DEQ promises that memory does not grow with the solver's steps: the growth
 from 10 to 100 steps should be small next to the 10-step figure for every estimator except ``Unrolled``,
 which keeps every step's graph by design; ``Unrolled-ckptK`` (``Unrolled(checkpoint_every=K)``) keeps the
-loop's state every ``K`` steps and replays the segments in backward.
+loop's state every ``K`` steps and replays the segments in backward. ``Reversible`` (one step is a step of
+its pair, two applications of the map) keeps nothing per step; ``Reversible/10`` stores the pair every 10
+steps, 2 states each.
 
 Run: ``.venv/bin/python benchmarks/solver_memory.py [--device cuda] [--steps 10 100]``
 """
@@ -33,8 +35,12 @@ ESTIMATORS = (
     "Unrolled",
     "Unrolled-ckpt1",
     "Unrolled-ckpt10",
+    "Reversible",
+    "Reversible/10",
     "none",
 )
+# Reversible runs its own iteration and takes only the budget of a plain FixedPointIteration.
+REVERSIBLE = ("Reversible", "Reversible/10")
 
 
 def _rss_bytes() -> int:
@@ -62,6 +68,8 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
         "Unrolled": ik.Unrolled(),
         "Unrolled-ckpt1": ik.Unrolled(checkpoint_every=1),
         "Unrolled-ckpt10": ik.Unrolled(checkpoint_every=10),
+        "Reversible": ik.Reversible(beta=0.8),
+        "Reversible/10": ik.Reversible(beta=0.8, checkpoint_every=10),
         "none": ik.JFB(),
     }
 
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for solver in args.solvers:
         for estimator in args.estimators:
+            if estimator in REVERSIBLE and solver != "FixedPointIteration":
+                continue
             mib = []
             for steps in args.steps:
                 cmd = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch)]

@@ -7,7 +7,18 @@ attaches a gradient to it, and an optional perturbation disturbs the path while 
 from .deq import DEQ
 from .diagnostics import GradientAudit, gradient_audit, spectral_radius
 from .functional import fixed_point
-from .gradients import IFT, JFB, RAG, GradientEstimator, Neumann, Phantom, PolynomialAdjoint, Unrolled
+from .gradients import (
+    IFT,
+    JFB,
+    RAG,
+    GradientEstimator,
+    Neumann,
+    Phantom,
+    PolynomialAdjoint,
+    Reversible,
+    ReversibleStats,
+    Unrolled,
+)
 from .graph_memory import GraphMemory
 from .layers import PerSolve, SolveScope, VariationalDropout, new_solve, spectral_norm, weight_norm
 from .linearize import Linearization
@@ -43,6 +54,8 @@ __all__ = [
     "Phantom",
     "PolynomialAdjoint",
     "Result",
+    "Reversible",
+    "ReversibleStats",
     "SharedInputs",
     "Solution",
     "SolveScope",

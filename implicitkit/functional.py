@@ -78,16 +78,16 @@ def fixed_point(
     )
     backward_stats: list = []
 
-    def attach(z_flat):
-        return gradient.attach(f_state, unflatten(z_flat, spec), backward_stats.append)
+    def attach(step):
+        return gradient.attach_result(f_state, result, step, spec, backward_stats.append)
 
     def value_and_aux():
         if f_aux is None:
-            return attach(result.value), None
-        return gradient.attach_with_aux(f_aux, unflatten(result.value, spec), backward_stats.append)
+            return attach(None), None
+        return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
 
     shared_graph = any(x.requires_grad for x in result.captured.values())
-    path = Path(sorted(result.captured), lambda k: attach(result.captured[k]), shared_graph=shared_graph)
+    path = Path(sorted(result.captured), attach, shared_graph=shared_graph)
     return Solution(
         result.stats,
         unflatten(result.last, spec),

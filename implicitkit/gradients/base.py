@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._tree import State
+from .._tree import State, StateSpec, unflatten
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
@@ -69,6 +69,23 @@ class GradientEstimator(ABC):
         """
         value = self.attach(lambda z: f(z)[0], z_star, record)
         return value, f(value)[1]
+
+    def attach_result(
+        self, f: Map, result: SolveResult, step: int | None, spec: StateSpec, record: Recorder | None = None
+    ) -> State:
+        """The estimator's output for a solve's value (``step=None``) or for its state captured after ``step``.
+
+        By default :meth:`attach` at that state. An estimator whose :meth:`solve` keeps more than the state
+        (:class:`~implicitkit.Reversible`: the partner state and the step count) reads it from ``result`` here.
+        """
+        z_flat = result.value if step is None else result.captured[step]
+        return self.attach(f, unflatten(z_flat, spec), record)
+
+    def attach_result_with_aux(
+        self, f: AuxMap, result: SolveResult, spec: StateSpec, record: Recorder | None = None
+    ) -> tuple[State, Any]:
+        """:meth:`attach_with_aux` for a solve's value; by default at ``result.value`` (see :meth:`attach_result`)."""
+        return self.attach_with_aux(f, unflatten(result.value, spec), record)
 
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_")]

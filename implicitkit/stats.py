@@ -165,6 +165,20 @@ class AdjointStats(SolverStats):
     fallback: str | None = None
 
 
+def apply_failure_policy(policy: str, stats: SolverStats) -> None:
+    """Act on a forward solve's failures: ``"report"`` nothing, ``"warn"`` a :class:`FixedPointWarning`
+    attributed to the caller, ``"raise"`` a :class:`FixedPointError`; each with the counts, cause and fix."""
+    if policy == "report" or stats.all_converged:
+        return
+    if policy == "raise":
+        raise FixedPointError(stats.failure_message(), stats)
+    warn_at_call_site(
+        f"{stats.failure_message()} Pass on_failure='report' to the solver to keep failures in the stats "
+        "only, or on_failure='raise' to stop with a FixedPointError.",
+        key=tuple(sorted(set(stats.result.tolist()))),
+    )
+
+
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _WARNED: set[tuple] = set()

@@ -15,7 +15,7 @@ from .._tree import State, StateSpec, flatten, unflatten
 from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
-from ..stats import FixedPointError, warn_at_call_site
+from ..stats import apply_failure_policy
 from .base import AuxMap, GradientEstimator, Map, Recorder
 
 _HIGHER_ORDER = (
@@ -106,7 +106,7 @@ class Reversible(GradientEstimator):
             pair0 = torch.cat([start, start], dim=1)
             run = iterate(solver, step, pair0, capture=capture | checkpoints, on_failure="report")
         stats = dataclasses.replace(run.stats, solver=repr(self))
-        _apply_failure_policy(solver.on_failure, stats)
+        apply_failure_policy(solver.on_failure, stats)
         best = _best_steps(stats)
         ends = {k: _End(run.captured[k], torch.where(stats.nstep >= k, k, best), dim) for k in capture}
         value = _End(run.value, best, dim)
@@ -222,19 +222,6 @@ def _best_steps(stats) -> Tensor:
     """
     hit = stats.trace == stats.residual.unsqueeze(0)
     return torch.where(hit.any(dim=0), hit.int().argmax(dim=0) + 1, 0)
-
-
-def _apply_failure_policy(policy: str, stats) -> None:
-    """The solver's failure policy, applied as the loop applies it, with the stats under Reversible's name."""
-    if policy == "report" or stats.all_converged:
-        return
-    if policy == "raise":
-        raise FixedPointError(stats.failure_message(), stats)
-    warn_at_call_site(
-        f"{stats.failure_message()} Pass on_failure='report' to the solver to keep failures in the stats "
-        "only, or on_failure='raise' to stop with a FixedPointError.",
-        key=tuple(sorted(set(stats.result.tolist()))),
-    )
 
 
 class _Sweep:

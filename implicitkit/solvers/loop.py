@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..stats import FixedPointError, Result, SolverStats, warn_at_call_site
+from ..stats import Result, SolverStats, apply_failure_policy
 
 if TYPE_CHECKING:
     from .base import Solver
@@ -165,15 +165,7 @@ def iterate(
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
     stats = history.stats(solver, taken, best_res, limits, last)
-    policy = solver.on_failure if on_failure is None else on_failure
-    if policy != "report" and not stats.all_converged:
-        if policy == "raise":
-            raise FixedPointError(stats.failure_message(), stats)
-        warn_at_call_site(
-            f"{stats.failure_message()} Pass on_failure='report' to the solver to keep failures in the stats "
-            "only, or on_failure='raise' to stop with a FixedPointError.",
-            key=tuple(sorted(set(stats.result.tolist()))),
-        )
+    apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
     return SolveResult(best_value, last, stats, captured)
 
 

@@ -59,6 +59,7 @@ class _Adjoint(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable
 def attach_adjoint(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
     """Return ``z_star`` whose backward applies ``rule(g, vjp) -> u`` and then backpropagates ``u`` through f.
 

@@ -81,9 +81,15 @@ def new_solve(module: nn.Module) -> SolveScope:
     """
     states = {}
     for layer in module.modules():
-        if isinstance(layer, PerSolve):
+        if _is_per_solve(layer):
             layer.solve_state = states[layer] = layer.new_solve_state()
     return SolveScope(states)
+
+
+def _is_per_solve(layer: nn.Module) -> bool:
+    """``isinstance(layer, PerSolve)`` by its two attributes: the protocol's own check is an ``ABCMeta``
+    call that ``torch.compile`` cannot trace (a graph break per module searched)."""
+    return hasattr(layer, "solve_state") and callable(getattr(layer, "new_solve_state", None))
 
 
 class _Cache:

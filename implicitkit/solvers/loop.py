@@ -47,6 +47,7 @@ class SolveResult:
     captured: dict[int, Tensor]
 
 
+@torch.compiler.disable
 def iterate(
     solver: Solver,
     f: FlatMap,

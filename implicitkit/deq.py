@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ._tree import State
@@ -53,6 +54,7 @@ class DEQ(nn.Module):
         self.perturbation = perturbation
         self.has_aux = has_aux
 
+    @torch.compiler.disable  # the solve and its gradient in one graph break (see functional.py)
     def forward(self, z0: State, *inputs, capture: Iterable[int] = ()) -> Solution:
         """Solve ``z = cell(z, *inputs)`` from ``z0``; ``value`` is built here, where DDP looks for it."""
         scope = new_solve(self.cell) if isinstance(self.cell, nn.Module) else None

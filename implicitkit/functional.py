@@ -18,6 +18,12 @@ from .stats import Result, SolverStats
 __all__ = ["Perturbation", "fixed_point"]
 
 
+# torch.compile: a solve is a data-dependent loop (each sample stops on its own, read on the host) around
+# autograd machinery Dynamo cannot trace (custom backward passes that solve, graph walks). Tracing into it
+# breaks the graph at every host read and recompiles per step index; running the whole solve, and the
+# gradient attached to its result, outside the compiled graph costs one clean break instead (two when the
+# value is read after the call) and leaves the model around the solve compiled. See docs/gradients.md.
+@torch.compiler.disable
 def fixed_point(
     f: Callable[[State], State],
     z0: State,
@@ -87,13 +93,14 @@ def fixed_point(
         return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
 
     shared_graph = any(x.requires_grad for x in result.captured.values())
-    path = Path(sorted(result.captured), attach, shared_graph=shared_graph)
+    # Built on first access, which may come from compiled code: they run outside the graph like the solve.
+    path = Path(sorted(result.captured), torch.compiler.disable(attach), shared_graph=shared_graph)
     return Solution(
         result.stats,
         unflatten(result.last, spec),
         path,
         backward_stats,
-        _make_value=value_and_aux,
+        _make_value=torch.compiler.disable(value_and_aux),
     )
 
 

@@ -17,6 +17,9 @@ from .solvers import Anderson, Solver
 from .stats import SolverStats
 
 
+# Outside torch.compile's graph: its vector-Jacobian products (torch.autograd.grad on a graph made here)
+# would break it several times; run eagerly, it is one break and gives eager's numbers and graph.
+@torch.compiler.disable
 def spectral_radius(
     f: Callable[[State], State],
     z: State,

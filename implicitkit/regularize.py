@@ -13,6 +13,9 @@ from .linearize import Linearization
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+# Outside torch.compile's graph: its vector-Jacobian products (torch.autograd.grad on a graph made here)
+# would break it several times; run eagerly, it is one break and gives eager's numbers and graph.
+@torch.compiler.disable
 def jacobian_frobenius(
     f: Callable[[State], State],
     z: State,

@@ -73,3 +73,12 @@ def test_solver_overhead_benchmark_tiny():
     rows = solver_overhead.main(["--width", "8", "--batch", "4", "--steps", "4", "--repeats", "1"])
     assert [r[0] for r in rows] == ["FixedPointIteration"] * 2 + ["Anderson"] * 2 + ["Broyden"] * 2
     assert all(float(r[2]) > 0 for r in rows)  # every solver runs some operations of its own per step
+
+
+def test_compile_benchmark_quick(tmp_path):
+    import compile as compile_benchmark  # implicitkit only: torchdeq's compiles take a minute here
+
+    rows = compile_benchmark.main(["--quick", "--libraries", "implicitkit", "--out", str(tmp_path)])
+    assert "| FixedPointIteration + JFB | implicitkit |" in (tmp_path / "compile.md").read_text()
+    assert [r.breaks for r in rows] == [1, 1]
+    assert all(r.max_diff < 1e-5 for r in rows)

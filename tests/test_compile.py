@@ -140,3 +140,23 @@ def test_phantom_jacobian_penalty_and_spectral_radius_compile_to_eager_numbers()
     for b in range(3):
         jac = torch.autograd.functional.jacobian(lambda v: model.model.cell(v, u[b].detach()), z[b])
         torch.testing.assert_close(eager[1][b], torch.linalg.eigvals(jac).abs().max(), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "solver", [ik.FixedPointIteration, ik.Anderson, ik.Broyden], ids=lambda s: s.__name__
+)
+def test_fixed_count_solve_reads_nothing_back(solver, monkeypatch):
+    """On an accelerator a fixed count (``tol=None``) reads no value back to the host, so the solve can be
+    captured in a CUDA graph. Meta tensors have no values: any read (``.item()``, ``.tolist()``,
+    ``bool()``) raises, so a solve and its backward on them prove there is none, without a GPU."""
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # not defined for "meta"
+    lin = nn.Linear(8, 8, device="meta")
+    x = torch.empty(4, 8, device="meta")
+    fixed = solver(tol=None, max_iter=5, on_failure="report")  # the "warn" default reads after the loop
+    sol = ik.fixed_point(
+        lambda z: torch.tanh(lin(z)) + x, torch.zeros_like(x), solver=fixed, gradient=ik.JFB()
+    )
+    sol.value.sum().backward()
+    assert sol.stats.nstep.device.type == "meta" and lin.weight.grad.shape == (8, 8)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):  # an adaptive solve must read
+        solver(tol=1e-3, max_iter=5, on_failure="report").solve(lambda z: torch.tanh(lin(z)) + x, x)

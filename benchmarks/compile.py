@@ -45,7 +45,8 @@ import implicitkit as ik
 # Every compile starts from nothing: cached graphs would make whichever library runs second look faster.
 torch._inductor.config.force_disable_caches = True
 
-FORWARD = dict(tol=1e-4, max_iter=30, stop_mode="rel")
+# Some samples of this cell stop at max_iter: the same for both libraries, and beside the point here.
+FORWARD = dict(tol=1e-4, max_iter=30, stop_mode="rel", on_failure="report")
 ADJOINT = dict(tol=1e-6, max_iter=50, stop_mode="rel")
 
 
@@ -96,7 +97,9 @@ def _torchdeq_args(solver: str) -> dict:
 SETTINGS = [
     Setting(
         "Anderson + IFT (defaults)",
-        lambda w: ImplicitkitModel(w, ik.Anderson(**FORWARD), ik.IFT(ik.Anderson(**ADJOINT))),
+        lambda w: ImplicitkitModel(
+            w, ik.Anderson(**FORWARD), ik.IFT(ik.Anderson(**ADJOINT), on_failure="report")
+        ),
         lambda w: TorchdeqModel(w, **_torchdeq_args("anderson"), ift=True),
     ),
     Setting(

@@ -75,8 +75,12 @@ def compile_and_count(model, backend):
 
 @pytest.mark.parametrize(
     "solver, gradient",
-    [(None, None), (ik.FixedPointIteration(tol=1e-10, max_iter=200), ik.JFB())],
-    ids=["defaults", "FixedPointIteration-JFB"],
+    [
+        (None, None),
+        (ik.FixedPointIteration(tol=1e-10, max_iter=200), ik.JFB()),
+        (ik.FixedPointIteration(tol=None, max_iter=20), ik.Unrolled()),
+    ],
+    ids=["defaults", "FixedPointIteration-JFB", "fixed-count-Unrolled"],
 )
 def test_deq_breaks_the_graph_once_and_compiles_once(solver, gradient):
     assert compile_and_count(Model(solver, gradient), "eager") == 1

@@ -167,3 +167,14 @@ def test_fixed_count_solve_reads_nothing_back(solver, monkeypatch):
     assert sol.stats.nstep.device.type == "meta" and lin.weight.grad.shape == (8, 8)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):  # an adaptive solve must read
         solver(tol=1e-3, max_iter=5, on_failure="report").solve(lambda z: torch.tanh(lin(z)) + x, x)
+
+
+def test_failure_warning_under_compile_is_eagers_and_breaks_nothing_more():
+    """The default failure policy warns from inside the solve, which runs outside the compiled graph."""
+    model = Model(ik.FixedPointIteration(tol=1e-12, max_iter=2), ik.JFB())
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.warns(ik.FixedPointWarning, match="did not reach tol within max_iter") as caught:
+        step(model, torch.compile(model, backend="eager"), inputs(1))
+    assert sum(counters["graph_break"].values()) == 1
+    assert caught[0].filename == __file__  # attributed to the model's forward, not to the library or torch

@@ -59,7 +59,7 @@ class _Adjoint(torch.autograd.Function):
         )
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # a graph walk and a backward that solves: untraceable (see functional.py)
 def attach_adjoint(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
     """Return ``z_star`` whose backward applies ``rule(g, vjp) -> u`` and then backpropagates ``u`` through f.
 

@@ -47,7 +47,7 @@ class SolveResult:
     captured: dict[int, Tensor]
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # a data-dependent loop: one graph break for direct callers (see functional.py)
 def iterate(
     solver: Solver,
     f: FlatMap,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -79,9 +80,10 @@ def fixed_point(
         def flat_perturbation(z, step):
             return flatten(perturbation(unflatten(z, spec), step), spec)
 
-    result = gradient.solve(
-        solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
-    )
+    with _forward_mode_refused():
+        result = gradient.solve(
+            solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
+        )
     backward_stats: list = []
 
     def attach(step):
@@ -112,6 +114,22 @@ def _refuse_vmap() -> None:
             "residual read on the host. Put the samples in the state's first (batch) dimension instead; the "
             "solver already treats each one independently, with its own stopping and stats."
         )
+
+
+@contextlib.contextmanager
+def _forward_mode_refused() -> Iterator[None]:
+    """Turn PyTorch's internal error for forward-mode AD through the solver loop into the library's own."""
+    try:
+        yield
+    except NotImplementedError as error:
+        if "forward AD" not in str(error):
+            raise
+        raise RuntimeError(
+            "fixed_point does not support forward-mode differentiation (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad): its solver loop writes into preallocated buffers, which dual tensors "
+            "cannot pass through. Differentiate in reverse mode instead (loss.backward(), "
+            "torch.autograd.grad)."
+        ) from error
 
 
 def _pair_checked(f: Callable[[State], Any]) -> Callable[[State], tuple[State, Any]]:

@@ -21,6 +21,7 @@ from .gradients import (
 )
 from .graph_memory import GraphMemory
 from .layers import PerSolve, SolveScope, VariationalDropout, new_solve, spectral_norm, weight_norm
+from .linear_solvers import CG, GMRES, DirectSolve, LinearSolver
 from .linearize import Linearization
 from .perturbation import GaussianPerturbation, Perturbation
 from .regularize import jacobian_frobenius
@@ -32,13 +33,16 @@ from .stats import AdjointStats, FixedPointError, FixedPointWarning, Result, Sol
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
     "DEQ",
+    "GMRES",
     "IFT",
     "JFB",
     "RAG",
     "AdjointStats",
     "Anderson",
     "Broyden",
+    "DirectSolve",
     "FixedPointError",
     "FixedPointIteration",
     "FixedPointWarning",
@@ -46,6 +50,7 @@ __all__ = [
     "GradientAudit",
     "GradientEstimator",
     "GraphMemory",
+    "LinearSolver",
     "Linearization",
     "Neumann",
     "Path",

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._tree import State
+from ..linear_solvers import LinearSolver
 from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
@@ -32,7 +33,10 @@ class IFT(GradientEstimator):
     this backward treats the adjoint as a constant, which would make them wrong.
 
     Arguments:
-        solver: solver of the adjoint fixed point; default ``Anderson(tol=1e-6, max_iter=50)``.
+        solver: solver of the adjoint fixed point; default ``Anderson(tol=1e-6, max_iter=50)``. Or a linear
+            solver (:class:`~implicitkit.GMRES`, :class:`~implicitkit.CG`, :class:`~implicitkit.DirectSolve`)
+            of ``u (I - J) = g`` itself, which also converges where ``u -> u J + g`` does not (``J`` with
+            eigenvalues on or outside the unit circle, ``I - J`` still invertible).
         on_failure: the forward solvers' vocabulary: ``"raise"`` (a :class:`~implicitkit.FixedPointError`
             naming the cause), ``"warn"`` (keep the best adjoint iterate and emit a ``RuntimeWarning``),
             ``"report"`` (keep it, in the stats only); or a cheaper estimator whose adjoint replaces the failed
@@ -44,12 +48,17 @@ class IFT(GradientEstimator):
 
     def __init__(
         self,
-        solver: Solver | None = None,
+        solver: Solver | LinearSolver | None = None,
         *,
         on_failure: str | GradientEstimator = "warn",
         callback: Callable[[SolverStats], None] | None = None,
     ) -> None:
         self.solver = solver if solver is not None else Anderson(tol=1e-6, max_iter=50)
+        if not isinstance(self.solver, Solver | LinearSolver):
+            raise TypeError(
+                f"IFT's solver must be a fixed-point solver (Anderson(), FixedPointIteration(), Broyden()) or a "
+                f"linear solver (GMRES(), CG(), DirectSolve()), got {type(self.solver).__name__}."
+            )
         if self.solver.tol is None:
             raise ValueError(
                 "IFT's adjoint solver needs a tolerance; tol=None would stop without checking it."
@@ -74,8 +83,8 @@ class IFT(GradientEstimator):
         self.callback = callback
 
     def adjoint_vector(self, g: Tensor, vjp: VJP, record: Recorder | None = None) -> Tensor:
-        result = iterate(self.solver, lambda u: vjp(u) + g, g, on_failure="report")
-        u, failed = result.value, ~result.stats.converged
+        u, solve_stats = self._solve_adjoint(g, vjp)
+        failed = ~solve_stats.converged
         any_failed = bool(failed.any())
         fallback = None
         if any_failed and self.on_failure in ("warn", "report"):
@@ -84,7 +93,7 @@ class IFT(GradientEstimator):
             u = torch.where(failed.unsqueeze(1), self.on_failure.adjoint_vector(g, vjp), u)
             fallback = type(self.on_failure).__name__
         stats = AdjointStats(
-            **{f.name: getattr(result.stats, f.name) for f in dataclasses.fields(SolverStats)},
+            **{f.name: getattr(solve_stats, f.name) for f in dataclasses.fields(SolverStats)},
             fell_back=failed,
             fallback=fallback,
         )
@@ -106,5 +115,22 @@ class IFT(GradientEstimator):
             )
         return u
 
+    def _solve_adjoint(self, g: Tensor, vjp: VJP) -> tuple[Tensor, SolverStats]:
+        """``u`` with ``u (I - J) = g``: the fixed point of ``u -> u J + g``, or the linear system itself."""
+        if isinstance(self.solver, LinearSolver):
+            return self.solver.solve(
+                lambda u: u - vjp(u), g, apply_transposed=lambda v: v - jvp_by_double_backward(vjp, v)
+            )
+        result = iterate(self.solver, lambda u: vjp(u) + g, g, on_failure="report")
+        return result.value, result.stats
+
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         return attach_adjoint(f, z_star, lambda g, vjp: self.adjoint_vector(g, vjp, record), "IFT")
+
+
+def jvp_by_double_backward(vjp: VJP, v: Tensor) -> Tensor:
+    """``J v`` from the VJP ``w -> w J``: the gradient of ``<w J, v>`` with respect to ``w``."""
+    w = torch.zeros_like(v, requires_grad=True)
+    with torch.enable_grad():
+        (jv,) = torch.autograd.grad(vjp(w, create_graph=True), w, v)
+    return jv

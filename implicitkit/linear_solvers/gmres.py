@@ -1,0 +1,86 @@
+"""Restarted GMRES, batched: every sample its own Krylov space and stop rule."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..stats import SolverStats
+from .base import LinearSolver, Operator
+
+
+class GMRES(LinearSolver):
+    """GMRES(m): minimise ``||b - A x||`` over ``x_0 + span{r_0, A r_0, ..., A^{k-1} r_0}``, restarted every ``m``.
+
+    The Arnoldi basis is built with modified Gram-Schmidt for all samples at once; after each product every
+    sample's small least-squares problem ``min_y ||beta e_1 - H y||`` gives its residual, and a sample whose
+    residual met ``tol`` keeps its solution from then on (it is not moved by the others' iterations). Unlike
+    the adjoint as a fixed point (``u = u J + g``), GMRES converges whenever ``I - J`` is invertible, also when
+    ``J`` has eigenvalues on or outside the unit circle, in at most ``D`` products without restarts.
+
+    Arguments:
+        restart: ``m``, the Krylov dimension before a restart (memory ``m + 1`` vectors per sample).
+        **kwargs: ``tol``, ``max_iter`` (products with ``A``), ``stop_mode`` of :class:`LinearSolver`.
+
+    Reference: Saad & Schultz, "GMRES: a generalized minimal residual algorithm", SIAM J. Sci. Stat. Comput. 1986.
+    """
+
+    def __init__(self, *, restart: int = 20, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if restart < 1:
+            raise ValueError(f"restart must be at least 1, got {restart}.")
+        self.restart = int(restart)
+
+    def solve(
+        self, apply: Operator, b: Tensor, *, apply_transposed: Operator | None = None
+    ) -> tuple[Tensor, SolverStats]:
+        batch = b.shape[0]
+        b_norm = torch.linalg.vector_norm(b, dim=1)
+        x = torch.zeros_like(b)
+        nstep = torch.zeros(batch, dtype=torch.long, device=b.device)
+        done = self.residual(b, b_norm) <= self.tol
+        trace: list[Tensor] = []
+        products = 0
+        while products < self.max_iter and not bool(done.all()):
+            x, products = self._cycle(apply, b, b_norm, x, done, nstep, trace, products)
+        if not trace:  # every right-hand side was already solved by x = 0
+            trace.append(self.residual(b, b_norm))
+        return x, self.stats(trace, nstep)
+
+    def _cycle(self, apply, b, b_norm, x, done, nstep, trace, products):
+        """One restart cycle of at most ``m`` products; updates ``done``, ``nstep`` and ``trace`` in place."""
+        r = b - apply(x)
+        beta = torch.linalg.vector_norm(r, dim=1)
+        tiny = torch.finfo(b.dtype).tiny
+        basis = [r / beta.clamp_min(tiny)[:, None]]
+        h = b.new_zeros(b.shape[0], self.restart + 1, self.restart)
+        rhs = b.new_zeros(b.shape[0], self.restart + 1)
+        rhs[:, 0] = beta
+        y = None
+        for j in range(min(self.restart, self.max_iter - products)):
+            w = apply(basis[j])
+            for i, v in enumerate(basis):  # modified Gram-Schmidt
+                h[:, i, j] = (w * v).sum(dim=1)
+                w = w - h[:, i, j, None] * v
+            h[:, j + 1, j] = torch.linalg.vector_norm(w, dim=1)
+            basis.append(w / h[:, j + 1, j].clamp_min(tiny)[:, None])
+            products += 1
+            y = torch.linalg.lstsq(h[:, : j + 2, : j + 1], rhs[:, : j + 2, None]).solution
+            residual_norm = torch.linalg.vector_norm(
+                rhs[:, : j + 2] - (h[:, : j + 2, : j + 1] @ y).squeeze(-1), dim=1
+            )
+            res = residual_norm if self.stop_mode == "abs" else residual_norm / b_norm.clamp_min(tiny)
+            active = ~done
+            nstep += active.long()
+            trace.append(torch.where(active, res, trace[-1] if trace else res))
+            newly = active & (res <= self.tol)
+            if bool(newly.any()):  # freeze the samples that are solved now
+                step = torch.stack(basis[: j + 1], dim=2) @ y
+                x = torch.where(newly[:, None], x + step.squeeze(-1), x)
+                done |= newly
+            if bool(done.all()) or not bool(torch.isfinite(res[~done]).all()):
+                return x, products
+        if y is not None:
+            step = (torch.stack(basis[: y.shape[1]], dim=2) @ y).squeeze(-1)
+            x = torch.where(done[:, None], x, x + step)
+        return x, products

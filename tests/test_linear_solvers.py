@@ -1,0 +1,151 @@
+"""Linear-solve adjoints: GMRES, CG and DirectSolve against float64 dense solves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicitkit as ik
+from implicitkit.gradients.ift import jvp_by_double_backward
+
+LINEAR = {
+    "GMRES": lambda **kw: ik.GMRES(tol=1e-12, max_iter=200, **kw),
+    "CG": lambda **kw: ik.CG(tol=1e-12, max_iter=400, **kw),
+    "DirectSolve": lambda **kw: ik.DirectSolve(tol=1e-10, **kw),
+}
+
+
+def batch_of_matrices(batch: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Well-conditioned nonsymmetric ``[B, D, D]`` matrices ``I + 0.4 R``."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(batch, dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    return torch.eye(dim, dtype=torch.float64) + 0.4 * r
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_solution_equals_a_dense_solve(name):
+    a = batch_of_matrices(3, 7)
+    b = torch.randn(3, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x, stats = LINEAR[name]().solve(
+        lambda v: (a @ v[..., None]).squeeze(-1),
+        b,
+        apply_transposed=lambda v: (a.mT @ v[..., None]).squeeze(-1),
+    )
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)
+    assert stats.converged.all() and stats.residual.max() <= stats.tol
+
+
+def test_gmres_stops_each_sample_on_its_own():
+    """Sample 0 is the identity (solved by one product); it is frozen while sample 1 goes on."""
+    a = batch_of_matrices(2, 12)
+    a[0] = torch.eye(12, dtype=torch.float64)
+    b = torch.randn(2, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    solver = ik.GMRES(tol=1e-12, max_iter=100)
+    x, stats = solver.solve(lambda v: (a @ v[..., None]).squeeze(-1), b)
+    assert int(stats.nstep[0]) == 1 < int(stats.nstep[1])
+    alone, _ = solver.solve(lambda v: v, b[:1])
+    torch.testing.assert_close(x[0], alone[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(x[1], torch.linalg.solve(a[1], b[1]), rtol=1e-9, atol=1e-10)
+
+
+def test_running_out_of_products_is_reported():
+    a = batch_of_matrices(2, 10)
+    b = torch.ones(2, 10, dtype=torch.float64)
+    _, stats = ik.GMRES(tol=1e-12, max_iter=2).solve(lambda v: (a @ v[..., None]).squeeze(-1), b)
+    assert (stats.result == ik.Result.max_steps_reached).all() and (stats.nstep == 2).all()
+
+
+def tanh_problem(dim: int = 5, scale: float = 0.6, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    w = (scale * torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5).requires_grad_()
+    x = torch.randn(4, dim, generator=gen, dtype=torch.float64).requires_grad_()
+    return w, x
+
+
+def dense_gradients(w, x, z):
+    """``dL/dx`` and ``dL/dW`` of ``L = sum(z*)`` with ``z* = tanh(z* W^T + x)``, by dense float64 algebra."""
+    s = 1 - z.detach() ** 2  # tanh' at the fixed point
+    eye = torch.eye(w.shape[0], dtype=torch.float64)
+    jac = s[:, :, None] * w.detach()[None]  # [B, D, D]: J = diag(s) W
+    u = torch.linalg.solve((eye - jac).mT, torch.ones_like(z))  # u (I - J) = g, g = 1
+    gx = u * s
+    gw = torch.einsum("bi,bj->ij", gx, z.detach())
+    return gx, gw
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_ift_with_a_linear_solver_equals_the_dense_gradient(name):
+    w, x = tanh_problem()
+    forward = ik.Anderson(tol=1e-13, max_iter=200, on_failure="raise")
+    sol = ik.fixed_point(
+        lambda z: torch.tanh(z @ w.T + x),
+        torch.zeros_like(x.detach()),
+        solver=forward,
+        gradient=ik.IFT(LINEAR[name](), on_failure="raise"),
+    )
+    gx, gw = torch.autograd.grad(sol.value.sum(), (x, w))
+    want_x, want_w = dense_gradients(w, x, sol.value)
+    torch.testing.assert_close(gx, want_x, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gw, want_w, rtol=1e-8, atol=1e-10)
+    (stats,) = sol.backward_stats
+    assert stats.solver == f"IFT adjoint ({name})" and stats.converged.all() and not stats.fell_back.any()
+
+
+def test_gmres_solves_the_adjoint_where_the_fixed_point_adjoint_diverges():
+    """``f(z) = A z + c`` with an eigenvalue of ``A`` at -1.6: ``u -> u A + g`` diverges, ``I - A`` is fine."""
+    q = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))[0]
+    a = (q @ torch.diag(torch.tensor([-1.6, 0.5, 0.3, -0.2], dtype=torch.float64)) @ q.T).requires_grad_()
+    c = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    z_star = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - a.detach(), c.T).T
+    start = ik.FixedPointIteration(tol=1e-10, max_iter=1, stop_mode="abs", on_failure="raise")
+
+    def grad_with(adjoint):
+        sol = ik.fixed_point(lambda z: z @ a.T + c, z_star.clone(), solver=start, gradient=adjoint)
+        return torch.autograd.grad(sol.value.sum(), a)[0], sol.backward_stats[0]
+
+    u = torch.linalg.solve(
+        (torch.eye(4, dtype=torch.float64) - a.detach()).T, torch.ones(4, 2, dtype=torch.float64)
+    )
+    want = u @ z_star  # dL/dA = u^T z*, summed over samples
+    got, stats = grad_with(ik.IFT(ik.GMRES(tol=1e-12), on_failure="raise"))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert stats.converged.all()
+    with pytest.raises(ik.FixedPointError, match="IFT adjoint"):
+        grad_with(ik.IFT(ik.FixedPointIteration(tol=1e-10, max_iter=200), on_failure="raise"))
+
+
+def test_gradcheck_through_ift_with_gmres_on_a_tuple_state():
+    w, x = tanh_problem(dim=3)
+    gradient = ik.IFT(ik.GMRES(tol=1e-13, max_iter=50), on_failure="raise")
+    solver = ik.Anderson(tol=1e-14, max_iter=300, on_failure="raise")
+
+    def solve(w, x):
+        def f(state):
+            z, s = state
+            return torch.tanh(z @ w.T + x), 0.5 * s + z[:, :1]
+
+        start = (torch.zeros_like(x), torch.zeros(x.shape[0], 1, dtype=x.dtype))
+        z, s = ik.fixed_point(f, start, solver=solver, gradient=gradient).value
+        return z.sum(dim=1) + s.squeeze(1)
+
+    assert torch.autograd.gradcheck(solve, (w, x), eps=1e-6, atol=1e-6)
+
+
+def test_jvp_by_double_backward_is_the_dense_jacobian_product():
+    w, x = tanh_problem(dim=4)
+    z = torch.randn(4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    lin = ik.Linearization(lambda z: torch.tanh(z @ w.T + x), z)
+    v = torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    jac = (1 - torch.tanh(z @ w.T + x) ** 2)[:, :, None] * w.detach()[None]
+    torch.testing.assert_close(jvp_by_double_backward(lin.vjp, v), (jac @ v[..., None]).squeeze(-1))
+
+
+def test_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match=r"max_size=4.*GMRES"):
+        ik.DirectSolve(max_size=4).solve(lambda v: v, torch.ones(1, 5))
+    with pytest.raises(TypeError, match="apply_transposed"):
+        ik.CG().solve(lambda v: v, torch.ones(1, 5))
+    with pytest.raises(TypeError, match="fixed-point solver .* or a linear solver"):
+        ik.IFT(solver=ik.JFB())
+    with pytest.raises(ValueError, match="restart"):
+        ik.GMRES(restart=0)

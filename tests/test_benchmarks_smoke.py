@@ -82,3 +82,13 @@ def test_compile_benchmark_quick(tmp_path):
     assert "| FixedPointIteration + JFB | implicitkit |" in (tmp_path / "compile.md").read_text()
     assert [r.breaks for r in rows] == [1, 1]
     assert all(r.max_diff < 1e-5 for r in rows)
+
+
+def test_linear_adjoints_benchmark_quick(tmp_path):
+    import linear_adjoints
+
+    table = linear_adjoints.main(["--quick", "--out", str(tmp_path)])
+    # GMRES and DirectSolve solve every sample where the fixed-point adjoint diverges (eigenvalue -1.6)
+    rows = [line for line in table.splitlines() if "eigenvalue -1.6" in line]
+    assert any("FixedPointIteration" in r and "| 0/4 |" in r for r in rows)
+    assert all("| 4/4 |" in r for r in rows if "GMRES" in r or "DirectSolve" in r)

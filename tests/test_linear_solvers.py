@@ -145,7 +145,7 @@ def test_bad_configurations_are_refused():
         ik.DirectSolve(max_size=4).solve(lambda v: v, torch.ones(1, 5))
     with pytest.raises(TypeError, match="apply_transposed"):
         ik.CG().solve(lambda v: v, torch.ones(1, 5))
-    with pytest.raises(TypeError, match="fixed-point solver .* or a linear solver"):
+    with pytest.raises(TypeError, match=r"fixed-point solver .* or a linear solver"):
         ik.IFT(solver=ik.JFB())
     with pytest.raises(ValueError, match="restart"):
         ik.GMRES(restart=0)

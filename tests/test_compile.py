@@ -177,4 +177,5 @@ def test_failure_warning_under_compile_is_eagers_and_breaks_nothing_more():
     with pytest.warns(ik.FixedPointWarning, match="did not reach tol within max_iter") as caught:
         step(model, torch.compile(model, backend="eager"), inputs(1))
     assert sum(counters["graph_break"].values()) == 1
-    assert caught[0].filename == __file__  # attributed to the model's forward, not to the library or torch
+    ours = [w for w in caught if issubclass(w.category, ik.FixedPointWarning)]  # Dynamo may warn of its own
+    assert ours and all(w.filename == __file__ for w in ours)  # the model's forward, not the library or torch

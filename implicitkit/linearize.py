@@ -19,6 +19,7 @@ class Linearization:
     Arguments:
         f: the map, with autograd to its parameters and inputs.
         z: the point, a tensor ``[B, ...]`` or a structured state.
+        attached: keep ``z`` with its graph (it must require grad) instead of a detached copy.
 
     Attributes:
         spec: the state's structure.
@@ -27,10 +28,11 @@ class Linearization:
         depends_on_z: some leaf of ``f(z)`` has a graph (else ``J = 0``).
     """
 
-    def __init__(self, f: Callable[[State], State], z: State) -> None:
+    def __init__(self, f: Callable[[State], State], z: State, *, attached: bool = False) -> None:
         self.spec = spec_of(z)
         leaves, treespec = leaves_of(z)
-        self.z_leaves = [x.detach().requires_grad_() for x in leaves]
+        # attached: products at ``z`` as it is, so they are differentiable through ``z``'s own graph too
+        self.z_leaves = list(leaves) if attached else [x.detach().requires_grad_() for x in leaves]
         with torch.enable_grad():
             fz = f(treespec.unflatten(self.z_leaves))
         fz_leaves, fz_treespec = leaves_of(fz)

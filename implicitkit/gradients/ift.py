@@ -10,11 +10,13 @@ from torch import Tensor
 
 from .._tree import State
 from ..linear_solvers import LinearSolver
+from ..linearize import Linearization
 from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
-from .tangent import under_vmap
+from .second_order import attach_twice_differentiable
+from .tangent import attach_tangent, under_vmap
 
 _ON_FAILURE = ("report", "warn", "raise")
 
@@ -53,6 +55,7 @@ class IFT(GradientEstimator):
         *,
         on_failure: str | GradientEstimator = "warn",
         callback: Callable[[SolverStats], None] | None = None,
+        second_order: bool = False,
     ) -> None:
         self.solver = solver if solver is not None else Anderson(tol=1e-6, max_iter=50)
         if not isinstance(self.solver, Solver | LinearSolver):
@@ -82,6 +85,7 @@ class IFT(GradientEstimator):
             )
         self.on_failure = on_failure
         self.callback = callback
+        self.second_order = bool(second_order)
 
     def adjoint_vector(self, g: Tensor, vjp: VJP, record: Recorder | None = None) -> Tensor:
         """The adjoint ``u`` (flat ``[B, D]``) with ``u (I - J) = g``, found from VJPs ``v -> v J`` only.
@@ -136,14 +140,20 @@ class IFT(GradientEstimator):
         product_transposed: VJP | None,
         record: Recorder | None,
         kind: str,
-        fallback_vector: Callable[[PolynomialAdjoint], Tensor],
+        fallback_vector: Callable[[PolynomialAdjoint], Tensor] | None,
     ) -> Tensor:
-        """``x = x P + rhs`` for the product ``P`` (``J`` from the left or the right), with the failure policy."""
+        """``x = x P + rhs`` for the product ``P`` (``J`` from the left or the right), with the failure policy.
+
+        Without ``fallback_vector`` the solve is part of a second derivative, which must be exact: a sample
+        whose solve failed raises an error instead of being replaced.
+        """
         x, solve_stats = self._solve_linear(rhs, product, product_transposed)
         failed = ~solve_stats.converged
         any_failed = bool(failed.any())
         fallback = None
-        if any_failed and self.on_failure in ("warn", "report"):
+        if any_failed and fallback_vector is None:
+            pass
+        elif any_failed and self.on_failure in ("warn", "report"):
             fallback = "best_iterate"
         elif any_failed and isinstance(self.on_failure, PolynomialAdjoint):
             x = torch.where(failed.unsqueeze(1), fallback_vector(self.on_failure), x)
@@ -157,6 +167,13 @@ class IFT(GradientEstimator):
         for sink in (record, self.callback):  # recorded before raising, so the failure can be inspected
             if sink is not None:
                 sink(stats)
+        if any_failed and fallback_vector is None:
+            raise FixedPointError(
+                f"{stats.failure_message()} A second derivative through IFT needs every {kind} solve to "
+                "converge (a best iterate or a fallback would make it wrong), so it is refused: raise the "
+                "adjoint solver's max_iter or loosen its tol.",
+                stats,
+            )
         if any_failed and self.on_failure == "raise":
             raise FixedPointError(
                 f"{stats.failure_message()} To train through it with a cheaper gradient for those samples, "
@@ -181,12 +198,40 @@ class IFT(GradientEstimator):
         return result.value, result.stats
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
-        return attach_adjoint(
+        tangent = lambda b, jvp: self.tangent_vector(b, jvp, record)  # noqa: E731
+        if not self.second_order:
+            adjoint = lambda g, vjp: self.adjoint_vector(g, vjp, record)  # noqa: E731
+            return attach_adjoint(f, z_star, adjoint, "IFT", tangent)
+        out = attach_twice_differentiable(
             f,
             z_star,
             lambda g, vjp: self.adjoint_vector(g, vjp, record),
-            "IFT",
-            lambda b, jvp: self.tangent_vector(b, jvp, record),
+            lambda g, vjp: self._exact_adjoint(g, vjp, record),
+            lambda g, lin: self._differentiable_adjoint(g, lin, record),
+            "IFT(second_order=True)",
+        )
+        return attach_tangent(f, z_star, out, tangent)
+
+    def _exact_adjoint(self, g: Tensor, vjp: VJP, record: Recorder | None) -> Tensor:
+        """The adjoint solved to tolerance, or an error: no best iterate, no fallback."""
+        return self._solve(g, vjp, lambda v: v - jvp_by_double_backward(vjp, v), record, "adjoint", None)
+
+    def _differentiable_adjoint(self, g: Tensor, lin: Linearization, record: Recorder | None) -> Tensor:
+        """``u = g (I - J)^-1`` with its graph: the linear fixed point ``u = u J + g`` attached implicitly.
+
+        Its backward solves the transposed system ``y = J y + w`` (JVPs by double backward) and then carries
+        ``y`` through ``u J + g`` to ``g``, the parameters and the point, where ``J`` is taken.
+        """
+        u = self._exact_adjoint(g.detach(), lin.vjp, record)
+
+        def adjoint_map(v: Tensor) -> Tensor:
+            return lin.vjp(v, create_graph=True) + g
+
+        return attach_adjoint(
+            adjoint_map,
+            u,
+            lambda w, vjp: self._exact_adjoint(w, vjp, record),
+            "IFT(second_order=True) beyond second order",
         )
 
 

@@ -55,6 +55,18 @@ def test_adjoint_estimators_refuse_second_derivatives(gradient):
         mixed_second_derivative(deq_solve(gradient))
 
 
+@pytest.mark.parametrize(
+    "gradient",
+    [
+        ik.IFT(ik.Anderson(tol=1e-12, max_iter=100, stop_mode="abs"), second_order=True),
+        ik.Neumann(200, second_order=True),
+    ],
+)
+def test_adjoint_estimators_with_second_order_are_exact(gradient):
+    got = mixed_second_derivative(deq_solve(gradient))
+    assert got == pytest.approx(mixed_second_derivative(explicit_fixed_point), rel=1e-8, abs=1e-14)
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_refused_under_backward_with_create_graph_too():
     a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)

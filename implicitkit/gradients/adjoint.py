@@ -6,7 +6,8 @@ graph to the parameters and inputs. Its backward hands ``u`` to those leaves, so
 under DistributedDataParallel and with modules that appear twice in a graph.
 
 Second derivatives through this backward would need the adjoint system itself differentiated (``u``
-depends on ``z*`` and ``theta`` through ``J``); they are refused with an error rather than returned wrong.
+depends on ``z*`` and ``theta`` through ``J``); they are refused with an error rather than returned wrong
+(``second_order.py`` builds the twice-differentiable variant).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 HIGHER_ORDER_MESSAGE = (
     "{name} does not differentiate its own backward pass: a second derivative through it would treat the "
-    "adjoint as a constant and be wrong, so it is refused. For higher-order gradients (create_graph=True) use "
-    "gradient=Unrolled() with FixedPointIteration (exact for the steps taken), or Phantom/RAG, whose "
-    "graphs are ordinary autograd."
+    "adjoint as a constant and be wrong, so it is refused. For exact second derivatives (create_graph=True) "
+    "pass IFT(second_order=True) or Neumann(k, second_order=True), or use gradient=Unrolled() with "
+    "FixedPointIteration (exact for the steps taken), or Phantom/RAG, whose graphs are ordinary autograd."
 )
 
 
@@ -42,7 +43,7 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
-            raise RuntimeError(HIGHER_ORDER_MESSAGE.format(name=ctx.name))
+            raise RuntimeError(ctx.name if " " in ctx.name else HIGHER_ORDER_MESSAGE.format(name=ctx.name))
         lin: Linearization = ctx.lin
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, lin.z_leaves, strict=True)]
         g_flat = flatten(lin.spec.treespec.unflatten(grads), lin.spec)
@@ -79,7 +80,7 @@ def attach_adjoint(
         f: the map, with a graph to its parameters and inputs.
         z_star: the detached fixed point (any supported structure).
         rule: computes the flat adjoint ``u`` from the flat ``g`` and a flat VJP ``v -> v J``.
-        name: the estimator's name, for the message that refuses second derivatives.
+        name: the estimator's name, for the message that refuses second derivatives (or that whole message).
         tangent_rule: computes the flat tangent ``t`` from the flat ``b`` and a flat JVP ``v -> J v``.
     """
     out = _attach_reverse(f, z_star, rule, name)

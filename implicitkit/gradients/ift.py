@@ -15,7 +15,7 @@ from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
-from .second_order import attach_twice_differentiable
+from .second_order import THIRD_ORDER_MESSAGE, attach_twice_differentiable
 from .tangent import attach_tangent, under_vmap
 
 _ON_FAILURE = ("report", "warn", "raise")
@@ -32,8 +32,16 @@ class IFT(GradientEstimator):
     ``Solution.backward_stats`` and to ``callback`` if given.
 
     No adjoint is solved when nothing but the state could receive a gradient (a frozen cell whose inputs
-    need none), nor without autograd. Second derivatives (``create_graph=True``) are refused with an error:
-    this backward treats the adjoint as a constant, which would make them wrong.
+    need none), nor without autograd. In forward mode (``torch.func.jvp``, dual tensors) the tangent of
+    ``z*`` solves ``(I - J) t = (df/dtheta) t_theta`` with the same solver and JVPs only
+    (:meth:`tangent_vector`).
+
+    Second derivatives (``create_graph=True``) are refused by default: the plain backward treats the adjoint
+    as a constant, which would make them wrong. ``second_order=True`` makes them exact: the adjoint fixed
+    point is itself attached implicitly (its backward solves the transposed system ``(I - J) y = w``) and the
+    first-order graph is built at a ``z*`` that carries its own derivative. It costs a second graph of ``f``
+    at ``z*`` in the forward pass; first-order gradients are unchanged. Solves that are part of a second
+    derivative must converge: a failure raises a :class:`~implicitkit.FixedPointError` instead of falling back.
 
     Arguments:
         solver: solver of the adjoint fixed point; default ``Anderson(tol=1e-6, max_iter=50)``. Or a linear
@@ -45,6 +53,7 @@ class IFT(GradientEstimator):
             ``"report"`` (keep it, in the stats only); or a cheaper estimator whose adjoint replaces the failed
             samples' (``JFB()``, ``Neumann(k)``).
         callback: called with the adjoint's stats after each backward solve.
+        second_order: make ``create_graph=True`` exact instead of refused.
 
     Reference: Bai, Kolter & Koltun, "Deep equilibrium models", NeurIPS 2019.
     """
@@ -231,7 +240,7 @@ class IFT(GradientEstimator):
             adjoint_map,
             u,
             lambda w, vjp: self._exact_adjoint(w, vjp, record),
-            "IFT(second_order=True) beyond second order",
+            THIRD_ORDER_MESSAGE.format(name="IFT(second_order=True)"),
         )
 
 

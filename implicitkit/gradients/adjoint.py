@@ -35,15 +35,15 @@ HIGHER_ORDER_MESSAGE = (
 class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, lin: Linearization, rule: AdjointRule, name: str, z_star: list[Tensor], *fz_leaves: Tensor
+        ctx, lin: Linearization, rule: AdjointRule, refusal: str, z_star: list[Tensor], *fz_leaves: Tensor
     ):
-        ctx.lin, ctx.rule, ctx.name = lin, rule, name
+        ctx.lin, ctx.rule, ctx.refusal = lin, rule, refusal
         return tuple(z.clone() for z in z_star)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
-            raise RuntimeError(ctx.name if " " in ctx.name else HIGHER_ORDER_MESSAGE.format(name=ctx.name))
+            raise RuntimeError(ctx.refusal)
         lin: Linearization = ctx.lin
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, lin.z_leaves, strict=True)]
         g_flat = flatten(lin.spec.treespec.unflatten(grads), lin.spec)
@@ -69,6 +69,8 @@ def attach_adjoint(
     rule: AdjointRule,
     name: str,
     tangent_rule: TangentRule | None = None,
+    *,
+    refusal: str | None = None,
 ) -> State:
     """Return ``z_star`` whose backward applies ``rule(g, vjp) -> u`` and then backpropagates ``u`` through f.
 
@@ -80,14 +82,16 @@ def attach_adjoint(
         f: the map, with a graph to its parameters and inputs.
         z_star: the detached fixed point (any supported structure).
         rule: computes the flat adjoint ``u`` from the flat ``g`` and a flat VJP ``v -> v J``.
-        name: the estimator's name, for the message that refuses second derivatives (or that whole message).
+        name: the estimator's name, for the message that refuses second derivatives.
         tangent_rule: computes the flat tangent ``t`` from the flat ``b`` and a flat JVP ``v -> J v``.
+        refusal: the message that refuses a derivative through this backward; by default the one naming
+            ``name`` and the estimators that allow second derivatives.
     """
-    out = _attach_reverse(f, z_star, rule, name)
+    out = _attach_reverse(f, z_star, rule, refusal or HIGHER_ORDER_MESSAGE.format(name=name))
     return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule)
 
 
-def _attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
+def _attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, refusal: str) -> State:
     if not torch.is_grad_enabled():
         return z_star
     if forward_mode_active() and peek_interpreter_stack() is not None:
@@ -97,5 +101,5 @@ def _attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRul
         return z_star
     z_star_leaves, _ = leaves_of(z_star)
     fz_leaves = [primal(y) for y in lin.fz_leaves]  # the tangent is attached after, by attach_tangent
-    out = _Adjoint.apply(lin, rule, name, z_star_leaves, *fz_leaves)
+    out = _Adjoint.apply(lin, rule, refusal, z_star_leaves, *fz_leaves)
     return lin.spec.treespec.unflatten(list(out))

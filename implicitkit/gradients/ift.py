@@ -240,7 +240,8 @@ class IFT(GradientEstimator):
             adjoint_map,
             u,
             lambda w, vjp: self._exact_adjoint(w, vjp, record),
-            THIRD_ORDER_MESSAGE.format(name="IFT(second_order=True)"),
+            "IFT",
+            refusal=THIRD_ORDER_MESSAGE.format(name="IFT(second_order=True)"),
         )
 
 

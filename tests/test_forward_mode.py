@@ -165,3 +165,30 @@ def test_deq_module_forward_mode(problem):
     deq = ik.DEQ(Cell(), solver=TIGHT, gradient=ik.IFT(TIGHT))
     _, got = jvp(lambda y: deq(torch.zeros(B, D, dtype=torch.float64), y).value, (x,), (v,))
     torch.testing.assert_close(got, dense_tangent(w, u, x, v), atol=1e-10, rtol=0)
+
+
+def test_structured_state_tangent_matches_the_flat_one(problem):
+    w, u, x, v = problem
+    f = cell(w, u)
+
+    def split(x):  # the same map on a (first column, other columns) tuple state
+        def g(state):
+            z = f(torch.cat(state, dim=1), x)
+            return z[:, :1], z[:, 1:]
+
+        zeros = torch.zeros(B, D, dtype=x.dtype)
+        a, b = ik.fixed_point(g, (zeros[:, :1], zeros[:, 1:]), solver=TIGHT, gradient=ik.IFT(TIGHT)).value
+        return torch.cat([a, b], dim=1)
+
+    _, got = jvp(split, (x,), (v,))
+    torch.testing.assert_close(got, dense_tangent(w, u, x, v), atol=1e-10, rtol=0)
+
+
+def test_reverse_mode_through_an_ift_tangent_is_refused(problem):
+    w, u, x, v = problem
+    w = w.clone().requires_grad_()
+    with fwAD.dual_level():
+        z = solve(w, u, ik.IFT(TIGHT))(fwAD.make_dual(x, v))
+        primal, tangent = fwAD.unpack_dual(z)
+        with pytest.raises(RuntimeError, match=r"through the tangent of a fixed point .* not supported"):
+            (primal.sum() + tangent.sum()).backward()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch._C._functorch import TransformType
+from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .._tree import State, flatten, leaves_of, spec_of, unflatten
@@ -41,6 +41,26 @@ def primal(x: Tensor) -> Tensor:
 
 def _tangent(x: Tensor) -> Tensor | None:
     return fwAD.unpack_dual(x).tangent
+
+
+REVERSE_THROUGH_TANGENT_MESSAGE = (
+    "Back-propagating through the tangent of a fixed point (reverse mode over forward mode) is not "
+    "supported: the tangent solve keeps no graph, so that part of the gradient would be missing. Compute the "
+    "quantity in reverse mode only (e.g. a vector-Jacobian product with create_graph=True and "
+    "IFT(second_order=True)), or detach the tangent if it needs no gradient."
+)
+
+
+class _NoReverse(torch.autograd.Function):
+    """The tangent as it is, in a graph whose backward refuses (see REVERSE_THROUGH_TANGENT_MESSAGE)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, *anchors: Tensor) -> Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        raise RuntimeError(REVERSE_THROUGH_TANGENT_MESSAGE)
 
 
 def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule: TangentRule) -> State:
@@ -78,6 +98,9 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
 
     with torch.no_grad():
         t = rule(b, jvp)
+    anchors = [primal(y) for y in fz_leaves if y.requires_grad]
+    if torch.is_grad_enabled() and anchors and peek_interpreter_stack() is None:
+        t = _NoReverse.apply(t, *anchors)  # a loss on the tangent must not lose its path silently
     t_leaves, _ = leaves_of(unflatten(t, spec))
     out_leaves, out_treespec = leaves_of(out)
     return out_treespec.unflatten(

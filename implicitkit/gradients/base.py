@@ -13,7 +13,7 @@ from .._tree import State, StateSpec, unflatten
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
-from .tangent import forward_mode_active
+from .tangent import primals_only
 
 Map = Callable[[State], State]
 AuxMap = Callable[[State], "tuple[State, Any]"]  # f with has_aux: state -> (state, aux)
@@ -46,13 +46,7 @@ class GradientEstimator(ABC):
         capture: Iterable[int] = (),
     ) -> SolveResult:
         """Run ``solver`` on the flat map from ``z0``; here without autograd, and on primals in forward mode."""
-        if forward_mode_active():  # the tangent is attached after the solve (see tangent.py)
-            f_primal = f
-
-            def f(z: Tensor) -> Tensor:
-                return f_primal(z).detach()
-
-        with torch.no_grad():
+        with torch.no_grad(), primals_only():
             return iterate(solver, f, z0.detach(), perturbation=perturbation, capture=capture)
 
     @abstractmethod

@@ -29,6 +29,11 @@ def forward_mode_active() -> bool:
     return fwAD._current_level >= 0
 
 
+def primals_only() -> fwAD._set_fwd_grad_enabled:
+    """A context in which forward-mode AD computes no tangents: the solve runs on primals, at primal cost."""
+    return fwAD._set_fwd_grad_enabled(False)
+
+
 def under_vmap() -> bool:
     """Some ``torch.func.vmap`` (``jacfwd`` is ``vmap`` of ``jvp``) is transforming the current call."""
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())

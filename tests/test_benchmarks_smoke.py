@@ -92,3 +92,12 @@ def test_linear_adjoints_benchmark_quick(tmp_path):
     rows = [line for line in table.splitlines() if "eigenvalue -1.6" in line]
     assert any("FixedPointIteration" in r and "| 0/4 |" in r for r in rows)
     assert all("| 4/4 |" in r for r in rows if "GMRES" in r or "DirectSolve" in r)
+
+
+def test_differentiation_modes_benchmark_quick(tmp_path):
+    import differentiation_modes
+
+    table = differentiation_modes.main(["--quick", "--out", str(tmp_path)])
+    # forward mode and the exact penalty agree with their references to the solver's tolerance
+    for line in table.splitlines()[2:]:
+        assert float(line.split("|")[-3]) < 1e-6, line

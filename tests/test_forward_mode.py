@@ -61,7 +61,14 @@ def dense_tangent(w, u, x, v):
 
 
 @pytest.mark.parametrize(
-    "gradient", [ik.IFT(TIGHT), ik.IFT(ik.GMRES(tol=1e-13, max_iter=50)), ik.Neumann(80)], ids=repr
+    "gradient",
+    [
+        ik.IFT(TIGHT),
+        ik.IFT(ik.GMRES(tol=1e-13, max_iter=50)),
+        ik.IFT(ik.DirectSolve(tol=1e-10)),
+        ik.Neumann(80),
+    ],
+    ids=repr,
 )
 def test_jvp_matches_dense_solve(problem, gradient):
     w, u, x, v = problem
@@ -192,3 +199,9 @@ def test_reverse_mode_through_an_ift_tangent_is_refused(problem):
         primal, tangent = fwAD.unpack_dual(z)
         with pytest.raises(RuntimeError, match=r"through the tangent of a fixed point .* not supported"):
             (primal.sum() + tangent.sum()).backward()
+
+
+def test_cg_tangent_is_refused_with_the_alternatives(problem):
+    w, u, x, v = problem
+    with pytest.raises(RuntimeError, match=r"CG\(\)\) cannot solve for the tangent.*GMRES"):
+        jvp(solve(w, u, ik.IFT(ik.CG(tol=1e-12))), (x,), (v,))

@@ -208,6 +208,13 @@ class IFT(GradientEstimator):
     ) -> tuple[Tensor, SolverStats]:
         """``x`` with ``x - P x = rhs``: the fixed point of ``x -> P x + rhs``, or the linear system itself."""
         if isinstance(self.solver, LinearSolver):
+            if self.solver.needs_transposed and product_transposed is None:
+                # forward mode gives J v only; J^T products would need a reverse pass it does not have
+                raise TypeError(
+                    f"IFT({type(self.solver).__name__}()) cannot solve for a forward-mode tangent: it solves "
+                    "the normal equations, which need products with J^T as well as J, and forward mode has "
+                    "only J v. Use IFT(GMRES()) or IFT(DirectSolve()) under torch.func.jvp / forward_ad."
+                )
             return self.solver.solve(lambda x: x - product(x), rhs, apply_transposed=product_transposed)
         result = iterate(self.solver, lambda x: product(x) + rhs, rhs, on_failure="report")
         return result.value, result.stats

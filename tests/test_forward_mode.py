@@ -199,9 +199,3 @@ def test_reverse_mode_through_an_ift_tangent_is_refused(problem):
         primal, tangent = fwAD.unpack_dual(z)
         with pytest.raises(RuntimeError, match=r"through the tangent of a fixed point .* not supported"):
             (primal.sum() + tangent.sum()).backward()
-
-
-def test_cg_tangent_is_refused_with_the_alternatives(problem):
-    w, u, x, v = problem
-    with pytest.raises(RuntimeError, match=r"CG\(\)\) cannot solve for the tangent.*GMRES"):
-        jvp(solve(w, u, ik.IFT(ik.CG(tol=1e-12))), (x,), (v,))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._tree import State
-from ..linear_solvers import CG, LinearSolver
+from ..linear_solvers import LinearSolver
 from ..linearize import Linearization
 from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
@@ -137,12 +137,6 @@ class IFT(GradientEstimator):
                 "sample on its own, which needs residuals read on the host, and vmap cannot read them. Take "
                 "one torch.func.jvp per direction (or use torch.autograd.forward_ad), or put the directions "
                 "in the batch dimension; jacfwd works with Neumann(k), JFB, Phantom, RAG and Unrolled."
-            )
-        if isinstance(self.solver, CG):
-            raise RuntimeError(
-                "IFT(solver=CG()) cannot solve for the tangent in forward mode: CG works on the normal "
-                "equations, whose transposed products are VJPs that forward mode does not build. Use "
-                "IFT(solver=GMRES()), DirectSolve() or a fixed-point solver for forward-mode AD."
             )
         return self._solve(
             b, jvp, None, record, "tangent", lambda estimator: estimator.tangent_vector(b, jvp)

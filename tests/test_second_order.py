@@ -159,3 +159,36 @@ def test_third_derivatives_are_refused():
     (da,) = torch.autograd.grad(z.sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="exact second derivatives, not third"):
         torch.autograd.grad(da, b, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "adjoint_solver",
+    [ik.GMRES(tol=1e-13, max_iter=50), ik.DirectSolve(tol=1e-10), ik.CG(tol=1e-13, max_iter=50)],
+    ids=repr,
+)
+def test_second_order_with_linear_solver_adjoints(adjoint_solver):
+    got = mixed_second_derivative(scalar_solve(ik.IFT(adjoint_solver, second_order=True)))
+    assert got == pytest.approx(mixed_second_derivative(explicit_fixed_point), rel=1e-10, abs=1e-14)
+
+
+def test_deq_module_gradient_penalty_reaches_its_parameters():
+    w, u, x = tanh_cell_problem()
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.u = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(u.detach().clone())
+
+        def forward(self, z, x):
+            return torch.tanh(z @ self.w.T + x @ self.u.T)
+
+    def penalty_grads(gradient, solver):
+        cell = Cell()
+        deq = ik.DEQ(cell, solver=solver, gradient=gradient)
+        z = deq(torch.zeros(2, 3, dtype=torch.float64), x).value
+        (gx,) = torch.autograd.grad(z.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (cell.w, cell.u))
+
+    got = penalty_grads(ik.IFT(ADJOINT, second_order=True), FORWARD)
+    want = penalty_grads(ik.Unrolled(), ik.FixedPointIteration(tol=None, max_iter=200))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

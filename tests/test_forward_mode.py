@@ -199,3 +199,11 @@ def test_reverse_mode_through_an_ift_tangent_is_refused(problem):
         primal, tangent = fwAD.unpack_dual(z)
         with pytest.raises(RuntimeError, match=r"through the tangent of a fixed point .* not supported"):
             (primal.sum() + tangent.sum()).backward()
+
+
+def test_reversible_refuses_forward_mode_with_the_alternatives(problem):
+    w, u, x, v = problem
+    picard = ik.FixedPointIteration(tol=1e-12, max_iter=200)
+    with pytest.raises(RuntimeError, match=r"Reversible does not support forward-mode.*IFT"):
+        jvp(solve(w, u, ik.Reversible(), picard), (x,), (v,))
+    assert solve(w, u, ik.Reversible(), picard)(x).shape == (B, D)  # outside forward mode it still runs

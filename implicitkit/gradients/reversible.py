@@ -17,6 +17,7 @@ from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import apply_failure_policy
 from .base import AuxMap, GradientEstimator, Map, Recorder
+from .tangent import carries_tangent
 
 _HIGHER_ORDER = (
     "Reversible does not differentiate its own backward pass, so a second derivative (create_graph=True) "
@@ -126,6 +127,12 @@ class Reversible(GradientEstimator):
         if not isinstance(result, _ReversibleResult):
             raise TypeError("Reversible can only differentiate a solve that it ran itself (its own solve()).")
         end = result.ends[step]
+        if carries_tangent(f, unflatten(end.z, spec)):
+            raise RuntimeError(
+                "Reversible does not support forward-mode differentiation (torch.func.jvp, jacfwd, "
+                "torch.autograd.forward_ad): its gradient is a reversed sweep, which has no forward-mode "
+                "twin here. Use gradient=IFT() (or Unrolled()) for forward mode."
+            )
         if not torch.is_grad_enabled():
             return unflatten(end.z, spec)
 

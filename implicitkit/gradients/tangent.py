@@ -68,6 +68,15 @@ class _NoReverse(torch.autograd.Function):
         raise RuntimeError(REVERSE_THROUGH_TANGENT_MESSAGE)
 
 
+def carries_tangent(f: Callable[[State], State], z: State) -> bool:
+    """In forward mode, ``f`` at ``z`` has a tangent: something it closes over is a dual tensor."""
+    if not forward_mode_active():
+        return False
+    with torch.no_grad():
+        leaves, _ = leaves_of(f(z))
+    return any(_tangent(y) is not None for y in leaves)
+
+
 def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule: TangentRule) -> State:
     """Return ``out`` carrying the tangent ``rule(b, jvp)`` of the fixed point ``z_star`` in forward mode.
 

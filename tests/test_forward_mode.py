@@ -207,3 +207,16 @@ def test_reversible_refuses_forward_mode_with_the_alternatives(problem):
     with pytest.raises(RuntimeError, match=r"Reversible does not support forward-mode.*IFT"):
         jvp(solve(w, u, ik.Reversible(), picard), (x,), (v,))
     assert solve(w, u, ik.Reversible(), picard)(x).shape == (B, D)  # outside forward mode it still runs
+
+
+@pytest.mark.parametrize(
+    "gradient", [ik.IFT(TIGHT), ik.IFT(TIGHT, second_order=True), ik.Neumann(5)], ids=repr
+)
+def test_forward_over_reverse_through_an_adjoint_is_refused(problem, gradient):
+    """A gradient taken inside a dual level would carry a wrong tangent (central differences disagree)."""
+    w, u, x, v = problem
+    w = w.clone().requires_grad_()
+    with fwAD.dual_level():
+        z = solve(w, u, gradient)(fwAD.make_dual(x, v))
+        with pytest.raises(RuntimeError, match=r"forward over reverse.*IFT\(second_order=True\)"):
+            torch.autograd.grad(fwAD.unpack_dual(z).primal.square().sum(), w)

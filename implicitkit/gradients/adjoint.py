@@ -20,7 +20,7 @@ from torch._C._functorch import peek_interpreter_stack
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
-from .tangent import TangentRule, attach_tangent, forward_mode_active, primal
+from .tangent import TangentRule, attach_tangent, forward_mode_active, primal, refuse_forward_over_reverse
 
 AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
@@ -45,6 +45,7 @@ class _Adjoint(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
             raise RuntimeError(ctx.refusal)
         lin: Linearization = ctx.lin
+        refuse_forward_over_reverse([*grads, *lin.fz_leaves])
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, lin.z_leaves, strict=True)]
         g_flat = flatten(lin.spec.treespec.unflatten(grads), lin.spec)
         with torch.enable_grad():

@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
 from .adjoint import AdjointRule
+from .tangent import forward_mode_active, primal, refuse_forward_over_reverse
 
 SecondOrderRule = Callable[[Tensor, Linearization], Tensor]  # (g with its graph, lin at z1) -> u with a graph
 
@@ -63,6 +65,7 @@ class _Inner(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         lin, passes = ctx.lin, ctx.passes
+        refuse_forward_over_reverse([*grads, *lin.fz_leaves])
         nothing = (None,) * (5 + len(lin.fz_leaves))
         if torch.is_grad_enabled():
             if passes.open == 0:
@@ -87,6 +90,7 @@ class _Outer(torch.autograd.Function):
     def backward(ctx, *grads):
         lin: Linearization = ctx.lin
         passes: _Passes = ctx.passes
+        refuse_forward_over_reverse([*grads, *lin.fz_leaves])
         g_flat = _cotangents(grads, lin)
         if torch.is_grad_enabled():  # create_graph=True: u and its flow into z1 with their graphs
             passes.open += 1
@@ -121,15 +125,15 @@ def attach_twice_differentiable(
             ``z1`` (whose ``vjp(..., create_graph=True)`` is differentiable in ``theta`` and ``z*``).
         name: the estimator, for the message that refuses third derivatives.
     """
-    if not torch.is_grad_enabled():
-        return z_star
+    if not torch.is_grad_enabled() or (forward_mode_active() and peek_interpreter_stack() is not None):
+        return z_star  # (inside torch.func.jvp/jacfwd no reverse graph can be built; the tangent comes after)
     lin0 = Linearization(f, z_star)
     if not lin0.reaches_beyond_z():
         return z_star
     passes = _Passes()
     z_leaves, treespec = leaves_of(z_star)
-    z1 = _Inner.apply(lin0, exact_rule, name, passes, z_leaves, *lin0.fz_leaves)
+    z1 = _Inner.apply(lin0, exact_rule, name, passes, z_leaves, *map(primal, lin0.fz_leaves))
     lin1 = Linearization(f, treespec.unflatten(list(z1)), attached=True)
     rules = (rule, exact_rule, second_rule)
-    out = _Outer.apply(lin1, rules, passes, len(z1), *z1, *lin1.fz_leaves)
+    out = _Outer.apply(lin1, rules, passes, len(z1), *z1, *map(primal, lin1.fz_leaves))
     return treespec.unflatten(list(out))

@@ -68,6 +68,21 @@ class _NoReverse(torch.autograd.Function):
         raise RuntimeError(REVERSE_THROUGH_TANGENT_MESSAGE)
 
 
+FORWARD_OVER_REVERSE_MESSAGE = (
+    "A reverse-mode gradient through an adjoint solve was asked for while the solve's map carries "
+    "forward-mode tangents (forward over reverse, e.g. backward() inside forward_ad.dual_level): the adjoint "
+    "backward has no forward-mode rule, so the gradient's tangent would be wrong, and it is refused. For "
+    "Hessian-vector products differentiate twice in reverse mode with IFT(second_order=True) "
+    "(torch.autograd.grad(..., create_graph=True)), or take the gradient outside the dual level."
+)
+
+
+def refuse_forward_over_reverse(tensors: list[Tensor]) -> None:
+    """Raise if a backward pass through an adjoint runs on tensors that carry forward-mode tangents."""
+    if forward_mode_active() and any(_tangent(t) is not None for t in tensors if t is not None):
+        raise RuntimeError(FORWARD_OVER_REVERSE_MESSAGE)
+
+
 def carries_tangent(f: Callable[[State], State], z: State) -> bool:
     """In forward mode, ``f`` at ``z`` has a tangent: something it closes over is a dual tensor."""
     if not forward_mode_active():

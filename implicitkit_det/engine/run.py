@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm import tqdm
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
 from ..evaluation import CocoEvaluator
@@ -41,7 +42,7 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
-from .progress import StepLog, plot_training_curves, progress_bar
+from .progress import StepLog, plot_training_curves
 from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError
 from .run_setup import (
@@ -54,7 +55,7 @@ from .run_setup import (
     say,
     seed_everything,
 )
-from .train import EpochMeter, headline, make_grad_scaler, progress_line, train_step
+from .train import EpochMeter, StepResult, headline, make_grad_scaler, train_one_epoch
 
 __all__ = ["evaluate_checkpoint", "fit", "model_record"]
 
@@ -304,45 +305,33 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> None:
         self.epoch, self.closed = epoch, False
         self.loader.batch_sampler.set_epoch(epoch, start=self.iteration, stop=self.iters_per_epoch)  # type: ignore[union-attr]
-        self.model.train()
-        bar = progress_bar(self.iters_per_epoch, f"epoch {epoch}", initial=self.iteration)
-        start = time.perf_counter() - self.meter.time_s
-        for i, batch in enumerate(self.loader, start=self.iteration):
-            result = train_step(
-                self.model, batch, self.optimizer, device=self.info.device, epoch=epoch, iteration=i,
-                scheduler=self.scheduler, amp=self.cfg.amp, scaler=self.scaler, clip_max_norm=self.cfg.clip_max_norm,
-                branchwise=not self.cfg.one_graph_backward, stop_vote=self.stop.requested,
-            )  # fmt: skip
-            self.meter.add(result)
-            self.meter.time_s, self.iteration = time.perf_counter() - start, i + 1
-            self._show_step(bar, epoch, i, result)
-            if result.stop:
-                bar.close()
-                self._interrupted(self._save())
-            step = epoch * self.iters_per_epoch + i + 1
-            if (
-                self.cfg.checkpoint_every
-                and step % self.cfg.checkpoint_every == 0
-                and i + 1 < self.iters_per_epoch
-            ):
-                path = self._save()
-                if is_main_process():
-                    bar.write(f"checkpoint at epoch {epoch} iteration {i + 1}: {path}")
-            self.stop.after_iteration(epoch, i, self.info.rank)
-        bar.close()
+        train_one_epoch(
+            self.model, self.loader, self.optimizer, device=self.info.device, epoch=epoch,
+            scheduler=self.scheduler, amp=self.cfg.amp, scaler=self.scaler, clip_max_norm=self.cfg.clip_max_norm,
+            max_iters=self.iters_per_epoch, print_freq=self.cfg.print_freq, log=tqdm.write,
+            branchwise=not self.cfg.one_graph_backward, start=self.iteration, meter=self.meter,
+            stop_vote=self._stop_asked, on_step=self._after_step, progress=True,
+        )  # fmt: skip
 
-    def _show_step(self, bar: Any, epoch: int, i: int, result: Any) -> None:
+    def _after_step(self, i: int, result: StepResult) -> None:
+        """The run's work after iteration `i`: the step log, the mid-epoch checkpoint, a requested stop."""
+        epoch, self.iteration = self.epoch, i + 1
         lr = self.optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
-        bar.update(1)
-        freq = self.cfg.print_freq
-        if is_main_process() and freq and (i % freq == 0 or i + 1 == self.iters_per_epoch):
-            bar.write(
-                progress_line(epoch, i, self.iters_per_epoch, self.optimizer, result, self.meter.time_s)
-            )
         self.steps.write(
             {"epoch": epoch, "iteration": i, "lr": lr, "grad_norm": result.grad_norm, **result.losses}
         )
+        if result.stop:
+            self._interrupted(self._save())
+        step = epoch * self.iters_per_epoch + i + 1
+        if (
+            self.cfg.checkpoint_every
+            and step % self.cfg.checkpoint_every == 0
+            and i + 1 < self.iters_per_epoch
+        ):
+            path = self._save()
+            if is_main_process():
+                tqdm.write(f"checkpoint at epoch {epoch} iteration {i + 1}: {path}")
+        self.stop.after_iteration(epoch, i, self.info.rank)
 
     def _end_epoch(self, epoch: int, *, resumed: bool = False) -> None:
         """The epoch's summary, checkpoint, evaluation (when due) and metrics record, in an order that

@@ -28,6 +28,7 @@ from ..collectives import all_reduce_mean, is_main_process
 from ..data import DetectionBatch
 from ..models.detector import PENDING_BACKWARD, QueryDetector
 from .process_group import unwrap
+from .progress import progress_bar
 
 __all__ = [
     "EpochMeter",
@@ -242,59 +243,82 @@ def train_one_epoch(
     print_freq: int = 20,
     log: Callable[[str], None] = print,
     branchwise: bool = True,
+    start: int = 0,
+    meter: EpochMeter | None = None,
+    stop_vote: Callable[[], bool] | None = None,
+    on_step: Callable[[int, StepResult], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Train for one pass over `loader` (or `max_iters` batches), one :func:`train_step` per batch.
+    """Train for one pass over `loader` (or up to iteration `max_iters`), one :func:`train_step` per batch.
 
-    Each iteration: forward under :func:`autocast`, which in branch-wise training also back-propagates
-    every branch group (each loss scaled by `scaler`); the scalar entries of the loss dict are averaged
-    over processes (one all-reduce) for logging and for the NaN check, so that every process sees the same
-    values and stops together; the backward of ``"loss"`` (one graph), or the pending backward that
-    delivers the gathered gradients (branch-wise), the one DDP synchronises; unscaling, gradient clipping
-    of the total gradient to a 2-norm of `clip_max_norm`; optimizer step; ``scheduler.step()`` (the
-    schedule counts iterations).
+    The one epoch loop: the command line's runs (:func:`~implicitkit_det.engine.run.fit`) use it too,
+    starting mid-epoch on resume (`start`, `meter`) and stopping on Ctrl-C (`stop_vote`, `on_step`). Each
+    iteration is :func:`train_step`: forward under :func:`autocast` (branch-wise, it back-propagates every
+    branch group), one all-reduce of the scalar entries for logging and the NaN check, the backward that DDP
+    synchronises, unscaling, clipping of the total gradient, the optimizer step, ``scheduler.step()``.
 
-    **Arguments**
-    - `model`: the model (plain or wrapped in DDP); set to training mode here.
-    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch`.
-    - `optimizer`, `scheduler`: the optimizer and an iteration-based scheduler (or None).
-    - `device`: where the batches go.
-    - `epoch`: the epoch number, for messages.
-    - `amp`: mixed precision (:func:`autocast`); `scaler` is the float16 gradient scaler, if any.
-    - `clip_max_norm`: gradient clipping threshold; None or 0 disables clipping.
-    - `max_iters`: stop after this many iterations.
-    - `print_freq`, `log`: a progress line every `print_freq` iterations, on rank 0.
-    - `branchwise`: train branch-wise when the model offers it (:func:`trains_branchwise`); False gives
-      one graph of all branches and one backward (more memory, the same gradients).
+    Arguments:
+        model: the model (plain or wrapped in DDP); set to training mode here.
+        loader: yields :class:`~implicitkit_det.data.DetectionBatch`, from iteration `start` on.
+        optimizer, scheduler: the optimizer and an iteration-based scheduler (or None).
+        device: where the batches go. epoch: the epoch number, for messages.
+        amp: mixed precision (:func:`autocast`); `scaler` is the float16 gradient scaler, if any.
+        clip_max_norm: gradient clipping threshold; None or 0 disables clipping.
+        max_iters: the iteration (counted from the epoch's start) to stop before.
+        print_freq, log: a progress line every `print_freq` iterations, on rank 0.
+        branchwise: train branch-wise when the model offers it (:func:`trains_branchwise`); False gives
+            one graph of all branches and one backward (more memory, the same gradients).
+        start: the index of the loader's first batch in the epoch (a resumed epoch's position).
+        meter: the running sums to continue (a resumed epoch's); updated in place, time included.
+        stop_vote: asked before each step whether this process wants to stop (see :func:`train_step`).
+        on_step: called as ``on_step(i, result)`` after each iteration, the meter already updated.
+        progress: a progress bar on rank 0.
 
-    **Returns** the epoch's averages of every logged entry (over iterations and processes), and
-    ``lr`` (the first group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
-
-    **Raises** :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the
-    (last) backward pass and the step, naming the epoch, the iteration and every loss entry.
+    Returns:
+        The epoch's averages of every logged entry (over iterations and processes), and ``lr`` (the first
+        group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``. Raises
+        :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the (last)
+        backward pass and the step, naming the epoch, the iteration and every loss entry.
     """
     model.train()
-    meter = EpochMeter()
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if total is not None and max_iters is not None:
-        total = min(total, max_iters)
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        if max_iters is not None and i >= max_iters:
-            break
-        result = train_step(
-            model, batch, optimizer, device=device, epoch=epoch, iteration=i, scheduler=scheduler, amp=amp,
-            scaler=scaler, clip_max_norm=clip_max_norm, branchwise=branchwise,
-        )  # fmt: skip
-        meter.add(result)
-        if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
-            log(progress_line(epoch, i, total, optimizer, result, time.perf_counter() - start))
+    meter = meter if meter is not None else EpochMeter()
+    total = _epoch_length(loader, max_iters)
+    started = time.perf_counter() - meter.time_s
+    with progress_bar(total, f"epoch {epoch}", initial=start, enabled=progress) as bar:
+        for i, batch in enumerate(loader, start=start):
+            if max_iters is not None and i >= max_iters:
+                break
+            result = train_step(
+                model, batch, optimizer, device=device, epoch=epoch, iteration=i, scheduler=scheduler, amp=amp,
+                scaler=scaler, clip_max_norm=clip_max_norm, branchwise=branchwise,
+                stop_vote=stop_vote() if stop_vote is not None else False,
+            )  # fmt: skip
+            meter.add(result)
+            meter.time_s = time.perf_counter() - started
+            _show_step(bar, optimizer, result)
+            if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
+                log(progress_line(epoch, i, total, optimizer, result, meter.time_s))
+            if on_step is not None:
+                on_step(i, result)
     if meter.iters == 0:
         raise ValueError(
             f"epoch {epoch} ran no iterations: the training loader is empty (is the dataset empty, or "
             "--max-iters 0?)"
         )
-    meter.time_s = time.perf_counter() - start
     return meter.stats(optimizer.param_groups[0]["lr"])
+
+
+def _epoch_length(loader: Iterable[DetectionBatch], max_iters: int | None) -> int | None:
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_iters is not None:
+        total = min(total, max_iters)
+    return total
+
+
+def _show_step(bar: Any, optimizer: torch.optim.Optimizer, result: StepResult) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+    bar.update(1)
 
 
 def progress_line(

@@ -42,7 +42,7 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
-from .progress import StepLog, plot_training_curves
+from .progress import RunPosition, StepLog, evaluation_banner, plot_training_curves, training_banner
 from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError
 from .run_setup import (
@@ -79,35 +79,6 @@ def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
         "class_names": list(data.val.category_names),
         "input_size": [cfg.image_size, cfg.max_size],
     }
-
-
-def _summary_lines(items: dict[str, Any]) -> str:
-    width = max(len(k) for k in items)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items.items())
-
-
-def _common_summary(cfg: RunConfig, data: RunData, model: nn.Module, info: DistInfo) -> dict[str, Any]:
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inner = unwrap(model)
-    out = {
-        "config": f"{cfg.config} {dict(cfg.overrides) or ''}".strip(),
-        "parameters": f"{n_params / 1e6:.2f} M ({n_trainable / 1e6:.2f} M trainable)",
-        "data": f"{'bundled digits set' if data.paths.digits else 'COCO-format'}: {data.paths.val_ann.parent.parent}",
-        "classes": data.val.num_classes,
-        "input size": f"shorter side {cfg.image_size}, longer side at most {cfg.max_size}",
-        "val images": f"{len(data.val)} (batch {cfg.eval_batch_size or (cfg.batch_size if data.paths.digits else 1)})",
-        "workers": cfg.workers,
-        "device": f"{info.device} x {info.world_size} process(es)",
-        "amp": cfg.amp,
-        "seed": cfg.seed,
-        "output": cfg.output_dir,
-    }
-    if hasattr(inner, "test_steps"):
-        tol = getattr(inner, "test_tol", None)
-        exit_rule = f", early exit at tol {tol} ({inner.test_solver})" if tol is not None else ""
-        out["test steps"] = f"{inner.test_steps}{exit_rule}"
-    return out
 
 
 def _test_settings(model: nn.Module) -> dict[str, Any]:
@@ -154,8 +125,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     data = load_data(cfg, train=False)
     model = build_run_model(cfg, data.val.num_classes, info.device)
     load_checkpoint(checkpoint, model=model)
-    summary = {**_common_summary(cfg, data, model, info), "checkpoint": cfg.resumed_from}
-    say("evaluation only\n" + _summary_lines(summary))
+    say(evaluation_banner(cfg, data, model, info))
     stats = _evaluate(cfg, model, data, info, checkpoint["epoch"])
     _write_jsonl(cfg.output_dir / "metrics.jsonl", {"epoch": checkpoint["epoch"], "eval": stats})
     _pictures(cfg, model, data, info)
@@ -247,45 +217,13 @@ class _Trainer:
 
     def announce(self) -> None:
         """Print the settings in force and write ``config.json``."""
-        cfg, train = self.cfg, self.data.train
-        assert train is not None
-        summary = _common_summary(cfg, self.data, self.model, self.info)
-        schedule = cfg.schedule_obj()
-        summary.update(
-            {
-                "train images": f"{len(train)} ({self.iters_per_epoch} iterations/epoch, batch {cfg.batch_size} x "
-                f"{self.info.world_size}{'' if cfg.no_aspect_grouping else ', grouped by aspect ratio'}; "
-                f"{train.removed_empty} without boxes left out)",
-                "schedule": f"{cfg.schedule}: {schedule.epochs} epochs, lr x{schedule.gamma} at epochs "
-                f"{list(schedule.drops)}, {schedule.warmup_iters} warm-up iterations",
-                "optimizer": "AdamW: "
-                + ", ".join(
-                    f"{g['name']} lr {lr:.3g} wd {g['weight_decay']:.3g}"
-                    for g, lr in zip(self.groups, self.base_lrs, strict=True)
-                ),
-                "clip": cfg.clip_max_norm or "off",
-                "backward": "one graph" if cfg.one_graph_backward else "branch-wise",
-                "evaluation": f"every {cfg.eval_every} epoch(s) and after the last",
-                "checkpoints": f"{LAST} every epoch"
-                + (f" and every {cfg.checkpoint_every} iterations" if cfg.checkpoint_every else "")
-                + f", {BEST} by AP"
-                + (f", checkpoint_epoch<N>.pth every {cfg.keep_every} epochs" if cfg.keep_every else ""),
-                "image check": "skipped (--skip-image-check)"
-                if cfg.skip_image_check
-                else "every image opened before training",
-            }
-        )
-        if cfg.resumed_from is not None:
-            where = f"epoch {self.epoch}, iteration {self.iteration}/{self.iters_per_epoch}"
-            summary["resumed"] = f"{cfg.resumed_from} ({where})"
-        if cfg.changed:
-            summary["changed on resume"] = ", ".join(
-                f"{k} {old} -> {new}" for k, (old, new) in cfg.changed.items()
-            )
-        say("training\n" + _summary_lines(summary))
+        say(training_banner(self.cfg, self.data, self.model, self.info, self._position()))
         if is_main_process():
             config = {"model": self.record, "args": self.cfg.to_dict()}
-            (cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+            (self.cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    def _position(self) -> RunPosition:
+        return RunPosition(self.groups, self.base_lrs, self.iters_per_epoch, self.epoch, self.iteration)
 
     # ----------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

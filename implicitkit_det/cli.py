@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation images per process (default: 1 for COCO-format data, as the official test runs; "
         "--batch-size for the digits set)",
     )
-    recipe = "default: the config's recipe (engine.optim.RECIPES; DEQDet: {}, Sparse R-CNN: {})"
+    recipe = "default: the config's recipe (its row of models.ARCHITECTURES; DEQDet: {}, Sparse R-CNN: {})"
     g.add_argument(
         "--lr", type=float, default=None, help="base AdamW learning rate; " + recipe.format(2.5e-5, 2.5e-5)
     )

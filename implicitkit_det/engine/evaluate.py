@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ..collectives import broadcast_object, is_dist, is_main_process
 from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
+from ..models.detector import QueryDetector
+from .process_group import unwrap
 from .progress import progress_bar
 from .train import autocast
 
@@ -138,8 +140,8 @@ def evaluate(
 
 def _reported_steps(model: nn.Module) -> Tensor:
     """``(sum, count)`` of the per-image steps the model kept from its last forward, or zeros."""
-    inner = model.module if hasattr(model, "module") else model
-    last = getattr(inner, "last_steps", None)
+    inner = unwrap(model)
+    last = inner.last_steps if isinstance(inner, QueryDetector) else None
     if last is None:
         return torch.zeros(2, dtype=torch.float64)
     inner.last_steps = None  # each batch is counted once

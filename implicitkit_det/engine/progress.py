@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..collectives import is_main_process
+from ..models.detector import QueryDetector
 from .checkpoint import BEST, LAST
 from .process_group import unwrap
 
@@ -189,8 +190,9 @@ def _run_summary(cfg: RunConfig, data: RunData, model: nn.Module, info: DistInfo
         "seed": cfg.seed,
         "output": cfg.output_dir,
     }
-    if hasattr(inner, "test_steps"):
-        tol = getattr(inner, "test_tol", None)
-        exit_rule = f", early exit at tol {tol} ({inner.test_solver})" if tol is not None else ""
-        out["test steps"] = f"{inner.test_steps}{exit_rule}"
+    test = inner.test_settings if isinstance(inner, QueryDetector) else {}
+    if "test_steps" in test:
+        tol = test.get("test_tol")
+        exit_rule = f", early exit at tol {tol} ({test['test_solver']})" if tol is not None else ""
+        out["test steps"] = f"{test['test_steps']}{exit_rule}"
     return out

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
 from ..evaluation import CocoEvaluator
+from ..models.detector import QueryDetector
 from .checkpoint import (
     BEST,
     LAST,
@@ -83,7 +84,7 @@ def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
 
 def _test_settings(model: nn.Module) -> dict[str, Any]:
     inner = unwrap(model)
-    return {k: getattr(inner, k) for k in ("test_steps", "test_tol", "test_solver") if hasattr(inner, k)}
+    return dict(inner.test_settings) if isinstance(inner, QueryDetector) else {}
 
 
 def _write_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import CONFIGS
+from ..models import ARCHITECTURES, CONFIGS, architecture_of
 from ..models.configs import parse_model_args
 from .optim import SCHEDULES, Schedule, parse_drops, recipe_for
 
@@ -364,12 +364,13 @@ def _check_config(cfg: RunConfig) -> None:
             f"--lr-drops {_show(cfg.drops)}: every drop must come before the last epoch (--epochs {cfg.epochs})"
         )
     arch = cfg.overrides.get("arch", CONFIGS[cfg.config].arch)
-    deq = arch in ("deqdet", "deq_sparse_rcnn")
-    if cfg.deq_steps is not None and not deq:
+    row = architecture_of(arch)
+    if cfg.deq_steps is not None and not row.deq:
         raise RunConfigError(
             f"--deq-steps: {cfg.config} ({arch}) has no test-time step count (not a DEQ model)"
         )
-    if (cfg.deq_tol is not None or cfg.deq_solver is not None) and arch != "deqdet":
+    if (cfg.deq_tol is not None or cfg.deq_solver is not None) and not row.early_exit:
+        early = sorted(name for name, a in ARCHITECTURES.items() if a.early_exit)
         raise RunConfigError(
-            f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit (DEQDet has)"
+            f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit ({', '.join(early)} has)"
         )

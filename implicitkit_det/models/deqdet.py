@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 import implicitkit as ik
 
-from .adamixer_stage import AdaMixerStage
-from .detector import Outputs, QueryDetector
+from .detector import Outputs, QueryDetector, RefinementStage
 from .queries import InitialQueries, QueryState
 from .rap import RAP
 
@@ -81,8 +81,8 @@ class DEQDet(QueryDetector):
         backbone: nn.Module,
         neck: nn.Module,
         queries: InitialQueries,
-        init_layer: AdaMixerStage,
-        refine_layer: AdaMixerStage,
+        init_layer: RefinementStage,
+        refine_layer: RefinementStage,
         *,
         train_steps: int = 20,
         test_steps: int = 21,
@@ -112,6 +112,20 @@ class DEQDet(QueryDetector):
         self.test_solver = test_solver
         self.test_stop_mode = test_stop_mode
         self.last_steps: Tensor | None = None
+
+    def refinement_layers(self) -> Iterator[nn.Module]:
+        """``G``, then ``F`` again and again."""
+        return itertools.chain([self.init_layer], itertools.repeat(self.refine_layer))
+
+    @property
+    def training_depth(self) -> int:
+        """The no-grad solver steps of training."""
+        return self.train_steps
+
+    @property
+    def test_settings(self) -> dict[str, Any]:
+        """``test_steps``, ``test_tol`` and ``test_solver``."""
+        return {"test_steps": self.test_steps, "test_tol": self.test_tol, "test_solver": self.test_solver}
 
     def solve(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,18 @@ Outputs = dict[str, Tensor]  # {"pred_logits": [B, N, C], "pred_boxes": [B, N, 4
 
 # The key of the branch-wise step's last backward in the loss dict (see QueryDetector.forward).
 PENDING_BACKWARD = "pending_backward"
+
+
+@runtime_checkable
+class RefinementStage(Protocol):
+    """A decoder layer the detectors refine queries with (:class:`~.adamixer_stage.AdaMixerStage`,
+    :class:`~.sparse_rcnn_stage.SparseRCNNStage`, or a new detector's own): ``stage(state, features,
+    image_sizes)`` returns the next query state, ``stage.predict(state, image_sizes)`` its outputs
+    ``{"pred_logits", "pred_boxes"}``."""
+
+    def __call__(self, state: Any, features: Sequence[Tensor], image_sizes: Tensor) -> Any: ...
+
+    def predict(self, state: Any, image_sizes: Tensor) -> Outputs: ...
 
 
 class QueryDetector(nn.Module, ABC):
@@ -82,6 +94,38 @@ class QueryDetector(nn.Module, ABC):
     @abstractmethod
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The final predictions."""
+
+    # -- what the engine asks of every detector -------------------------------------------------------
+    #: Per-image refinement steps of the last inference (``[B]``), for detectors that count them.
+    last_steps: Tensor | None = None
+
+    def refinement_layers(self) -> Iterator[nn.Module]:
+        """The layers applied at test, one per refinement step, without end (each ``layer(state, features,
+        sizes)`` with ``layer.predict(state, sizes)``): what the refinement curve scores step by step."""
+        raise TypeError(
+            f"the refinement curve needs a DEQ detector (init layer G, refinement layer F) or a stack of decoder "
+            f"stages (AdaMixer, Sparse R-CNN); {type(self).__name__} does not say its refinement layers"
+        )
+
+    @property
+    def training_depth(self) -> int | None:
+        """The step of :meth:`refinement_layers` the detector was trained to; None when it has none."""
+        return None
+
+    @property
+    def test_settings(self) -> dict[str, Any]:
+        """The settings of inference that can change after training (a DEQ's test-time steps); none here."""
+        return {}
+
+    def configure_test(self, **settings: Any) -> None:
+        """Change :attr:`test_settings` (``test_steps=``, ...), refusing names the detector does not have."""
+        unknown = sorted(set(settings) - set(self.test_settings))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no test-time setting {unknown}; it has {sorted(self.test_settings)}"
+            )
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     # -- shared machinery ----------------------------------------------------------------------------
     def features(self, images: Tensor) -> list[Tensor]:

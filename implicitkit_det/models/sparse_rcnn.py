@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from .adamixer import AdaMixer
+from .detector import RefinementStage
 from .proposals import LearnedProposals
-from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = ["SparseRCNN"]
 
@@ -38,7 +38,7 @@ class SparseRCNN(AdaMixer):
         backbone: nn.Module,
         neck: nn.Module,
         proposals: LearnedProposals,
-        stages: Sequence[SparseRCNNStage],
+        stages: Sequence[RefinementStage],
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, proposals, stages, **kwargs)

@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+import implicitkit as ik
+
 from ..evaluation import PostProcess
 from ..losses import SetCriterion
 from .queries import InitialQueries
@@ -219,7 +221,8 @@ class QueryDetector(nn.Module, ABC):
     ) -> dict[str, Tensor]:
         # Leaf copies cut the graph at the features: each group's backward stops there, so the backbone's
         # graph survives until the last backward, which sends the copies' summed gradient through it.
-        copies = [f.detach().requires_grad_() if f.requires_grad else f for f in features]
+        shared = ik.SharedInputs(list(features))
+        (copies,) = shared.inputs
         result: dict[str, Tensor] = {}
         total = None
         for group in self.training_branches(copies, sizes):
@@ -238,10 +241,9 @@ class QueryDetector(nn.Module, ABC):
                 tensors.append(param)
                 grads.append(param.grad)
                 param.grad = None
-        for feature, copy in zip(features, copies, strict=True):
-            if copy is not feature and copy.grad is not None:
-                tensors.append(feature)
-                grads.append(copy.grad)
+        sources, gathered = shared.take_gradients()
+        tensors += sources
+        grads += gathered
         if tensors:
             result[PENDING_BACKWARD] = _DeliverGradients.apply(grads, *tensors)
         else:  # nothing trainable was reached: a backward with nothing to deliver

@@ -122,8 +122,7 @@ class RunConfig:
     @property
     def on_digits(self) -> bool:
         """Whether the run uses the bundled digits set (no data option given)."""
-        paths = (self.data_root, self.train_ann, self.val_ann, self.train_images, self.val_images)
-        return all(p is None for p in paths)
+        return uses_digits({k: getattr(self, k) for k in DATA_OPTIONS})
 
     def schedule_obj(self) -> Schedule:
         """The learning-rate :class:`~.optim.Schedule` in force."""
@@ -146,7 +145,15 @@ class RunConfig:
         return out
 
 
-_PATHS = ("data_root", "train_ann", "val_ann", "train_images", "val_images", "output_dir")
+#: The options that name a dataset: with none of them a run uses the bundled digits set.
+DATA_OPTIONS = ("data_root", "train_ann", "val_ann", "train_images", "val_images")
+_PATHS = (*DATA_OPTIONS, "output_dir")
+
+
+def uses_digits(values: Mapping[str, Any]) -> bool:
+    """Whether settings (the command line's values, keyed like :class:`RunConfig`'s fields) name no dataset,
+    so that the run uses the bundled digits set: the one answer to that question."""
+    return all(values.get(k) is None for k in DATA_OPTIONS)
 
 
 def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -292,7 +299,7 @@ def _fill_defaults(v: dict[str, Any]) -> dict[str, Any]:
         schedule = schedule.with_epochs(v["epochs"])
     v["epochs"] = schedule.epochs
     v.setdefault("drops", schedule.drops)
-    digits = all(v.get(k) is None for k in _PATHS[:-1])
+    digits = uses_digits(v)
     if v.get("image_size") is None:
         v["image_size"] = DIGITS_SIZE if digits else COCO_SIZE
     if v.get("max_size") is None:

@@ -118,17 +118,17 @@ def _refuse_vmap() -> None:
 
 @contextlib.contextmanager
 def _forward_mode_refused() -> Iterator[None]:
-    """Turn PyTorch's internal error for forward-mode AD through the solver loop into the library's own."""
+    """Turn PyTorch's internal error for dual tensors in a solver step (a safety net) into the library's own."""
     try:
         yield
     except NotImplementedError as error:
         if "forward AD" not in str(error):
             raise
         raise RuntimeError(
-            "fixed_point does not support forward-mode differentiation (torch.func.jvp, jacfwd, "
-            "torch.autograd.forward_ad): its solver loop writes into preallocated buffers, which dual tensors "
-            "cannot pass through. Differentiate in reverse mode instead (loss.backward(), "
-            "torch.autograd.grad)."
+            "fixed_point could not run this solve in forward mode (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad): a step of the solver writes into preallocated buffers, which dual "
+            "tensors cannot pass through. Use an estimator that solves on primals and attaches the tangent "
+            "after (IFT, Neumann, JFB, Phantom, RAG), or differentiate in reverse mode."
         ) from error
 
 

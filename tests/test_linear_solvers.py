@@ -149,3 +149,30 @@ def test_bad_configurations_are_refused():
         ik.IFT(solver=ik.JFB())
     with pytest.raises(ValueError, match="restart"):
         ik.GMRES(restart=0)
+
+
+def test_forward_mode_tangent_with_a_linear_solver_equals_the_dense_solve():
+    """``torch.func.jvp`` through IFT(GMRES()) and IFT(DirectSolve()): ``(I - J) t = diag(s) t_x``."""
+    w, x = tanh_problem(dim=4)
+    w, x = w.detach(), x.detach()
+    t_x = torch.randn(4, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    forward = ik.Anderson(tol=1e-13, max_iter=200, on_failure="raise")
+
+    def tangent_with(solver):
+        gradient = ik.IFT(solver, on_failure="raise")
+
+        def solve(x):
+            return ik.fixed_point(
+                lambda z: torch.tanh(z @ w.T + x), torch.zeros_like(x), solver=forward, gradient=gradient
+            ).value
+
+        return torch.func.jvp(solve, (x,), (t_x,))
+
+    z, t = tangent_with(ik.GMRES(tol=1e-12))
+    s = 1 - z**2
+    jac = s[:, :, None] * w[None]
+    want = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - jac, s * t_x)
+    torch.testing.assert_close(t, want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(tangent_with(ik.DirectSolve(tol=1e-10))[1], want, rtol=1e-9, atol=1e-11)
+    with pytest.raises(TypeError, match=r"IFT\(CG\(\)\) cannot solve for a forward-mode tangent.*GMRES"):
+        tangent_with(ik.CG(tol=1e-12))

@@ -15,9 +15,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
+from .tangent import TangentRule, attach_tangent, forward_mode_active, primal
 
 AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
@@ -60,23 +62,39 @@ class _Adjoint(torch.autograd.Function):
 
 
 @torch.compiler.disable  # a graph walk and a backward that solves: untraceable (see functional.py)
-def attach_adjoint(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
+def attach_adjoint(
+    f: Callable[[State], State],
+    z_star: State,
+    rule: AdjointRule,
+    name: str,
+    tangent_rule: TangentRule | None = None,
+) -> State:
     """Return ``z_star`` whose backward applies ``rule(g, vjp) -> u`` and then backpropagates ``u`` through f.
 
     Without autograd, or when nothing but ``z`` could receive a gradient through ``f`` (a frozen cell with
-    inputs that need none), ``z_star`` is returned as it is and no adjoint is ever solved.
+    inputs that need none), ``z_star`` is returned as it is and no adjoint is ever solved. In forward mode
+    the result also carries the tangent ``tangent_rule(b, jvp)`` (see :func:`attach_tangent`).
 
     Arguments:
         f: the map, with a graph to its parameters and inputs.
         z_star: the detached fixed point (any supported structure).
         rule: computes the flat adjoint ``u`` from the flat ``g`` and a flat VJP ``v -> v J``.
         name: the estimator's name, for the message that refuses second derivatives.
+        tangent_rule: computes the flat tangent ``t`` from the flat ``b`` and a flat JVP ``v -> J v``.
     """
+    out = _attach_reverse(f, z_star, rule, name)
+    return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule)
+
+
+def _attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, name: str) -> State:
     if not torch.is_grad_enabled():
         return z_star
+    if forward_mode_active() and peek_interpreter_stack() is not None:
+        return z_star  # inside torch.func.jvp/jacfwd: no reverse graph can be built there, nor is one wanted
     lin = Linearization(f, z_star)
     if not lin.reaches_beyond_z():
         return z_star
     z_star_leaves, _ = leaves_of(z_star)
-    out = _Adjoint.apply(lin, rule, name, z_star_leaves, *lin.fz_leaves)
+    fz_leaves = [primal(y) for y in lin.fz_leaves]  # the tangent is attached after, by attach_tangent
+    out = _Adjoint.apply(lin, rule, name, z_star_leaves, *fz_leaves)
     return lin.spec.treespec.unflatten(list(out))

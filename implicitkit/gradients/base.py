@@ -13,6 +13,7 @@ from .._tree import State, StateSpec, unflatten
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
 from ..stats import SolverStats
+from .tangent import forward_mode_active
 
 Map = Callable[[State], State]
 AuxMap = Callable[[State], "tuple[State, Any]"]  # f with has_aux: state -> (state, aux)
@@ -44,7 +45,13 @@ class GradientEstimator(ABC):
         perturbation: FlatPerturbation | None = None,
         capture: Iterable[int] = (),
     ) -> SolveResult:
-        """Run ``solver`` on the flat map from ``z0``; here without autograd."""
+        """Run ``solver`` on the flat map from ``z0``; here without autograd, and on primals in forward mode."""
+        if forward_mode_active():  # the tangent is attached after the solve (see tangent.py)
+            f_primal = f
+
+            def f(z: Tensor) -> Tensor:
+                return f_primal(z).detach()
+
         with torch.no_grad():
             return iterate(solver, f, z0.detach(), perturbation=perturbation, capture=capture)
 
@@ -102,6 +109,10 @@ class PolynomialAdjoint(GradientEstimator):
     @abstractmethod
     def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
         """The adjoint ``u`` (flat ``[B, D]``) such that this estimator's gradient is ``u df/dtheta``."""
+
+    @abstractmethod
+    def tangent_vector(self, b: Tensor, jvp: VJP) -> Tensor:
+        """The forward-mode twin of :meth:`adjoint_vector`: ``t = P(J) b`` for ``b = (df/dtheta) t_theta``."""
 
 
 class LastAux:

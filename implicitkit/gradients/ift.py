@@ -14,6 +14,7 @@ from ..solvers import Anderson, Solver, iterate
 from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
+from .tangent import under_vmap
 
 _ON_FAILURE = ("report", "warn", "raise")
 
@@ -83,21 +84,76 @@ class IFT(GradientEstimator):
         self.callback = callback
 
     def adjoint_vector(self, g: Tensor, vjp: VJP, record: Recorder | None = None) -> Tensor:
-        u, solve_stats = self._solve_adjoint(g, vjp)
+        """The adjoint ``u`` (flat ``[B, D]``) with ``u (I - J) = g``, found from VJPs ``v -> v J`` only.
+
+        Arguments:
+            g: the flat cotangent ``dL/dz*``.
+            vjp: ``v -> v J`` at ``z*``.
+            record: called with the solve's :class:`~implicitkit.AdjointStats`.
+
+        Returns:
+            ``u``; samples whose solve failed are handled as ``on_failure`` says.
+        """
+        return self._solve(
+            g,
+            vjp,
+            lambda v: v - jvp_by_double_backward(vjp, v),
+            record,
+            "adjoint",
+            lambda estimator: estimator.adjoint_vector(g, vjp),
+        )
+
+    def tangent_vector(self, b: Tensor, jvp: VJP, record: Recorder | None = None) -> Tensor:
+        """The tangent ``t`` (flat ``[B, D]``) with ``(I - J) t = b``, found from JVPs ``v -> J v`` only.
+
+        This is forward-mode differentiation through the fixed point: ``b = (df/dtheta) t_theta`` is the
+        tangent of ``f(z*)`` at a constant ``z*``, and ``t`` is the tangent of ``z*`` itself. The same solver,
+        budget and failure policy as the adjoint; the stats are recorded the same way.
+
+        Arguments:
+            b: the flat tangent of ``f`` at a constant ``z*``.
+            jvp: ``v -> J v`` at ``z*``.
+            record: called with the solve's :class:`~implicitkit.AdjointStats`.
+
+        Returns:
+            ``t``; samples whose solve failed are handled as ``on_failure`` says.
+        """
+        if under_vmap():
+            raise RuntimeError(
+                "IFT cannot solve for the tangent under torch.func.vmap or jacfwd: its solver stops each "
+                "sample on its own, which needs residuals read on the host, and vmap cannot read them. Take "
+                "one torch.func.jvp per direction (or use torch.autograd.forward_ad), or put the directions "
+                "in the batch dimension; jacfwd works with Neumann(k), JFB, Phantom, RAG and Unrolled."
+            )
+        return self._solve(
+            b, jvp, None, record, "tangent", lambda estimator: estimator.tangent_vector(b, jvp)
+        )
+
+    def _solve(
+        self,
+        rhs: Tensor,
+        product: VJP,
+        product_transposed: VJP | None,
+        record: Recorder | None,
+        kind: str,
+        fallback_vector: Callable[[PolynomialAdjoint], Tensor],
+    ) -> Tensor:
+        """``x = x P + rhs`` for the product ``P`` (``J`` from the left or the right), with the failure policy."""
+        x, solve_stats = self._solve_linear(rhs, product, product_transposed)
         failed = ~solve_stats.converged
         any_failed = bool(failed.any())
         fallback = None
         if any_failed and self.on_failure in ("warn", "report"):
             fallback = "best_iterate"
-        elif any_failed and isinstance(self.on_failure, GradientEstimator):
-            u = torch.where(failed.unsqueeze(1), self.on_failure.adjoint_vector(g, vjp), u)
+        elif any_failed and isinstance(self.on_failure, PolynomialAdjoint):
+            x = torch.where(failed.unsqueeze(1), fallback_vector(self.on_failure), x)
             fallback = type(self.on_failure).__name__
         stats = AdjointStats(
             **{f.name: getattr(solve_stats, f.name) for f in dataclasses.fields(SolverStats)},
             fell_back=failed,
             fallback=fallback,
         )
-        stats.solver = f"IFT adjoint ({stats.solver})"
+        stats.solver = f"IFT {kind} ({stats.solver})"
         for sink in (record, self.callback):  # recorded before raising, so the failure can be inspected
             if sink is not None:
                 sink(stats)
@@ -109,23 +165,36 @@ class IFT(GradientEstimator):
             )
         if fallback == "best_iterate" and self.on_failure == "warn":
             warn_at_call_site(
-                f"{stats.failure_message()} Using the best adjoint iterate for those samples; pass "
+                f"{stats.failure_message()} Using the best {kind} iterate for those samples; pass "
                 "IFT(on_failure=JFB()) to fall back to a cheaper estimator instead.",
-                key=("adjoint", *sorted(set(stats.result.tolist()))),
+                key=(kind, *sorted(set(stats.result.tolist()))),
             )
-        return u
+        return x
 
-    def _solve_adjoint(self, g: Tensor, vjp: VJP) -> tuple[Tensor, SolverStats]:
-        """``u`` with ``u (I - J) = g``: the fixed point of ``u -> u J + g``, or the linear system itself."""
+    def _solve_linear(
+        self, rhs: Tensor, product: VJP, product_transposed: VJP | None
+    ) -> tuple[Tensor, SolverStats]:
+        """``x`` with ``x - P x = rhs``: the fixed point of ``x -> P x + rhs``, or the linear system itself."""
         if isinstance(self.solver, LinearSolver):
-            return self.solver.solve(
-                lambda u: u - vjp(u), g, apply_transposed=lambda v: v - jvp_by_double_backward(vjp, v)
-            )
-        result = iterate(self.solver, lambda u: vjp(u) + g, g, on_failure="report")
+            if self.solver.needs_transposed and product_transposed is None:
+                # forward mode gives J v only; J^T products would need a reverse pass it does not have
+                raise TypeError(
+                    f"IFT({type(self.solver).__name__}()) cannot solve for a forward-mode tangent: it solves "
+                    "the normal equations, which need products with J^T as well as J, and forward mode has "
+                    "only J v. Use IFT(GMRES()) or IFT(DirectSolve()) under torch.func.jvp / forward_ad."
+                )
+            return self.solver.solve(lambda x: x - product(x), rhs, apply_transposed=product_transposed)
+        result = iterate(self.solver, lambda x: product(x) + rhs, rhs, on_failure="report")
         return result.value, result.stats
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
-        return attach_adjoint(f, z_star, lambda g, vjp: self.adjoint_vector(g, vjp, record), "IFT")
+        return attach_adjoint(
+            f,
+            z_star,
+            lambda g, vjp: self.adjoint_vector(g, vjp, record),
+            "IFT",
+            lambda b, jvp: self.tangent_vector(b, jvp, record),
+        )
 
 
 def jvp_by_double_backward(vjp: VJP, v: Tensor) -> Tensor:

@@ -29,3 +29,6 @@ class JFB(PolynomialAdjoint):
 
     def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:
         return g
+
+    def tangent_vector(self, b: Tensor, jvp: VJP) -> Tensor:
+        return b

@@ -34,5 +34,8 @@ class Neumann(PolynomialAdjoint):
             total = total + term
         return total
 
+    def tangent_vector(self, b: Tensor, jvp: VJP) -> Tensor:
+        return self.adjoint_vector(b, jvp)  # the same polynomial, in J from the right: sum_t J^t b
+
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
-        return attach_adjoint(f, z_star, self.adjoint_vector, repr(self))
+        return attach_adjoint(f, z_star, self.adjoint_vector, repr(self), self.tangent_vector)

@@ -26,6 +26,8 @@ class LinearSolver(ABC):
         stop_mode: ``"abs"`` or ``"rel"``.
     """
 
+    needs_transposed = False  # True for solvers that also take products with A^T (apply_transposed)
+
     def __init__(self, *, tol: float = 1e-6, max_iter: int = 100, stop_mode: str = "rel") -> None:
         if stop_mode not in ("abs", "rel"):
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.")

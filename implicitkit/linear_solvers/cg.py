@@ -24,6 +24,8 @@ class CG(LinearSolver):
     Reference: Hestenes & Stiefel, "Methods of conjugate gradients for solving linear systems", 1952.
     """
 
+    needs_transposed = True
+
     def solve(
         self, apply: Operator, b: Tensor, *, apply_transposed: Operator | None = None
     ) -> tuple[Tensor, SolverStats]:

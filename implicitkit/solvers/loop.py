@@ -305,6 +305,7 @@ class _Record:
         ``safe`` computes norms that cannot overflow.
         """
         abs_row, res_row, size_row = self.abs_rows[k - 1], self.res_rows[k - 1], self.size_rows[k - 1]
+        z, fz = z.detach(), fz.detach()  # out= ops: an unrolled solve in forward mode has tangents here
         diff = torch.sub(fz, z, out=self._diff)
         if safe:
             abs_row.copy_(_scaled_norm(diff, inplace=True))

@@ -1,0 +1,85 @@
+"""Forward-mode AD through a solve: the tangent of the fixed point, attached to the estimator's output.
+
+Under ``torch.func.jvp``, ``torch.func.jacfwd`` or ``torch.autograd.forward_ad`` the parameters and inputs that
+``f`` closes over carry tangents. The solve runs on primals (its loop writes into preallocated buffers, which
+dual tensors cannot pass through); the tangent of ``z* = f(z*)`` is found afterwards. Differentiating the fixed
+point gives ``t = J t + b`` with ``b = (df/dtheta) t_theta``, the tangent of ``f(z*)`` at a constant ``z*``,
+and ``J t`` the directional derivative of ``f`` at ``z*``: both are read from forward-mode evaluations of
+``f``, so no reverse graph is needed and ``torch.func`` transforms work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+from .._tree import State, flatten, leaves_of, spec_of, unflatten
+
+JVP = Callable[[Tensor], Tensor]
+TangentRule = Callable[[Tensor, JVP], Tensor]  # (b, v -> J v) -> t, all flat [B, D]
+
+
+def forward_mode_active() -> bool:
+    """A forward-AD level is open (``forward_ad.dual_level``, or inside ``torch.func.jvp``/``jacfwd``)."""
+    return fwAD._current_level >= 0
+
+
+def under_vmap() -> bool:
+    """Some ``torch.func.vmap`` (``jacfwd`` is ``vmap`` of ``jvp``) is transforming the current call."""
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def primal(x: Tensor) -> Tensor:
+    """``x`` without its tangent (a view that keeps its reverse-mode graph)."""
+    return fwAD.unpack_dual(x).primal if forward_mode_active() else x
+
+
+def _tangent(x: Tensor) -> Tensor | None:
+    return fwAD.unpack_dual(x).tangent
+
+
+def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule: TangentRule) -> State:
+    """Return ``out`` carrying the tangent ``rule(b, jvp)`` of the fixed point ``z_star`` in forward mode.
+
+    Outside forward mode, or when nothing ``f`` closes over carries a tangent, ``out`` is returned unchanged.
+
+    Arguments:
+        f: the map, closing over parameters and inputs that may carry tangents.
+        z_star: the fixed point (its own tangent, if any, is ignored: ``z*`` does not depend on ``z0``).
+        out: the estimator's output at ``z_star``, equal to it (IFT, Neumann), without a tangent.
+        rule: maps the flat ``b`` and a flat ``v -> J v`` to the flat tangent ``t``.
+    """
+    if not forward_mode_active():
+        return out
+    spec = spec_of(z_star)
+    leaves, treespec = leaves_of(z_star)
+    z_leaves = [primal(x).detach() for x in leaves]
+    fz_leaves, _ = leaves_of(f(treespec.unflatten(z_leaves)))
+    b_leaves = [_tangent(y) for y in fz_leaves]
+    if all(b is None for b in b_leaves):
+        return out
+    b_leaves = [torch.zeros_like(z) if b is None else b for b, z in zip(b_leaves, z_leaves, strict=True)]
+    b = flatten(treespec.unflatten(b_leaves), spec)
+
+    def jvp(v: Tensor) -> Tensor:
+        """``J v``: the tangent of ``f`` at ``z*`` moved along ``v``, less the part that ``theta`` moves (``b``)."""
+        v_leaves, _ = leaves_of(unflatten(v, spec))
+        duals = [fwAD.make_dual(z, w.to(z.dtype)) for z, w in zip(z_leaves, v_leaves, strict=True)]
+        moved, _ = leaves_of(f(treespec.unflatten(duals)))
+        tangents = [
+            torch.zeros_like(z) if _tangent(y) is None else _tangent(y) for y, z in zip(moved, z_leaves)
+        ]
+        return flatten(treespec.unflatten(tangents), spec) - b
+
+    with torch.no_grad():
+        t = rule(b, jvp)
+    t_leaves, _ = leaves_of(unflatten(t, spec))
+    out_leaves, out_treespec = leaves_of(out)
+    return out_treespec.unflatten(
+        [fwAD.make_dual(y, w.to(y.dtype)) for y, w in zip(out_leaves, t_leaves, strict=True)]
+    )

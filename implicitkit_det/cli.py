@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation and checkpoint frequency, loading, test-time steps) and refused otherwise.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _model_options(p)
+    _data_options(p)
+    _optimisation_options(p)
+    _run_options(p)
+    return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--config",
@@ -90,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "num_queries=50, neck_relu=false, supervise_steps=1,3,6, test_tol=none",
     )
 
+
+def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the bundled digits set)")
     g.add_argument(
         "--data-root", type=Path, default=None, help="COCO folder: train2017/, val2017/, annotations/"
@@ -135,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch training images in plain sampler order (default: wide and tall images batched apart)",
     )
 
+
+def _optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--schedule", choices=sorted(SCHEDULES), default=None, help="default: from the config name, else 1x"
@@ -184,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "branch (the same gradients, more memory)",
     )
 
+
+def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", type=int, default=DEFAULTS["seed"])
@@ -207,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and folder (or evaluate it with --eval-only)",
     )
     g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
+    _run_schedule_and_outputs(g)
+
+
+def _run_schedule_and_outputs(g: argparse._ArgumentGroup) -> None:
+    """The run group's second half: evaluation and checkpoint frequency, logging, what is drawn."""
     g.add_argument(
         "--eval-every",
         type=int,
@@ -265,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--find-unused-parameters", action="store_true", help="DDP option for models with unused parameters"
     )
-    return p
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:

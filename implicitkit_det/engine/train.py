@@ -177,10 +177,20 @@ def train_step(
     branchwise: bool = True,
     stop_vote: bool = False,
 ) -> StepResult:
-    """One training iteration (see :func:`train_one_epoch` for what it does); `model` must be in train mode.
+    """One training iteration; `model` must be in train mode.
 
-    `stop_vote` travels with the losses' all-reduce (no extra collective): the result's ``stop`` is true on
-    every process as soon as one of them voted, so that all stop after the same iteration.
+    Forward under :func:`autocast`, which in branch-wise training also back-propagates every branch group
+    (each loss scaled by `scaler`); the scalar entries of the loss dict averaged over processes (one
+    all-reduce, which also carries `stop_vote`: the result's ``stop`` is true on every process as soon as one
+    of them voted) for logging and for the NaN check, so that every process sees the same values and stops
+    together; the backward of ``"loss"``, or the pending backward that delivers the gathered gradients
+    (branch-wise), the one DDP synchronises; unscaling, clipping of the total gradient to a 2-norm of
+    `clip_max_norm` (None or 0: off); the optimizer step; ``scheduler.step()`` (it counts iterations).
+
+    Returns:
+        The :class:`StepResult`. Raises :class:`NonFiniteLossError` when the averaged total loss is NaN or
+        infinite, before the (last) backward pass and the step, naming the epoch, the iteration and every
+        loss entry.
     """
     branchwise = branchwise and trains_branchwise(model)
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -195,20 +205,7 @@ def train_step(
             f"non-finite values in the forward pass at epoch {epoch}, iteration {iteration}: {err}"
         ) from err
     pending = losses.pop(PENDING_BACKWARD, None)
-    logged = _scalar_entries(losses)
-    # One all-reduce for all entries (and the stop vote), stacked in sorted order so that every process
-    # agrees on the layout.
-    keys = sorted(logged)
-    vote = torch.tensor(float(stop_vote), device=logged[keys[0]].device)
-    reduced_all = all_reduce_mean(torch.stack([*(logged[k] for k in keys), vote])).tolist()
-    means = dict(zip(keys, reduced_all[:-1], strict=True))
-    reduced = {k: means[k] for k in logged}
-    if not math.isfinite(reduced["loss"]):
-        raise NonFiniteLossError(
-            f"the loss is {reduced['loss']} at epoch {epoch}, iteration {iteration} (averaged over processes); "
-            f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
-            "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
-        )
+    reduced, stop = _reduce(_scalar_entries(losses), stop_vote, epoch, iteration)
     if pending is not None:
         pending.backward()  # the gathered gradients, already scaled
     elif scaler is not None:
@@ -225,7 +222,26 @@ def train_step(
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepResult(reduced, grad_norm, stop=reduced_all[-1] > 0)
+    return StepResult(reduced, grad_norm, stop=stop)
+
+
+def _reduce(
+    logged: dict[str, torch.Tensor], stop_vote: bool, epoch: int, iteration: int
+) -> tuple[dict[str, float], bool]:
+    """The entries averaged over processes and whether any process voted to stop, in one all-reduce (stacked
+    in sorted order so that every process agrees on the layout); refuses a non-finite total."""
+    keys = sorted(logged)
+    vote = torch.tensor(float(stop_vote), device=logged[keys[0]].device)
+    reduced_all = all_reduce_mean(torch.stack([*(logged[k] for k in keys), vote])).tolist()
+    means = dict(zip(keys, reduced_all[:-1], strict=True))
+    reduced = {k: means[k] for k in logged}
+    if not math.isfinite(reduced["loss"]):
+        raise NonFiniteLossError(
+            f"the loss is {reduced['loss']} at epoch {epoch}, iteration {iteration} (averaged over processes); "
+            f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
+            "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
+        )
+    return reduced, reduced_all[-1] > 0
 
 
 def train_one_epoch(
@@ -251,23 +267,15 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one pass over `loader` (or up to iteration `max_iters`), one :func:`train_step` per batch.
 
-    The one epoch loop: the command line's runs (:func:`~implicitkit_det.engine.run.fit`) use it too,
-    starting mid-epoch on resume (`start`, `meter`) and stopping on Ctrl-C (`stop_vote`, `on_step`). Each
-    iteration is :func:`train_step`: forward under :func:`autocast` (branch-wise, it back-propagates every
-    branch group), one all-reduce of the scalar entries for logging and the NaN check, the backward that DDP
-    synchronises, unscaling, clipping of the total gradient, the optimizer step, ``scheduler.step()``.
+    The one epoch loop: :func:`~implicitkit_det.engine.run.fit` runs it too, starting mid-epoch on resume
+    (`start`, `meter`) and stopping on Ctrl-C (`stop_vote`, `on_step`).
 
     Arguments:
-        model: the model (plain or wrapped in DDP); set to training mode here.
+        model, optimizer, scheduler, device, epoch, amp, scaler, clip_max_norm, branchwise: of
+            :func:`train_step` (the model is set to training mode here).
         loader: yields :class:`~implicitkit_det.data.DetectionBatch`, from iteration `start` on.
-        optimizer, scheduler: the optimizer and an iteration-based scheduler (or None).
-        device: where the batches go. epoch: the epoch number, for messages.
-        amp: mixed precision (:func:`autocast`); `scaler` is the float16 gradient scaler, if any.
-        clip_max_norm: gradient clipping threshold; None or 0 disables clipping.
         max_iters: the iteration (counted from the epoch's start) to stop before.
         print_freq, log: a progress line every `print_freq` iterations, on rank 0.
-        branchwise: train branch-wise when the model offers it (:func:`trains_branchwise`); False gives
-            one graph of all branches and one backward (more memory, the same gradients).
         start: the index of the loader's first batch in the epoch (a resumed epoch's position).
         meter: the running sums to continue (a resumed epoch's); updated in place, time included.
         stop_vote: asked before each step whether this process wants to stop (see :func:`train_step`).
@@ -276,9 +284,7 @@ def train_one_epoch(
 
     Returns:
         The epoch's averages of every logged entry (over iterations and processes), and ``lr`` (the first
-        group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``. Raises
-        :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the (last)
-        backward pass and the step, naming the epoch, the iteration and every loss entry.
+        group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
     """
     model.train()
     meter = meter if meter is not None else EpochMeter()

@@ -305,11 +305,13 @@ def names_data(argv: Sequence[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run training, evaluation or prediction as the command line says.
 
-    **Returns** the last evaluation's stats (the 12 COCO stats, ``per_class_AP``, ``images``, the test-time
-    settings), or ``{}`` when the run evaluated nothing; for ``predict``, its list of results.
+    Returns:
+        The last evaluation's stats (the 12 COCO stats, ``per_class_AP``, ``images``, the test-time
+        settings), or ``{}`` when the run evaluated nothing; for ``predict``, its list of results.
 
-    **Raises** ``SystemExit(130)`` after a Ctrl-C during training, once the checkpoint is saved and the
-    command to resume printed; ``SystemExit(2)`` with a message for unusable options or data.
+    Raises:
+        ``SystemExit(130)`` after a Ctrl-C during training, once the checkpoint is saved and the
+        command to resume printed; ``SystemExit(2)`` with a message for unusable options or data.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"

@@ -77,25 +77,27 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the model on the loader's images with COCO's protocol.
 
-    **Arguments**
-    - `model`: the detector (plain or in DDP); set to evaluation mode here.
-    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
-      ``orig_size`` in the targets. Under several processes each sees its share (a
-      ``DistributedSampler``); the evaluator gathers and de-duplicates.
-    - `evaluator`: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
-    - `label_to_category_id`: the dataset's map from contiguous labels to the file's category ids.
-    - `boxes_in`: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
-      here) or already in the stored image's (``"original"``).
-    - `amp`: run the model under :func:`~implicitkit_det.engine.train.autocast`.
-    - `max_iters`: stop after this many batches; only the images seen are then scored.
-    - `verbose`: print the COCO table on rank 0.
-    - `progress`: a progress bar on rank 0 (:func:`~implicitkit_det.engine.progress.progress_bar`).
-    - `should_stop`: checked before each batch; when it returns true, :class:`EvaluationStopped` is raised.
+    Arguments:
+        model: the detector (plain or in DDP); set to evaluation mode here.
+        loader: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
+            ``orig_size`` in the targets. Under several processes each sees its share (a
+            ``DistributedSampler``); the evaluator gathers and de-duplicates.
+        evaluator: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
+        label_to_category_id: the dataset's map from contiguous labels to the file's category ids.
+        boxes_in: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
+            here) or already in the stored image's (``"original"``).
+        amp: run the model under :func:`~implicitkit_det.engine.train.autocast`.
+        max_iters: stop after this many batches; only the images seen are then scored.
+        verbose: print the COCO table on rank 0.
+        progress: a progress bar on rank 0 (:func:`~implicitkit_det.engine.progress.progress_bar`).
+        should_stop: checked before each batch; when it returns true, :class:`EvaluationStopped` is raised.
 
-    **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, ``images``
-    (the distinct images scored, over all processes) and ``time_s``. For a model that reports its refinement steps per
-    image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
-    per image over all processes (each process's repeated padding images included).
+    Returns:
+        The 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, ``images``
+        (the distinct images scored, over all processes) and ``time_s``. For a model that reports its
+        refinement steps per
+        image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
+        per image over all processes (each process's repeated padding images included).
     """
     model.eval()
     evaluator.reset()

@@ -62,18 +62,19 @@ def param_groups(
 ) -> list[dict]:
     """Split the trainable parameters into AdamW groups.
 
-    **Arguments**
-    - `model`: the model; parameters with ``requires_grad=False`` (frozen backbone stages) are left out.
-    - `lr`, `weight_decay`: the base values.
-    - `decoder_lr_mult`, `decoder_wd_mult`: multipliers for the parameters `is_decoder` selects.
-    - `no_decay_norm_bias`: exempt biases and normalisation-layer parameters from weight decay. Off by
-      default, as in the reference recipe, which decays every parameter.
-    - `is_decoder`: decides from a parameter's name whether it is a decoder parameter; used only when the
-      model has no ``parameter_groups()`` method (the detectors' own split, whose ``"decoder"`` entry is
-      every decoder layer, not the backbone, neck or learned queries).
+    Arguments:
+        model: the model; parameters with ``requires_grad=False`` (frozen backbone stages) are left out.
+        lr, weight_decay: the base values.
+        decoder_lr_mult, decoder_wd_mult: multipliers for the parameters `is_decoder` selects.
+        no_decay_norm_bias: exempt biases and normalisation-layer parameters from weight decay. Off by
+            default, as in the reference recipe, which decays every parameter.
+        is_decoder: decides from a parameter's name whether it is a decoder parameter; used only when the
+            model has no ``parameter_groups()`` method (the detectors' own split, whose ``"decoder"`` entry is
+            every decoder layer, not the backbone, neck or learned queries).
 
-    **Returns** up to four groups (``backbone``/``decoder`` x decay/no-decay), each a dict with
-    ``params``, ``lr``, ``weight_decay`` and a ``name`` for logs; empty groups are dropped.
+    Returns:
+        Up to four groups (``backbone``/``decoder`` x decay/no-decay), each a dict with
+        ``params``, ``lr``, ``weight_decay`` and a ``name`` for logs; empty groups are dropped.
     """
     decoder_ids: set[int] | None = None
     inner = unwrap(model)
@@ -135,13 +136,13 @@ def recipe_for(arch: str) -> OptimizerRecipe:
 class Schedule:
     """A warm-up + step schedule, in epochs.
 
-    **Attributes**
-    - `epochs`: length of training.
-    - `drops`: epochs at whose start the learning rate is multiplied by `gamma` (so with ``(8, 11)``
-      epochs 0-7 run at the full rate, 8-10 at 0.1x, 11 at 0.01x).
-    - `gamma`: the factor of each drop.
-    - `warmup_iters`: iterations of linear warm-up, from `warmup_start` times the rate to the full rate.
-    - `warmup_start`: the factor at iteration 0.
+    Attributes:
+        epochs: length of training.
+        drops: epochs at whose start the learning rate is multiplied by `gamma` (so with ``(8, 11)``
+            epochs 0-7 run at the full rate, 8-10 at 0.1x, 11 at 0.01x).
+        gamma: the factor of each drop.
+        warmup_iters: iterations of linear warm-up, from `warmup_start` times the rate to the full rate.
+        warmup_start: the factor at iteration 0.
     """
 
     epochs: int

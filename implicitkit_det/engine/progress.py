@@ -71,7 +71,8 @@ class StepLog:
 def plot_training_curves(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Plot each epoch's losses (every branch's total) and AP from ``metrics.jsonl`` records into `path`.
 
-    **Returns** the PNG's path, or None when matplotlib is not installed or there is nothing to plot.
+    Returns:
+        The PNG's path, or None when matplotlib is not installed or there is nothing to plot.
     """
     try:
         import matplotlib

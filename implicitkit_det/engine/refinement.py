@@ -63,14 +63,15 @@ def refinement_curve(
     through the backbone and ``max_steps + 1`` layers once; the prediction after every layer is scored by
     its own evaluator, so the whole curve costs one evaluation at ``max_steps``.
 
-    **Arguments**
-    - `model`: the detector, plain or in DDP.
-    - `loader`: yields evaluation batches with ``image_id``, ``size`` and ``orig_size`` in the targets.
-    - `coco_gt`: the ground truth (``dataset.coco``).
-    - `max_steps`: the last step scored; beyond the training depth shows whether AP holds.
-    - `label_to_category_id`: the dataset's map from labels to category ids.
+    Arguments:
+        model: the detector, plain or in DDP.
+        loader: yields evaluation batches with ``image_id``, ``size`` and ``orig_size`` in the targets.
+        coco_gt: the ground truth (``dataset.coco``).
+        max_steps: the last step scored; beyond the training depth shows whether AP holds.
+        label_to_category_id: the dataset's map from labels to category ids.
 
-    **Returns** one dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
+    Returns:
+        One dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
     """
     model = unwrap(model).eval()
     refinement_layers(model)  # the model's kind is checked before any work

@@ -117,8 +117,9 @@ def _evaluate(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo, e
 def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     """Evaluate the checkpoint `cfg.resumed_from` on the validation split (``--eval-only``).
 
-    **Returns** the COCO stats (with ``images``: the distinct images scored over all processes, and the
-    test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
+    Returns:
+        The COCO stats (with ``images``: the distinct images scored over all processes, and the
+        test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
     """
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
@@ -137,8 +138,11 @@ def fit(cfg: RunConfig, *, checkpoint: dict[str, Any] | None = None) -> dict[str
     """Train (and evaluate every ``eval_every`` epochs) as `cfg` says, or continue the run it resumes
     (`checkpoint`: the ``resumed_from`` checkpoint when the caller has read it already).
 
-    **Returns** the last evaluation's stats (``{}`` if none ran). **Raises**
-    :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
+    Returns:
+        The last evaluation's stats (``{}`` if none ran).
+
+    Raises:
+        :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
     """
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)

@@ -314,12 +314,16 @@ def build_run_config(
 ) -> RunConfig:
     """Resolve and check a run's settings.
 
-    **Arguments**
-    - `options`: every option's value (``vars()`` of the parsed command line).
-    - `given`: the options the command line named (the others hold their defaults).
-    - `checkpoint`: the ``--resume`` checkpoint dict, whose ``args`` are the resumed run's settings.
+    Arguments:
+        options: every option's value (``vars()`` of the parsed command line).
+        given: the options the command line named (the others hold their defaults).
+        checkpoint: the ``--resume`` checkpoint dict, whose ``args`` are the resumed run's settings.
 
-    **Returns** a :class:`RunConfig`. **Raises** :class:`RunConfigError`.
+    Returns:
+        A :class:`RunConfig`.
+
+    Raises:
+        :class:`RunConfigError` naming the option to change.
     """
     _check_values(options)
     new = _new_values(options, given)

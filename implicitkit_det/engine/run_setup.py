@@ -129,7 +129,8 @@ def resolve_data(cfg: RunConfig) -> DataPaths:
     ``annotations/instances_{train,val}2017.json``) or plain ones (``train``, ``val``,
     ``annotations/instances_{train,val}.json``, the bundled set's layout) are recognised.
 
-    **Raises** :class:`~implicitkit_det.data.checks.DataError` naming the option to fix.
+    Raises:
+        :class:`~implicitkit_det.data.checks.DataError` naming the option to fix.
     """
     if cfg.on_digits:
         files = build_digits_detection(

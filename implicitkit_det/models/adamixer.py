@@ -20,9 +20,9 @@ class AdaMixer(QueryDetector):
     the detection. Each stage detaches its box input, so the box of stage ``l`` is trained only through
     stage ``l``'s regression, while the content carries gradients through the whole stack.
 
-    **Arguments**
-    - `backbone`, `neck`, `queries`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `stages`: the :class:`~.adamixer_stage.AdaMixerStage` modules, applied in order.
+    Arguments:
+        backbone, neck, queries, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        stages: the :class:`~.adamixer_stage.AdaMixerStage` modules, applied in order.
 
     Reference: Gao et al., "AdaMixer: a fast-converging query-based object detector", CVPR 2022.
     """

@@ -39,31 +39,31 @@ __all__ = [
 class ModelConfig:
     """Every choice that shapes a detector; :func:`build_model` turns one into a model.
 
-    **Attributes**
-    - `arch`: a row of :data:`~.registry.ARCHITECTURES`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"``,
-      ``"deq_sparse_rcnn"`` or a registered one.
-    - `backbone`, `backbone_weights`, `backbone_norm`, `frozen_stages`: of
-      :class:`~.backbone.ResNetBackbone` (`backbone_weights`: a published weights name such as
-      ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
-    - `neck_kernel`, `neck_relu`, `gn_groups`, `neck_init`: of :class:`~.neck.ChannelMapper` (DEQDet,
-      AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
-    - `dim`: channels of the features and of the query content.
-    - `num_queries`: ``N`` (queries, or Sparse R-CNN's learned proposals).
-    - `num_heads`, `ffn_dim`: of every decoder layer.
-    - `num_points`, `out_points`, `num_groups`: of each :class:`~.adamixer_stage.AdaMixerStage`
-      (``P`` = `num_points`).
-    - `dynamic_dim`, `roi_size`, `clip_boxes`: of each :class:`~.sparse_rcnn_stage.SparseRCNNStage`
-      (the dynamic interaction's hidden width, the RoIAlign grid, clipping decoded boxes to the image).
-    - `num_stages`: AdaMixer's and Sparse R-CNN's stage count.
-    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: the DEQ schedule
-      (DEQDet, DEQ Sparse R-CNN).
-    - `test_tol`, `test_solver`: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
-      the fixed `test_steps` applications.
-    - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: the DEQ models'
-      perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
-    - `rap_sort_corners`: DEQDet's box noise swaps crossed corners back (default False, as the official
-      code); Sparse R-CNN's always does.
-    - `num_select`: detections per image at inference.
+    Attributes:
+        arch: a row of :data:`~.registry.ARCHITECTURES`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"``,
+            ``"deq_sparse_rcnn"`` or a registered one.
+        backbone, backbone_weights, backbone_norm, frozen_stages: of
+            :class:`~.backbone.ResNetBackbone` (`backbone_weights`: a published weights name such as
+            ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
+        neck_kernel, neck_relu, gn_groups, neck_init: of :class:`~.neck.ChannelMapper` (DEQDet,
+            AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
+        dim: channels of the features and of the query content.
+        num_queries: ``N`` (queries, or Sparse R-CNN's learned proposals).
+        num_heads, ffn_dim: of every decoder layer.
+        num_points, out_points, num_groups: of each :class:`~.adamixer_stage.AdaMixerStage`
+            (``P`` = `num_points`).
+        dynamic_dim, roi_size, clip_boxes: of each :class:`~.sparse_rcnn_stage.SparseRCNNStage`
+            (the dynamic interaction's hidden width, the RoIAlign grid, clipping decoded boxes to the image).
+        num_stages: AdaMixer's and Sparse R-CNN's stage count.
+        train_steps, test_steps, supervise_steps, init_refinements, rag_steps: the DEQ schedule
+            (DEQDet, DEQ Sparse R-CNN).
+        test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
+            the fixed `test_steps` applications.
+        rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
+            perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
+        rap_sort_corners: DEQDet's box noise swaps crossed corners back (default False, as the official
+            code); Sparse R-CNN's always does.
+        num_select: detections per image at inference.
     """
 
     arch: str = "deqdet"
@@ -239,7 +239,8 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     integers, floats, strings, tuples of integers (``1,2``, ``[1,2]`` or ``(1,2)``), optional fields
     (``none``) and fixed choices.
 
-    **Raises** ``ValueError`` naming the option and what it accepts.
+    Raises:
+        ``ValueError`` naming the option and what it accepts.
     """
     hints = typing.get_type_hints(ModelConfig)
     out: dict[str, Any] = {}

@@ -53,22 +53,22 @@ class DEQDet(QueryDetector):
     ``test_stop_mode`` are plain attributes, so they can be changed at run time (e.g. more refinement steps
     at test, or early exit on a trained model).
 
-    **Arguments**
-    - `backbone`, `neck`, `queries`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `init_layer`: ``G``.
-    - `refine_layer`: ``F``.
-    - `train_steps`: no-grad solver steps in training.
-    - `test_steps`: applications of ``F`` at inference (the most, with `test_tol`).
-    - `test_tol`: None for exactly `test_steps` applications; else the per-image tolerance on the change
-      of the query state (the RMS per query of the scaled state, see :meth:`refine_to_tolerance`).
-    - `test_solver`: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
-      (:class:`implicitkit.Anderson` on the scaled state).
-    - `test_stop_mode`: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
-    - `supervise_steps`: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
-    - `init_refinements`: supervised grad-attached applications of ``F`` to ``y_0`` (2).
-    - `rag_steps`: ``k`` of :class:`implicitkit.RAG`.
-    - `perturbation`: applied on the training path: ``"rap"`` for a default :class:`~.rap.RAP`, any
-      ``(state, step) -> state`` callable, or None.
+    Arguments:
+        backbone, neck, queries, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        init_layer: ``G``.
+        refine_layer: ``F``.
+        train_steps: no-grad solver steps in training.
+        test_steps: applications of ``F`` at inference (the most, with `test_tol`).
+        test_tol: None for exactly `test_steps` applications; else the per-image tolerance on the change
+            of the query state (the RMS per query of the scaled state, see :meth:`refine_to_tolerance`).
+        test_solver: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
+            (:class:`implicitkit.Anderson` on the scaled state).
+        test_stop_mode: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
+        supervise_steps: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
+        init_refinements: supervised grad-attached applications of ``F`` to ``y_0`` (2).
+        rag_steps: ``k`` of :class:`implicitkit.RAG`.
+        perturbation: applied on the training path: ``"rap"`` for a default :class:`~.rap.RAP`, any
+            ``(state, step) -> state`` callable, or None.
 
     Reference: Wang et al., "Deep equilibrium object detection", ICCV 2023.
     """
@@ -202,7 +202,8 @@ class DEQDet(QueryDetector):
         ``nstep`` times (with Anderson, the iterate it stopped at), as in the fixed-count mode; no
         gradient estimator runs (``Solution.value`` would add RAG's two applications).
 
-        **Returns** ``(state, steps)``: the converged state and the ``[B]`` applications of ``F`` per image.
+        Returns:
+            ``(state, steps)``: the converged state and the ``[B]`` applications of ``F`` per image.
         """
         content = y0["content"]
         dim, queries = content.shape[-1], content.shape[-2]

@@ -58,12 +58,12 @@ class QueryDetector(nn.Module, ABC):
 
     Subclasses provide :meth:`training_branches` and :meth:`inference_outputs`.
 
-    **Arguments**
-    - `backbone`: images -> list of levels (strides 4, 8, 16, 32).
-    - `neck`: levels -> levels of the decoder's channels.
-    - `queries`: the initial :class:`~.queries.InitialQueries`.
-    - `criterion`: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
-    - `num_select`: detections per image at inference.
+    Arguments:
+        backbone: images -> list of levels (strides 4, 8, 16, 32).
+        neck: levels -> levels of the decoder's channels.
+        queries: the initial :class:`~.queries.InitialQueries`.
+        criterion: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
+        num_select: detections per image at inference.
     """
 
     def __init__(
@@ -187,11 +187,11 @@ class QueryDetector(nn.Module, ABC):
         ``no_sync()``), and ``ddp(images, targets, branchwise=True)[PENDING_BACKWARD].backward()`` then
         reduces every parameter's whole gradient once, as one backward of the summed loss would.
 
-        **Arguments**
-        - `images` ``[B, 3, H, W]``, `targets`, `mask` ``[B, H, W]``: see the class docstring.
-        - `branchwise`: back-propagate group by group (above).
-        - `loss_scale`: applied to each group's total loss before its backward, e.g. a float16
-          ``GradScaler``'s ``scale``; default none.
+        Arguments:
+            images ``[B, 3, H, W]``, targets, mask ``[B, H, W]``: see the class docstring.
+            branchwise: back-propagate group by group (above).
+            loss_scale: applied to each group's total loss before its backward, e.g. a float16
+                ``GradScaler``'s ``scale``; default none.
         """
         if isinstance(targets, Tensor):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
@@ -255,9 +255,9 @@ class QueryDetector(nn.Module, ABC):
     ) -> Outputs:
         """The final raw outputs ``{"pred_logits" [B, N, C], "pred_boxes" [B, N, 4]}`` in any mode.
 
-        **Arguments**
-        - `images`, `mask`: as for :meth:`forward`.
-        - `image_sizes`: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
+        Arguments:
+            images, mask: as for :meth:`forward`.
+            image_sizes: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
         """
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
         return self.inference_outputs(self.features(images), sizes)
@@ -291,11 +291,12 @@ class QueryDetector(nn.Module, ABC):
         ``DistributedDataParallel`` call the wrapper instead:
         ``ddp(images, targets, branchwise=True).pop(PENDING_BACKWARD).backward()``, as the engine does.
 
-        **Arguments**
-        - `images`, `targets`, `mask`: as for :meth:`forward`.
-        - `loss_scale`: multiplies every loss before its backward (e.g. a ``GradScaler``'s scale).
+        Arguments:
+            images, targets, mask: as for :meth:`forward`.
+            loss_scale: multiplies every loss before its backward (e.g. a ``GradScaler``'s scale).
 
-        **Returns** the same dict as :meth:`forward`, detached.
+        Returns:
+            The same dict as :meth:`forward`, detached.
         """
         if not self.training:
             raise RuntimeError("forward_backward trains: call model.train() first.")

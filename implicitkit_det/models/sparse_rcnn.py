@@ -23,12 +23,12 @@ class SparseRCNN(AdaMixer):
     features carry gradients through the whole stack and the learned proposal boxes are trained through
     the first stage.
 
-    **Arguments**
-    - `backbone`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `neck`: an :class:`~.fpn.FPN`.
-    - `proposals`: the :class:`~.proposals.LearnedProposals` (held as ``queries``, the detectors' name for
-      the decoder's starting state).
-    - `stages`: the stages, applied in order; the first should keep its box input (``detach_boxes=False``).
+    Arguments:
+        backbone, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        neck: an :class:`~.fpn.FPN`.
+        proposals: the :class:`~.proposals.LearnedProposals` (held as ``queries``, the detectors' name for
+            the decoder's starting state).
+        stages: the stages, applied in order; the first should keep its box input (``detach_boxes=False``).
 
     Reference: Sun et al., "Sparse R-CNN: end-to-end object detection with learnable proposals", CVPR 2021.
     """

@@ -127,7 +127,7 @@ def training_banner(cfg: RunConfig, data: RunData, model: nn.Module, info: DistI
     """The settings a training run prints before it starts (or resumes at `at`)."""
     train = data.train
     assert train is not None
-    schedule = cfg.schedule_obj()
+    schedule = cfg.lr_schedule()
     summary = _run_summary(cfg, data, model, info)
     summary.update(
         {

@@ -171,7 +171,7 @@ class _Trainer:
             decoder_wd_mult=cfg.decoder_wd_mult, no_decay_norm_bias=cfg.no_decay_norm_bias,
         )  # fmt: skip
         self.optimizer = adamw(self.groups, lr=cfg.lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule_obj(), self.iters_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule(), self.iters_per_epoch)
         self.base_lrs = list(self.scheduler.base_lrs)
         self.scaler = make_grad_scaler(info.device, cfg.amp)
         self.model = wrap_ddp(model, info, find_unused_parameters=cfg.find_unused_parameters)
@@ -194,7 +194,7 @@ class _Trainer:
             scaler=self.scaler,
         )
         if {"lr", "epochs", "drops", "warmup_iters"} & set(self.cfg.changed):
-            retarget_scheduler(self.scheduler, self.cfg.schedule_obj(), self.iters_per_epoch, self.base_lrs)
+            retarget_scheduler(self.scheduler, self.cfg.lr_schedule(), self.iters_per_epoch, self.base_lrs)
         progress = checkpoint.get("progress") or {
             "epoch": checkpoint["epoch"],
             "iteration": self.iters_per_epoch,

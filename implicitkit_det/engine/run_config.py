@@ -124,7 +124,7 @@ class RunConfig:
         """Whether the run uses the bundled digits set (no data option given)."""
         return uses_digits({k: getattr(self, k) for k in DATA_OPTIONS})
 
-    def schedule_obj(self) -> Schedule:
+    def lr_schedule(self) -> Schedule:
         """The learning-rate :class:`~.optim.Schedule` in force."""
         return Schedule(self.epochs, self.drops, warmup_iters=self.warmup_iters)
 
@@ -367,7 +367,7 @@ def _check_config(cfg: RunConfig) -> None:
             "longer side); raise --max-size or lower --image-size"
         )
     try:
-        cfg.schedule_obj()
+        cfg.lr_schedule()
     except ValueError as err:
         raise RunConfigError(f"--epochs / --lr-drops: {err}") from None
     if any(d >= cfg.epochs for d in cfg.drops):

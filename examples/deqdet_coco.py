@@ -28,12 +28,11 @@ from implicitkit_det.recipes import digits_recipe
 DEMO_OUTPUTS = [
     "--refinement-curve", "12", "--save-predictions", "8", "--output-dir", "outputs/deqdet_digits_demo",
 ]  # fmt: skip
-DATA_OPTIONS = ("--data-root", "--train-ann", "--val-ann", "--train-images", "--val-images")
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    on_digits = not any(a.split("=")[0] in DATA_OPTIONS for a in argv)
+    on_digits = not cli.names_data(argv)
     start = time.perf_counter()
     stats = cli.main([*digits_recipe(), *DEMO_OUTPUTS, *argv] if on_digits else argv)
     if on_digits and stats:

@@ -47,6 +47,23 @@ class SharedInputs:
     def __iter__(self) -> Iterator:
         return iter(self.inputs)
 
+    def take_gradients(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The real inputs whose copies received a gradient, and those gradients, for a caller that sends
+        them upstream itself (inside one backward of its own, e.g. the one ``DistributedDataParallel``
+        reduces); :meth:`backward` is this plus ``torch.autograd.backward(inputs, gradients)``.
+
+        Returns:
+            ``(inputs, gradients)``: two lists of equal length, in the order of the inputs. The copies'
+            ``.grad`` is cleared, so gradients are never taken twice.
+        """
+        sources, grads = [], []
+        for source, copy in zip(self._sources, self._copies, strict=True):
+            if copy is not source and copy.grad is not None:
+                sources.append(source)
+                grads.append(copy.grad)
+                copy.grad = None
+        return sources, grads
+
     def backward(self, *losses: Tensor) -> None:
         """Send the gradients gathered on the copies upstream through the real inputs, in one pass.
 
@@ -64,11 +81,9 @@ class SharedInputs:
                 raise ValueError(f"SharedInputs.backward takes scalar losses, got shape {tuple(loss.shape)}.")
             tensors.append(loss)
             grads.append(torch.ones_like(loss))
-        for source, copy in zip(self._sources, self._copies, strict=True):
-            if copy is not source and copy.grad is not None:
-                tensors.append(source)
-                grads.append(copy.grad)
-                copy.grad = None
+        sources, gathered = self.take_gradients()
+        tensors += sources
+        grads += gathered
         if tensors:
             torch.autograd.backward(tensors, grads)
         if any(

@@ -15,6 +15,8 @@ See docs/training.md for the run folder, checkpoints, resuming and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +36,17 @@ from .engine.run_config import (
     DEFAULT_CONFIG,
     DIGITS_MAX_SIZE,
     DIGITS_SIZE,
+    RunConfig,
     RunConfigError,
     build_run_config,
+    uses_digits,
 )
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "given_options", "main", "names_data"]
 
 COMMANDS = ("train", "eval", "predict")
+# One source of defaults: RunConfig's; an option without a default here is resolved by build_run_config.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation and checkpoint frequency, loading, test-time steps) and refused otherwise.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _model_options(p)
+    _data_options(p)
+    _optimisation_options(p)
+    _run_options(p)
+    return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--config",
@@ -84,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "num_queries=50, neck_relu=false, supervise_steps=1,3,6, test_tol=none",
     )
 
+
+def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the bundled digits set)")
     g.add_argument(
         "--data-root", type=Path, default=None, help="COCO folder: train2017/, val2017/, annotations/"
@@ -94,8 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-ann", type=Path, default=None, help="validation annotation file")
     g.add_argument("--train-images", type=Path, default=None, help="training image folder")
     g.add_argument("--val-images", type=Path, default=None, help="validation image folder")
-    g.add_argument("--digits-train", type=int, default=1000, help="images in the bundled set's train split")
-    g.add_argument("--digits-val", type=int, default=200, help="images in the bundled set's val split")
+    g.add_argument(
+        "--digits-train",
+        type=int,
+        default=DEFAULTS["digits_train"],
+        help="images in the bundled set's train split",
+    )
+    g.add_argument(
+        "--digits-val", type=int, default=DEFAULTS["digits_val"], help="images in the bundled set's val split"
+    )
     g.add_argument(
         "--image-size",
         type=int,
@@ -108,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"cap on the longer side (COCO {COCO_MAX_SIZE}, digits {DIGITS_MAX_SIZE})",
     )
-    g.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
+    g.add_argument(
+        "--workers", type=int, default=DEFAULTS["workers"], help="data-loading processes per training process"
+    )
     g.add_argument(
         "--keep-empty-images",
         action="store_true",
@@ -120,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch training images in plain sampler order (default: wide and tall images batched apart)",
     )
 
+
+def _optimisation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--schedule", choices=sorted(SCHEDULES), default=None, help="default: from the config name, else 1x"
@@ -132,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs where the lr drops 10x, e.g. 8,11 (default: the schedule's, scaled to --epochs)",
     )
-    g.add_argument("--warmup-iters", type=int, default=500)
-    g.add_argument("--batch-size", type=int, default=2, help="images per process (total = this x processes)")
+    g.add_argument("--warmup-iters", type=int, default=DEFAULTS["warmup_iters"])
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help="images per process (total = this x processes)",
+    )
     g.add_argument(
         "--eval-batch-size",
         type=int,
@@ -141,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation images per process (default: 1 for COCO-format data, as the official test runs; "
         "--batch-size for the digits set)",
     )
-    recipe = "default: the config's recipe (engine.optim.RECIPES; DEQDet: {}, Sparse R-CNN: {})"
+    recipe = "default: the config's recipe (its row of models.ARCHITECTURES; DEQDet: {}, Sparse R-CNN: {})"
     g.add_argument(
         "--lr", type=float, default=None, help="base AdamW learning rate; " + recipe.format(2.5e-5, 2.5e-5)
     )
@@ -164,9 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "branch (the same gradients, more memory)",
     )
 
+
+def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     g.add_argument(
         "--output-dir",
         type=Path,
@@ -187,11 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
         "and folder (or evaluate it with --eval-only)",
     )
     g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    _run_schedule_and_outputs(g)
+
+
+def _run_schedule_and_outputs(g: argparse._ArgumentGroup) -> None:
+    """The run group's second half: evaluation and checkpoint frequency, logging, what is drawn."""
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=DEFAULTS["eval_every"],
+        help="evaluate every N epochs (and after the last)",
+    )
     g.add_argument(
         "--checkpoint-every",
         type=int,
-        default=0,
+        default=DEFAULTS["checkpoint_every"],
         metavar="N",
         help="also save checkpoint_last.pth every N iterations (0: at the end of each epoch only); a resumed "
         "run continues from that iteration with the same data",
@@ -199,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--keep-every",
         type=int,
-        default=0,
+        default=DEFAULTS["keep_every"],
         metavar="K",
         help="keep a copy of the checkpoint of every K-th epoch (checkpoint_epoch<N>.pth); 0: none",
     )
@@ -218,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="at most N training iterations per epoch and N evaluation batches",
     )
-    g.add_argument("--print-freq", type=int, default=20, help="a progress line every N iterations")
+    g.add_argument(
+        "--print-freq", type=int, default=DEFAULTS["print_freq"], help="a progress line every N iterations"
+    )
     g.add_argument(
         "--refinement-curve",
         type=int,
@@ -231,33 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--save-predictions",
         type=int,
-        default=0,
+        default=DEFAULTS["save_predictions"],
         metavar="K",
         help="after the last evaluation, draw K val images, ground truth beside predictions (predictions.png)",
     )
     g.add_argument(
         "--find-unused-parameters", action="store_true", help="DDP option for models with unused parameters"
     )
-    return p
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The options `argv` names (by destination), told apart from those left at their defaults."""
-    probe = build_parser()
+    """The options of `parser` that `argv` names (by destination), told apart from those left at their
+    defaults: a copy of `parser` whose defaults are all ``argparse.SUPPRESS`` leaves only the given ones."""
+    probe = copy.deepcopy(parser)
     for action in probe._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def names_data(argv: Sequence[str]) -> bool:
+    """Whether a command line names a dataset (else a run uses the bundled digits set)."""
+    argv = [a for a in argv[1 if argv[:1] and argv[0] in COMMANDS else 0 :] if a not in ("-h", "--help")]
+    return not uses_digits(dict.fromkeys(given_options(build_parser(), argv), True))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run training, evaluation or prediction as the command line says.
 
-    **Returns** the last evaluation's stats (the 12 COCO stats, ``per_class_AP``, ``images``, the test-time
-    settings), or ``{}`` when the run evaluated nothing; for ``predict``, its list of results.
+    Returns:
+        The last evaluation's stats (the 12 COCO stats, ``per_class_AP``, ``images``, the test-time
+        settings), or ``{}`` when the run evaluated nothing; for ``predict``, its list of results.
 
-    **Raises** ``SystemExit(130)`` after a Ctrl-C during training, once the checkpoint is saved and the
-    command to resume printed; ``SystemExit(2)`` with a message for unusable options or data.
+    Raises:
+        ``SystemExit(130)`` after a Ctrl-C during training, once the checkpoint is saved and the
+        command to resume printed; ``SystemExit(2)`` with a message for unusable options or data.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"

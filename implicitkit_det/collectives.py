@@ -47,10 +47,11 @@ def is_main_process() -> bool:
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over all processes, returned as a new tensor (the input is left unchanged).
 
-    **Arguments**
-    - `tensor`: a floating-point tensor with the same shape on every process.
+    Arguments:
+        tensor: a floating-point tensor with the same shape on every process.
 
-    **Returns** `sum_r tensor_r / world_size`; a copy of `tensor` without a process group.
+    Returns:
+        `sum_r tensor_r / world_size`; a copy of `tensor` without a process group.
     """
     out = tensor.detach().clone()
     if get_world_size() > 1:
@@ -73,7 +74,8 @@ def any_process(flag: bool) -> bool:
 def all_gather_object(obj: Any) -> list[Any]:
     """Gather a picklable object from every process onto every process.
 
-    **Returns** a list with one entry per rank, in rank order; ``[obj]`` without a process group.
+    Returns:
+        A list with one entry per rank, in rank order; ``[obj]`` without a process group.
     """
     if get_world_size() == 1:
         return [obj]
@@ -85,8 +87,9 @@ def all_gather_object(obj: Any) -> list[Any]:
 def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
     """Gather a picklable object from every process onto rank ``dst`` only.
 
-    **Returns** on rank ``dst`` a list with one entry per rank, in rank order; ``None`` on the other ranks;
-    ``[obj]`` without a process group.
+    Returns:
+        On rank ``dst`` a list with one entry per rank, in rank order; ``None`` on the other ranks;
+        ``[obj]`` without a process group.
     """
     if get_world_size() == 1:
         return [obj]

@@ -46,16 +46,16 @@ logger = logging.getLogger(__name__)
 class PretrainConfig:
     """How the backbone classifier is trained; every field enters the cache fingerprint.
 
-    **Attributes**
-    - `backbone`: a :class:`~.models.backbone.ResNetBackbone` name (``"resnet10"``, ``"resnet18"``, ...).
-    - `crop_size`: side of the square crops fed to the classifier, in pixels.
-    - `margin`: (min, max) of the crop side over the object's longer side, drawn per crop.
-    - `shift`: largest shift of the crop centre, as a fraction of the object's width and height.
-    - `views`: jittered crops cut per object.
-    - `background_per_image`: crops per image that share with no object more than `background_overlap`
-      of the smaller of the object's and the crop's area (class ``C``, "no object").
-    - `epochs`, `batch_size`, `lr`, `weight_decay`: AdamW with a one-cycle schedule.
-    - `seed`: the crops' jitter, the initialisation and the batch order.
+    Attributes:
+        backbone: a :class:`~.models.backbone.ResNetBackbone` name (``"resnet10"``, ``"resnet18"``, ...).
+        crop_size: side of the square crops fed to the classifier, in pixels.
+        margin: (min, max) of the crop side over the object's longer side, drawn per crop.
+        shift: largest shift of the crop centre, as a fraction of the object's width and height.
+        views: jittered crops cut per object.
+        background_per_image: crops per image that share with no object more than `background_overlap`
+            of the smaller of the object's and the crop's area (class ``C``, "no object").
+        epochs, batch_size, lr, weight_decay: AdamW with a one-cycle schedule.
+        seed: the crops' jitter, the initialisation and the batch order.
     """
 
     backbone: str = "resnet10"
@@ -131,8 +131,9 @@ def object_crops(
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Cut the training objects and some background out of a COCO-format split.
 
-    **Returns** ``(crops, labels, class_names)``: ``uint8 [N, 3, S, S]`` crops (``S`` = `crop_size`),
-    ``int64 [N]`` labels in ``0..C`` (``C`` = background; classes in the order of sorted category ids).
+    Returns:
+        ``(crops, labels, class_names)``: ``uint8 [N, 3, S, S]`` crops (``S`` = `crop_size`),
+        ``int64 [N]`` labels in ``0..C`` (``C`` = background; classes in the order of sorted category ids).
     """
     data = json.loads(Path(annotation_file).read_text())
     categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -207,13 +208,14 @@ def pretrain_backbone(
 ) -> Path:
     """The state dict of a backbone pre-trained on the split's objects: built once, then read from the cache.
 
-    **Arguments**
-    - `image_dir`, `annotation_file`: a COCO-format *training* split (never the validation one).
-    - `config`: the :class:`PretrainConfig`; its `backbone` must be the detector's.
-    - `cache_dir`: where the weights are kept; default ``<digits cache>/../backbones``.
+    Arguments:
+        image_dir, annotation_file: a COCO-format *training* split (never the validation one).
+        config: the :class:`PretrainConfig`; its `backbone` must be the detector's.
+        cache_dir: where the weights are kept; default ``<digits cache>/../backbones``.
 
-    **Returns** the path of the saved state dict, for ``backbone_weights`` (``--model-arg
-    backbone_weights=PATH``).
+    Returns:
+        The path of the saved state dict, for ``backbone_weights`` (``--model-arg
+        backbone_weights=PATH``).
     """
     config = config or PretrainConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "backbones"

@@ -7,14 +7,15 @@ a benchmark measures is what a user runs. Options given after a recipe override 
 from __future__ import annotations
 
 from .data import DigitsDetectionConfig, build_digits_detection
+from .models import CONFIGS, architecture_of
 from .pretrain import PretrainConfig, pretrain_backbone
 
 __all__ = ["DIGITS_DEMO", "digits_backbone", "digits_recipe"]
 
 # The demo, sized for two CPU cores: 128-pixel inputs, 10 queries (a digits image has at most 6 objects),
 # 16 sampling points per group (the paper has 64; 4 learn to localise far more slowly), 4 images per
-# step, five epochs with the learning rate dropped for the last, and a learning rate for a short run
-# (6e-4, the decoder's as the backbone's). A short DEQ path: 6 no-grad refinement steps in training with
+# step, five epochs with the learning rate dropped for the last, and each detector's learning rate for a
+# short run (its row's ``demo_lr`` in the detector table; 6e-4 for all four), the decoder's as the backbone's. A short DEQ path: 6 no-grad refinement steps in training with
 # RAG branches after steps 1, 3 and 6 (the published recipe: 20 steps, branches after 1, 3, 6, 9, 12, 20)
 # and 6 steps at test. Every epoch is evaluated, for the AP-against-time curve.
 DIGITS_DEMO: tuple[str, ...] = (
@@ -22,7 +23,7 @@ DIGITS_DEMO: tuple[str, ...] = (
     "--model-arg", "train_steps=6", "--model-arg", "supervise_steps=[1,3,6]", "--model-arg", "test_steps=6",
     "--image-size", "128", "--max-size", "192",
     "--batch-size", "4", "--epochs", "5", "--lr-drops", "4", "--warmup-iters", "50",
-    "--lr", "6e-4", "--decoder-lr-mult", "1", "--decoder-wd-mult", "1",
+    "--decoder-lr-mult", "1", "--decoder-wd-mult", "1",
     "--workers", "0", "--eval-every", "1", "--print-freq", "50",
 )  # fmt: skip
 
@@ -42,7 +43,8 @@ def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> li
 
     With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use).
     """
-    args = ["--config", config, *DIGITS_DEMO]
+    demo_lr = architecture_of(CONFIGS[config].arch).demo_lr
+    args = ["--config", config, *DIGITS_DEMO, "--lr", f"{demo_lr:g}"]
     if pretrained:
         args += ["--model-arg", f"backbone_weights={digits_backbone()}"]
     return args

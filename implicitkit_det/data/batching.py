@@ -15,12 +15,12 @@ __all__ = ["DetectionBatch", "collate_detection", "pad_images"]
 class DetectionBatch:
     """A padded batch.
 
-    **Attributes**
-    - `images`: ``[B, 3, H, W]``, each image in the top-left corner, zeros elsewhere; ``H`` and ``W`` are
-      multiples of the collate's ``size_divisor``.
-    - `mask`: ``[B, H, W]`` bool, True on padding.
-    - `targets`: one dict per image (see :func:`~implicitkit_det.data.coco.finalize_target`); each image's
-      real size is ``targets[i]["size"]``.
+    Attributes:
+        images: ``[B, 3, H, W]``, each image in the top-left corner, zeros elsewhere; ``H`` and ``W`` are
+            multiples of the collate's ``size_divisor``.
+        mask: ``[B, H, W]`` bool, True on padding.
+        targets: one dict per image (see :func:`~implicitkit_det.data.coco.finalize_target`); each image's
+            real size is ``targets[i]["size"]``.
     """
 
     images: torch.Tensor
@@ -50,12 +50,13 @@ class DetectionBatch:
 def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``[C, h_i, w_i]`` images into one zero-padded tensor.
 
-    **Arguments**
-    - `images`: tensors of equal channels and dtype, any spatial sizes.
-    - `size_divisor`: the padded ``H`` and ``W`` are the largest ``h_i``, ``w_i`` rounded up to a multiple
-      of this (the coarsest backbone stride, so every feature level aligns).
+    Arguments:
+        images: tensors of equal channels and dtype, any spatial sizes.
+        size_divisor: the padded ``H`` and ``W`` are the largest ``h_i``, ``w_i`` rounded up to a multiple
+            of this (the coarsest backbone stride, so every feature level aligns).
 
-    **Returns** ``(batch [B, C, H, W], mask [B, H, W])`` with ``mask`` True on padding.
+    Returns:
+        ``(batch [B, C, H, W], mask [B, H, W])`` with ``mask`` True on padding.
     """
     if not images:
         raise ValueError("cannot batch an empty list of images")

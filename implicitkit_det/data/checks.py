@@ -28,7 +28,8 @@ class DataError(ValueError):
 def check_splits(train: CocoDetectionDataset | None, val: CocoDetectionDataset) -> None:
     """Refuse an empty validation file, a file without categories, and a training set with nothing to learn.
 
-    **Raises** :class:`DataError`.
+    Raises:
+        :class:`DataError`.
     """
     for split, data in (("validation", val), ("training", train)):
         if data is None:
@@ -74,7 +75,8 @@ def check_images(dataset: CocoDetectionDataset, *, split: str, threads: int = 4)
     Under several processes each checks its share and all learn every problem (all stop together). A
     progress bar runs on rank 0.
 
-    **Raises** :class:`DataError` listing the bad images (the first ten), naming the annotation file.
+    Raises:
+        :class:`DataError` listing the bad images (the first ten), naming the annotation file.
     """
     entries = [dataset.image_entry(i) for i in dataset.ids][get_rank() :: get_world_size()]
     root = Path(dataset.root)

@@ -43,13 +43,15 @@ class CocoFormatError(ValueError):
 def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
     """Read a COCO annotation file, with errors that name the file.
 
-    **Arguments**
-    - `ann_file`: path of an ``instances_*.json`` file.
+    Arguments:
+        ann_file: path of an ``instances_*.json`` file.
 
-    **Returns** the parsed dict, with ``annotations`` defaulting to ``[]`` (image-info-only files).
+    Returns:
+        The parsed dict, with ``annotations`` defaulting to ``[]`` (image-info-only files).
 
-    **Raises** ``FileNotFoundError`` when the file does not exist; :class:`CocoFormatError` when it is not
-    valid JSON or lacks the ``images`` / ``categories`` lists.
+    Raises:
+        ``FileNotFoundError`` when the file does not exist; :class:`CocoFormatError` when it is not
+        valid JSON or lacks the ``images`` / ``categories`` lists.
     """
     path = Path(ann_file)
     if not path.is_file():
@@ -98,23 +100,25 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     (int64 (h, w) before / after the transforms). Without ``transforms`` the image is the decoded uint8
     ``[3, H, W]`` tensor.
 
-    **Arguments**
-    - `root`: folder the images' ``file_name`` entries are relative to.
-    - `ann_file`: the COCO ``instances_*.json`` file.
-    - `transforms`: a transforms-v2 callable taking and returning ``(image, target)``, where the target
-      has ``boxes`` as ``tv_tensors.BoundingBoxes`` and ``labels``; see :mod:`implicitkit_det.data.transforms`.
-    - `remove_empty`: leave out the images without a box to learn from (none annotated, or every box crowd
-      or skipped), as the official training pipeline does. For training sets only: an evaluation must see
-      every image. mmdetection's ``filter_empty_gt`` keeps an image whose only annotations are crowd
-      regions; here it is left out too, since its target would be empty.
+    Arguments:
+        root: folder the images' ``file_name`` entries are relative to.
+        ann_file: the COCO ``instances_*.json`` file.
+        transforms: a transforms-v2 callable taking and returning ``(image, target)``, where the target
+            has ``boxes`` as ``tv_tensors.BoundingBoxes`` and ``labels``; see
+            :mod:`implicitkit_det.data.transforms`.
+        remove_empty: leave out the images without a box to learn from (none annotated, or every box crowd
+            or skipped), as the official training pipeline does. For training sets only: an evaluation must
+            see
+            every image. mmdetection's ``filter_empty_gt`` keeps an image whose only annotations are crowd
+            regions; here it is left out too, since its target would be empty.
 
-    **Attributes**
-    - `coco`: a ``pycocotools`` ``COCO`` index of the file minus the skipped annotations (what the
-      evaluator scores against); crowd annotations are kept there, as COCO evaluation expects.
-    - `skipped`: counts ``{"degenerate", "outside_image"}`` of annotations dropped, and ``crowd`` of crowd
-      regions left out of the training targets.
-    - `category_ids`, `category_names`: per contiguous label.
-    - `removed_empty`: the number of images `remove_empty` left out (0 without it).
+    Attributes:
+        coco: a ``pycocotools`` ``COCO`` index of the file minus the skipped annotations (what the
+            evaluator scores against); crowd annotations are kept there, as COCO evaluation expects.
+        skipped: counts ``{"degenerate", "outside_image"}`` of annotations dropped, and ``crowd`` of crowd
+            regions left out of the training targets.
+        category_ids, category_names: per contiguous label.
+        removed_empty: the number of images `remove_empty` left out (0 without it).
     """
 
     def __init__(
@@ -328,13 +332,14 @@ def finalize_target(
 ) -> dict[str, Any]:
     """Turn a transformed target into the plain-tensor dict the matcher and criterion read.
 
-    **Arguments**
-    - `image`: the transformed image ``[3, h, w]``.
-    - `target`: a dict with ``boxes`` (``BoundingBoxes``, xyxy), ``labels`` and ``image_id``.
-    - `orig_size`: ``(H, W)`` of the image as stored.
+    Arguments:
+        image: the transformed image ``[3, h, w]``.
+        target: a dict with ``boxes`` (``BoundingBoxes``, xyxy), ``labels`` and ``image_id``.
+        orig_size: ``(H, W)`` of the image as stored.
 
-    **Returns** ``{boxes, boxes_normalized, labels, image_id, orig_size, size}`` with
-    ``boxes_normalized = boxes / (w, h, w, h)``, boxes clipped to the ``(h, w)`` image.
+    Returns:
+        ``{boxes, boxes_normalized, labels, image_id, orig_size, size}`` with
+        ``boxes_normalized = boxes / (w, h, w, h)``, boxes clipped to the ``(h, w)`` image.
     """
     h, w = image.shape[-2:]
     boxes = torchvision.ops.clip_boxes_to_image(target["boxes"].as_subclass(torch.Tensor).float(), (h, w))

@@ -59,15 +59,15 @@ _CACHE_ENV = "IMPLICITKIT_CACHE"
 class DigitsDetectionConfig:
     """Every parameter of the bundled set; all of them enter the cache fingerprint.
 
-    **Attributes**
-    - `seed`: the one seed everything is drawn from.
-    - `num_train`, `num_val`: images per split.
-    - `image_size`: (min, max) of each canvas side, drawn independently for height and width.
-    - `objects_per_image`: (min, max) glyphs per image (fewer if a crowded canvas has no room left).
-    - `glyph_size`: (min, max) glyph side in pixels, drawn log-uniformly so small glyphs are common.
-    - `val_fraction`: share of each class's glyphs reserved for the val split.
-    - `clutter_per_image`: (min, max) clutter items per image.
-    - `noise_std`: standard deviation of the pixel noise, in 0..255 units.
+    Attributes:
+        seed: the one seed everything is drawn from.
+        num_train, num_val: images per split.
+        image_size: (min, max) of each canvas side, drawn independently for height and width.
+        objects_per_image: (min, max) glyphs per image (fewer if a crowded canvas has no room left).
+        glyph_size: (min, max) glyph side in pixels, drawn log-uniformly so small glyphs are common.
+        val_fraction: share of each class's glyphs reserved for the val split.
+        clutter_per_image: (min, max) clutter items per image.
+        noise_std: standard deviation of the pixel noise, in 0..255 units.
     """
 
     seed: int = 0
@@ -130,11 +130,12 @@ def build_digits_detection(
 ) -> DigitsDetectionFiles:
     """Build the bundled set once (or find it already built) and return where its files are.
 
-    **Arguments**
-    - `config`: the set's parameters; the defaults give 1000 train / 200 val images of 128-192 px.
-    - `cache_dir`: the folder holding built sets; default :func:`default_cache_dir`.
+    Arguments:
+        config: the set's parameters; the defaults give 1000 train / 200 val images of 128-192 px.
+        cache_dir: the folder holding built sets; default :func:`default_cache_dir`.
 
-    **Returns** the :class:`DigitsDetectionFiles` of ``cache_dir/v{version}-seed{seed}-{fingerprint}``.
+    Returns:
+        The :class:`DigitsDetectionFiles` of ``cache_dir/v{version}-seed{seed}-{fingerprint}``.
     """
     config = config or DigitsDetectionConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -18,11 +18,12 @@ def aspect_ratio_groups(aspect_ratios: Sequence[float], bins: Sequence[float] = 
     official DEQDet and AdaMixer runs): tall or square images (``w / h <= 1``) in group 0, wide ones in
     group 1. More edges give finer groups, e.g. ``(0.5, 0.75, 1.0, 1.33, 2.0)``.
 
-    **Arguments**
-    - `aspect_ratios`: ``width / height`` per image.
-    - `bins`: increasing edges.
+    Arguments:
+        aspect_ratios: ``width / height`` per image.
+        bins: increasing edges.
 
-    **Returns** one group id in ``0 .. len(bins)`` per image.
+    Returns:
+        One group id in ``0 .. len(bins)`` per image.
     """
     edges = list(bins)
     if edges != sorted(edges):
@@ -43,10 +44,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
     The order depends only on the sampler's: with a ``DistributedSampler``, on ``(seed, epoch)``; call
     :meth:`set_epoch` (forwarded to the sampler) before each epoch.
 
-    **Arguments**
-    - `sampler`: yields dataset indices (e.g. :func:`~implicitkit_det.engine.process_group.build_sampler`).
-    - `group_ids`: the group of every dataset index (:func:`aspect_ratio_groups`).
-    - `batch_size`: images per batch.
+    Arguments:
+        sampler: yields dataset indices (e.g. :func:`~implicitkit_det.engine.process_group.build_sampler`).
+        group_ids: the group of every dataset index (:func:`aspect_ratio_groups`).
+        batch_size: images per batch.
     """
 
     def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int) -> None:

@@ -36,9 +36,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class EpochBatches(Sampler[list[tuple[int, int]]]):
     """The batches of one epoch of `batch_sampler`, each index paired with its :func:`sample_seed`.
 
-    **Arguments**
-    - `batch_sampler`: yields lists of dataset indices; its ``set_epoch`` (or its sampler's) reshuffles.
-    - `seed`: the run's seed.
+    Arguments:
+        batch_sampler: yields lists of dataset indices; its ``set_epoch`` (or its sampler's) reshuffles.
+        seed: the run's seed.
 
     Call :meth:`set_epoch` before each epoch.
     """

@@ -43,8 +43,8 @@ class RandomSizeCrop(v2.Transform):
     that fit. Boxes are moved and clamped with the image; follow with ``SanitizeBoundingBoxes`` to drop
     those left empty.
 
-    **Arguments**
-    - `min_size`, `max_size`: bounds on the crop's sides in pixels.
+    Arguments:
+        min_size, max_size: bounds on the crop's sides in pixels.
     """
 
     def __init__(self, min_size: int, max_size: int) -> None:
@@ -96,17 +96,18 @@ def make_train_transforms(
 ) -> v2.Compose:
     """The training pipeline: flip, resize by the shorter side (optionally with the crop branch), normalise.
 
-    **Arguments**
-    - `scales`: shorter-side sizes, one drawn per sample (``(800,)`` for the 1x schedule;
-      :data:`MULTI_SCALES` for the multi-scale recipe).
-    - `max_size`: cap on the longer side after resizing (``None``: no cap).
-    - `crop`: add the crop branch: with probability `crop_prob`, resize to one of `crop_scales`, crop a
-      random region with sides in `crop_size`, then resize by `scales` as usual.
-    - `hflip_prob`: probability of a horizontal flip.
-    - `mean`, `std`: per-channel normalisation of the ``[0, 1]`` image.
+    Arguments:
+        scales: shorter-side sizes, one drawn per sample (``(800,)`` for the 1x schedule;
+            :data:`MULTI_SCALES` for the multi-scale recipe).
+        max_size: cap on the longer side after resizing (``None``: no cap).
+        crop: add the crop branch: with probability `crop_prob`, resize to one of `crop_scales`, crop a
+            random region with sides in `crop_size`, then resize by `scales` as usual.
+        hflip_prob: probability of a horizontal flip.
+        mean, std: per-channel normalisation of the ``[0, 1]`` image.
 
-    **Returns** a ``v2.Compose`` mapping ``(image, target)`` to ``(normalised float image, target)``; boxes
-    that end up smaller than one pixel are removed with their labels.
+    Returns:
+        A ``v2.Compose`` mapping ``(image, target)`` to ``(normalised float image, target)``; boxes
+        that end up smaller than one pixel are removed with their labels.
     """
     resize = v2.RandomShortestSize(list(scales), max_size=max_size)
     geometric: v2.Transform = resize

@@ -180,13 +180,14 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Read a checkpoint and load it into whichever of the objects are given.
 
-    **Arguments**
-    - `checkpoint`: a file written by :func:`save_checkpoint`, or the dict :func:`read_checkpoint` read.
-    - `model`, `optimizer`, `scheduler`, `scaler`: loaded in place when given (the model may be wrapped
-      in DDP). The model must match exactly (``strict=True``).
-    - `restore_rng`: also restore the random generators (a list of states: this process's rank's).
+    Arguments:
+        checkpoint: a file written by :func:`save_checkpoint`, or the dict :func:`read_checkpoint` read.
+        model, optimizer, scheduler, scaler: loaded in place when given (the model may be wrapped
+            in DDP). The model must match exactly (``strict=True``).
+        restore_rng: also restore the random generators (a list of states: this process's rank's).
 
-    **Returns** the whole dict (``epoch``, ``config``, ``args``, ...).
+    Returns:
+        The whole dict (``epoch``, ``config``, ``args``, ...).
     """
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     if model is not None:

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ..collectives import broadcast_object, is_dist, is_main_process
 from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
+from ..models.detector import QueryDetector
+from .process_group import unwrap
 from .progress import progress_bar
 from .train import autocast
 
@@ -75,25 +77,27 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the model on the loader's images with COCO's protocol.
 
-    **Arguments**
-    - `model`: the detector (plain or in DDP); set to evaluation mode here.
-    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
-      ``orig_size`` in the targets. Under several processes each sees its share (a
-      ``DistributedSampler``); the evaluator gathers and de-duplicates.
-    - `evaluator`: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
-    - `label_to_category_id`: the dataset's map from contiguous labels to the file's category ids.
-    - `boxes_in`: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
-      here) or already in the stored image's (``"original"``).
-    - `amp`: run the model under :func:`~implicitkit_det.engine.train.autocast`.
-    - `max_iters`: stop after this many batches; only the images seen are then scored.
-    - `verbose`: print the COCO table on rank 0.
-    - `progress`: a progress bar on rank 0 (:func:`~implicitkit_det.engine.progress.progress_bar`).
-    - `should_stop`: checked before each batch; when it returns true, :class:`EvaluationStopped` is raised.
+    Arguments:
+        model: the detector (plain or in DDP); set to evaluation mode here.
+        loader: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
+            ``orig_size`` in the targets. Under several processes each sees its share (a
+            ``DistributedSampler``); the evaluator gathers and de-duplicates.
+        evaluator: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
+        label_to_category_id: the dataset's map from contiguous labels to the file's category ids.
+        boxes_in: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
+            here) or already in the stored image's (``"original"``).
+        amp: run the model under :func:`~implicitkit_det.engine.train.autocast`.
+        max_iters: stop after this many batches; only the images seen are then scored.
+        verbose: print the COCO table on rank 0.
+        progress: a progress bar on rank 0 (:func:`~implicitkit_det.engine.progress.progress_bar`).
+        should_stop: checked before each batch; when it returns true, :class:`EvaluationStopped` is raised.
 
-    **Returns** the 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, ``images``
-    (the distinct images scored, over all processes) and ``time_s``. For a model that reports its refinement steps per
-    image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
-    per image over all processes (each process's repeated padding images included).
+    Returns:
+        The 12 COCO stats by name (``AP``, ``AP50``, ..., ``ARl``), ``per_class_AP``, ``images``
+        (the distinct images scored, over all processes) and ``time_s``. For a model that reports its
+        refinement steps per
+        image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
+        per image over all processes (each process's repeated padding images included).
     """
     model.eval()
     evaluator.reset()
@@ -138,8 +142,8 @@ def evaluate(
 
 def _reported_steps(model: nn.Module) -> Tensor:
     """``(sum, count)`` of the per-image steps the model kept from its last forward, or zeros."""
-    inner = model.module if hasattr(model, "module") else model
-    last = getattr(inner, "last_steps", None)
+    inner = unwrap(model)
+    last = inner.last_steps if isinstance(inner, QueryDetector) else None
     if last is None:
         return torch.zeros(2, dtype=torch.float64)
     inner.last_steps = None  # each batch is counted once

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..models.detector import QueryDetector
+from ..models.registry import ARCHITECTURES, RECIPES, OptimizerRecipe
 from .process_group import unwrap
 
 __all__ = [
@@ -60,22 +62,23 @@ def param_groups(
 ) -> list[dict]:
     """Split the trainable parameters into AdamW groups.
 
-    **Arguments**
-    - `model`: the model; parameters with ``requires_grad=False`` (frozen backbone stages) are left out.
-    - `lr`, `weight_decay`: the base values.
-    - `decoder_lr_mult`, `decoder_wd_mult`: multipliers for the parameters `is_decoder` selects.
-    - `no_decay_norm_bias`: exempt biases and normalisation-layer parameters from weight decay. Off by
-      default, as in the reference recipe, which decays every parameter.
-    - `is_decoder`: decides from a parameter's name whether it is a decoder parameter; used only when the
-      model has no ``parameter_groups()`` method (the detectors' own split, whose ``"decoder"`` entry is
-      every decoder layer, not the backbone, neck or learned queries).
+    Arguments:
+        model: the model; parameters with ``requires_grad=False`` (frozen backbone stages) are left out.
+        lr, weight_decay: the base values.
+        decoder_lr_mult, decoder_wd_mult: multipliers for the parameters `is_decoder` selects.
+        no_decay_norm_bias: exempt biases and normalisation-layer parameters from weight decay. Off by
+            default, as in the reference recipe, which decays every parameter.
+        is_decoder: decides from a parameter's name whether it is a decoder parameter; used only when the
+            model has no ``parameter_groups()`` method (the detectors' own split, whose ``"decoder"`` entry is
+            every decoder layer, not the backbone, neck or learned queries).
 
-    **Returns** up to four groups (``backbone``/``decoder`` x decay/no-decay), each a dict with
-    ``params``, ``lr``, ``weight_decay`` and a ``name`` for logs; empty groups are dropped.
+    Returns:
+        Up to four groups (``backbone``/``decoder`` x decay/no-decay), each a dict with
+        ``params``, ``lr``, ``weight_decay`` and a ``name`` for logs; empty groups are dropped.
     """
     decoder_ids: set[int] | None = None
     inner = unwrap(model)
-    if hasattr(inner, "parameter_groups"):  # the detectors say which parameters form their decoder
+    if isinstance(inner, QueryDetector):  # the detectors say which parameters form their decoder
         decoder_ids = {id(p) for p in inner.parameter_groups()["decoder"]}
     no_decay: set[int] = set()
     if no_decay_norm_bias:
@@ -120,59 +123,26 @@ def build_optimizer(
     return adamw(param_groups(model, lr=lr, weight_decay=weight_decay, **kwargs), lr=lr)
 
 
-@dataclass(frozen=True)
-class OptimizerRecipe:
-    """The AdamW settings a detector family was published with (the arguments of :func:`param_groups`).
-
-    **Attributes**
-    - `lr`, `weight_decay`: the base values.
-    - `decoder_lr_mult`, `decoder_wd_mult`: multipliers for the decoder's parameters.
-    - `clip_max_norm`: gradient clipping threshold (total 2-norm).
-    """
-
-    lr: float = 2.5e-5
-    weight_decay: float = 0.01
-    decoder_lr_mult: float = 4.0
-    decoder_wd_mult: float = 10.0
-    clip_max_norm: float = 1.0
-
-
-# AdaMixer's and Sparse R-CNN's published configurations: one learning rate and weight decay for all.
-_UNIFORM_RECIPE = OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decoder_wd_mult=1.0)
-_SPARSE_RCNN_RECIPE = _UNIFORM_RECIPE
-
-#: The recipe of each ``ModelConfig.arch``. AdaMixer runs with its own published settings (weight decay
-#: 1e-4, no decoder multipliers); to train it with DEQDet's instead (e.g. for a like-for-like comparison),
-#: pass ``--weight-decay 0.01 --decoder-lr-mult 4 --decoder-wd-mult 10``. The DEQ Sparse R-CNN head ships
-#: no configuration of its own and takes Sparse R-CNN's.
-RECIPES: dict[str, OptimizerRecipe] = {
-    "deqdet": OptimizerRecipe(),
-    "adamixer": _UNIFORM_RECIPE,
-    "sparse_rcnn": _SPARSE_RCNN_RECIPE,
-    "deq_sparse_rcnn": _SPARSE_RCNN_RECIPE,
-}
-
-
 def recipe_for(arch: str) -> OptimizerRecipe:
-    """The :class:`OptimizerRecipe` of a model architecture (a key of :data:`RECIPES`)."""
-    if arch not in RECIPES:
+    """The :class:`OptimizerRecipe` of a model architecture (its row of the detector table)."""
+    if arch not in ARCHITECTURES:
         raise KeyError(
-            f"no optimiser recipe for arch {arch!r}; add one to RECIPES (known: {sorted(RECIPES)})"
+            f"no optimiser recipe for arch {arch!r}; register the detector (known: {sorted(ARCHITECTURES)})"
         )
-    return RECIPES[arch]
+    return ARCHITECTURES[arch].recipe
 
 
 @dataclass(frozen=True)
 class Schedule:
     """A warm-up + step schedule, in epochs.
 
-    **Attributes**
-    - `epochs`: length of training.
-    - `drops`: epochs at whose start the learning rate is multiplied by `gamma` (so with ``(8, 11)``
-      epochs 0-7 run at the full rate, 8-10 at 0.1x, 11 at 0.01x).
-    - `gamma`: the factor of each drop.
-    - `warmup_iters`: iterations of linear warm-up, from `warmup_start` times the rate to the full rate.
-    - `warmup_start`: the factor at iteration 0.
+    Attributes:
+        epochs: length of training.
+        drops: epochs at whose start the learning rate is multiplied by `gamma` (so with ``(8, 11)``
+            epochs 0-7 run at the full rate, 8-10 at 0.1x, 11 at 0.01x).
+        gamma: the factor of each drop.
+        warmup_iters: iterations of linear warm-up, from `warmup_start` times the rate to the full rate.
+        warmup_start: the factor at iteration 0.
     """
 
     epochs: int

@@ -35,11 +35,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class Detector:
     """A trained detector with what it needs to run on raw images.
 
-    **Attributes**
-    - `model`: the detector, in evaluation mode.
-    - `image_size`, `max_size`: the evaluation resize (shorter side, longer side at most).
-    - `class_names`: one name per label, or ``None`` when the checkpoint has none.
-    - `device`: where the model runs.
+    Attributes:
+        model: the detector, in evaluation mode.
+        image_size, max_size: the evaluation resize (shorter side, longer side at most).
+        class_names: one name per label, or ``None`` when the checkpoint has none.
+        device: where the model runs.
     """
 
     model: nn.Module
@@ -58,11 +58,11 @@ def load_detector(
 ) -> Detector:
     """Build the model a checkpoint was trained with, load its weights, and read its input size.
 
-    **Arguments**
-    - `checkpoint`: a checkpoint written by a training run (``checkpoint_last.pth``, ``checkpoint_best.pth``),
-      or its run folder.
-    - `device`: where to run it.
-    - `image_size`, `max_size`: the evaluation resize; default the training run's.
+    Arguments:
+        checkpoint: a checkpoint written by a training run (``checkpoint_last.pth``, ``checkpoint_best.pth``),
+            or its run folder.
+        device: where to run it.
+        image_size, max_size: the evaluation resize; default the training run's.
     """
     state = read_checkpoint(checkpoint)
     config = state.get("config") or {}
@@ -183,7 +183,8 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """Run a checkpoint on image files or folders and write one PNG per image with its detections drawn.
 
-    **Returns** per image: ``{"image", "output", "detections"}`` (the drawn file and the kept detections).
+    Returns:
+        Per image: ``{"image", "output", "detections"}`` (the drawn file and the kept detections).
     """
     detector = load_detector(checkpoint, device=device)
     out_dir = Path(out_dir)
@@ -214,11 +215,11 @@ def save_prediction_grid(
     With ``score_threshold=None`` each image shows its ``n`` highest-scoring detections, ``n`` the number of
     objects in it, whatever their scores (a young model's focal scores are low); else those above it.
 
-    **Arguments**
-    - `detector`: what :func:`load_detector` returns, or a :class:`Detector` around a model in memory.
-    - `coco_gt`: the set's COCO object (``dataset.coco``): image files, boxes and category ids.
-    - `image_dir`: the folder of the image files.
-    - `path`: the PNG to write.
+    Arguments:
+        detector: what :func:`load_detector` returns, or a :class:`Detector` around a model in memory.
+        coco_gt: the set's COCO object (``dataset.coco``): image files, boxes and category ids.
+        image_dir: the folder of the image files.
+        path: the PNG to write.
     """
     category_ids = sorted(coco_gt.cats)
     panels = []

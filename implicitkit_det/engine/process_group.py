@@ -46,12 +46,13 @@ def _env_int(name: str) -> int:
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes, or stay single-process.
 
-    **Arguments**
-    - `device`: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available). Under ``torchrun`` each process
-      takes GPU ``LOCAL_RANK``.
+    Arguments:
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available). Under ``torchrun`` each process
+            takes GPU ``LOCAL_RANK``.
 
-    **Returns** a :class:`DistInfo`. The backend is NCCL for CUDA and gloo for the CPU. A ``WORLD_SIZE``
-    of 1 (``torchrun --nproc_per_node=1``) still forms a group, so the code path matches a larger run.
+    Returns:
+        A :class:`DistInfo`. The backend is NCCL for CUDA and gloo for the CPU. A ``WORLD_SIZE``
+        of 1 (``torchrun --nproc_per_node=1``) still forms a group, so the code path matches a larger run.
     """
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind.startswith("cuda") and not torch.cuda.is_available():

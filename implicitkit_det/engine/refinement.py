@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,6 +13,7 @@ from torch import nn
 
 from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
+from ..models.detector import QueryDetector
 from .evaluate import rescale_to_original
 from .process_group import unwrap
 
@@ -27,30 +27,23 @@ __all__ = [
 
 
 def refinement_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """The layers a detector applies at test, one per refinement step, without end.
-
-    A DEQ detector (:class:`~implicitkit_det.models.DEQDet`, :class:`~implicitkit_det.models.DEQSparseRCNN`):
-    ``G``, then ``F`` again and again. A stack of stages (:class:`~implicitkit_det.models.AdaMixer`,
-    :class:`~implicitkit_det.models.SparseRCNN`): its stages in order, then its last stage again, the only
-    way an explicit stack can run past its depth.
-    """
-    if all(hasattr(model, name) for name in ("init_layer", "refine_layer")):
-        return itertools.chain([model.init_layer], itertools.repeat(model.refine_layer))
-    if isinstance(getattr(model, "stages", None), nn.ModuleList) and len(model.stages):
-        return itertools.chain(model.stages, itertools.repeat(model.stages[-1]))
-    raise TypeError(
-        f"the refinement curve needs a DEQ detector (init layer G, refinement layer F) or a stack of decoder "
-        f"stages (AdaMixer, Sparse R-CNN); got {type(model).__name__}"
-    )
+    """The layers a detector (plain or in DDP) applies at test, one per refinement step, without end:
+    :meth:`~implicitkit_det.models.QueryDetector.refinement_layers`. A DEQ detector: ``G``, then ``F`` again
+    and again; a stack of stages: its stages in order, then its last stage again."""
+    model = unwrap(model)
+    if not isinstance(model, QueryDetector):
+        raise TypeError(
+            f"the refinement curve needs a QueryDetector: a DEQ detector (init layer G, refinement layer F) or "
+            f"a stack of decoder stages (AdaMixer, Sparse R-CNN); got {type(model).__name__}"
+        )
+    return model.refinement_layers()
 
 
 def training_depth(model: nn.Module) -> int | None:
-    """The step of :func:`refinement_layers` a detector was trained to: a DEQ's no-grad training steps, a
-    stack's last stage; None when the model says neither."""
-    if hasattr(model, "train_steps"):
-        return model.train_steps
-    stages = getattr(model, "stages", None)
-    return len(stages) - 1 if isinstance(stages, nn.ModuleList) else None
+    """The step of :func:`refinement_layers` a detector was trained to (a DEQ's no-grad training steps, a
+    stack's last stage); None when the model says neither."""
+    model = unwrap(model)
+    return model.training_depth if isinstance(model, QueryDetector) else None
 
 
 @torch.no_grad()
@@ -70,14 +63,15 @@ def refinement_curve(
     through the backbone and ``max_steps + 1`` layers once; the prediction after every layer is scored by
     its own evaluator, so the whole curve costs one evaluation at ``max_steps``.
 
-    **Arguments**
-    - `model`: the detector, plain or in DDP.
-    - `loader`: yields evaluation batches with ``image_id``, ``size`` and ``orig_size`` in the targets.
-    - `coco_gt`: the ground truth (``dataset.coco``).
-    - `max_steps`: the last step scored; beyond the training depth shows whether AP holds.
-    - `label_to_category_id`: the dataset's map from labels to category ids.
+    Arguments:
+        model: the detector, plain or in DDP.
+        loader: yields evaluation batches with ``image_id``, ``size`` and ``orig_size`` in the targets.
+        coco_gt: the ground truth (``dataset.coco``).
+        max_steps: the last step scored; beyond the training depth shows whether AP holds.
+        label_to_category_id: the dataset's map from labels to category ids.
 
-    **Returns** one dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
+    Returns:
+        One dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
     """
     model = unwrap(model).eval()
     refinement_layers(model)  # the model's kind is checked before any work

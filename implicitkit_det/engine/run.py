@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm import tqdm
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
 from ..evaluation import CocoEvaluator
+from ..models.detector import QueryDetector
 from .checkpoint import (
     BEST,
     LAST,
@@ -41,7 +43,7 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
-from .progress import StepLog, plot_training_curves, progress_bar
+from .progress import RunPosition, StepLog, evaluation_banner, plot_training_curves, training_banner
 from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError
 from .run_setup import (
@@ -54,7 +56,7 @@ from .run_setup import (
     say,
     seed_everything,
 )
-from .train import EpochMeter, headline, make_grad_scaler, progress_line, train_step
+from .train import EpochMeter, StepResult, headline, make_grad_scaler, train_one_epoch
 
 __all__ = ["evaluate_checkpoint", "fit", "model_record"]
 
@@ -80,38 +82,9 @@ def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
     }
 
 
-def _summary_lines(items: dict[str, Any]) -> str:
-    width = max(len(k) for k in items)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items.items())
-
-
-def _common_summary(cfg: RunConfig, data: RunData, model: nn.Module, info: DistInfo) -> dict[str, Any]:
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inner = unwrap(model)
-    out = {
-        "config": f"{cfg.config} {dict(cfg.overrides) or ''}".strip(),
-        "parameters": f"{n_params / 1e6:.2f} M ({n_trainable / 1e6:.2f} M trainable)",
-        "data": f"{'bundled digits set' if data.paths.digits else 'COCO-format'}: {data.paths.val_ann.parent.parent}",
-        "classes": data.val.num_classes,
-        "input size": f"shorter side {cfg.image_size}, longer side at most {cfg.max_size}",
-        "val images": f"{len(data.val)} (batch {cfg.eval_batch_size or (cfg.batch_size if data.paths.digits else 1)})",
-        "workers": cfg.workers,
-        "device": f"{info.device} x {info.world_size} process(es)",
-        "amp": cfg.amp,
-        "seed": cfg.seed,
-        "output": cfg.output_dir,
-    }
-    if hasattr(inner, "test_steps"):
-        tol = getattr(inner, "test_tol", None)
-        exit_rule = f", early exit at tol {tol} ({inner.test_solver})" if tol is not None else ""
-        out["test steps"] = f"{inner.test_steps}{exit_rule}"
-    return out
-
-
 def _test_settings(model: nn.Module) -> dict[str, Any]:
     inner = unwrap(model)
-    return {k: getattr(inner, k) for k in ("test_steps", "test_tol", "test_solver") if hasattr(inner, k)}
+    return dict(inner.test_settings) if isinstance(inner, QueryDetector) else {}
 
 
 def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -144,8 +117,9 @@ def _evaluate(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo, e
 def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     """Evaluate the checkpoint `cfg.resumed_from` on the validation split (``--eval-only``).
 
-    **Returns** the COCO stats (with ``images``: the distinct images scored over all processes, and the
-    test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
+    Returns:
+        The COCO stats (with ``images``: the distinct images scored over all processes, and the
+        test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
     """
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
@@ -153,8 +127,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     data = load_data(cfg, train=False)
     model = build_run_model(cfg, data.val.num_classes, info.device)
     load_checkpoint(checkpoint, model=model)
-    summary = {**_common_summary(cfg, data, model, info), "checkpoint": cfg.resumed_from}
-    say("evaluation only\n" + _summary_lines(summary))
+    say(evaluation_banner(cfg, data, model, info))
     stats = _evaluate(cfg, model, data, info, checkpoint["epoch"])
     _write_jsonl(cfg.output_dir / "metrics.jsonl", {"epoch": checkpoint["epoch"], "eval": stats})
     _pictures(cfg, model, data, info)
@@ -165,8 +138,11 @@ def fit(cfg: RunConfig, *, checkpoint: dict[str, Any] | None = None) -> dict[str
     """Train (and evaluate every ``eval_every`` epochs) as `cfg` says, or continue the run it resumes
     (`checkpoint`: the ``resumed_from`` checkpoint when the caller has read it already).
 
-    **Returns** the last evaluation's stats (``{}`` if none ran). **Raises**
-    :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
+    Returns:
+        The last evaluation's stats (``{}`` if none ran).
+
+    Raises:
+        :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
     """
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
@@ -195,7 +171,7 @@ class _Trainer:
             decoder_wd_mult=cfg.decoder_wd_mult, no_decay_norm_bias=cfg.no_decay_norm_bias,
         )  # fmt: skip
         self.optimizer = adamw(self.groups, lr=cfg.lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule_obj(), self.iters_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule(), self.iters_per_epoch)
         self.base_lrs = list(self.scheduler.base_lrs)
         self.scaler = make_grad_scaler(info.device, cfg.amp)
         self.model = wrap_ddp(model, info, find_unused_parameters=cfg.find_unused_parameters)
@@ -218,7 +194,7 @@ class _Trainer:
             scaler=self.scaler,
         )
         if {"lr", "epochs", "drops", "warmup_iters"} & set(self.cfg.changed):
-            retarget_scheduler(self.scheduler, self.cfg.schedule_obj(), self.iters_per_epoch, self.base_lrs)
+            retarget_scheduler(self.scheduler, self.cfg.lr_schedule(), self.iters_per_epoch, self.base_lrs)
         progress = checkpoint.get("progress") or {
             "epoch": checkpoint["epoch"],
             "iteration": self.iters_per_epoch,
@@ -246,45 +222,13 @@ class _Trainer:
 
     def announce(self) -> None:
         """Print the settings in force and write ``config.json``."""
-        cfg, train = self.cfg, self.data.train
-        assert train is not None
-        summary = _common_summary(cfg, self.data, self.model, self.info)
-        schedule = cfg.schedule_obj()
-        summary.update(
-            {
-                "train images": f"{len(train)} ({self.iters_per_epoch} iterations/epoch, batch {cfg.batch_size} x "
-                f"{self.info.world_size}{'' if cfg.no_aspect_grouping else ', grouped by aspect ratio'}; "
-                f"{train.removed_empty} without boxes left out)",
-                "schedule": f"{cfg.schedule}: {schedule.epochs} epochs, lr x{schedule.gamma} at epochs "
-                f"{list(schedule.drops)}, {schedule.warmup_iters} warm-up iterations",
-                "optimizer": "AdamW: "
-                + ", ".join(
-                    f"{g['name']} lr {lr:.3g} wd {g['weight_decay']:.3g}"
-                    for g, lr in zip(self.groups, self.base_lrs, strict=True)
-                ),
-                "clip": cfg.clip_max_norm or "off",
-                "backward": "one graph" if cfg.one_graph_backward else "branch-wise",
-                "evaluation": f"every {cfg.eval_every} epoch(s) and after the last",
-                "checkpoints": f"{LAST} every epoch"
-                + (f" and every {cfg.checkpoint_every} iterations" if cfg.checkpoint_every else "")
-                + f", {BEST} by AP"
-                + (f", checkpoint_epoch<N>.pth every {cfg.keep_every} epochs" if cfg.keep_every else ""),
-                "image check": "skipped (--skip-image-check)"
-                if cfg.skip_image_check
-                else "every image opened before training",
-            }
-        )
-        if cfg.resumed_from is not None:
-            where = f"epoch {self.epoch}, iteration {self.iteration}/{self.iters_per_epoch}"
-            summary["resumed"] = f"{cfg.resumed_from} ({where})"
-        if cfg.changed:
-            summary["changed on resume"] = ", ".join(
-                f"{k} {old} -> {new}" for k, (old, new) in cfg.changed.items()
-            )
-        say("training\n" + _summary_lines(summary))
+        say(training_banner(self.cfg, self.data, self.model, self.info, self._position()))
         if is_main_process():
             config = {"model": self.record, "args": self.cfg.to_dict()}
-            (cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+            (self.cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    def _position(self) -> RunPosition:
+        return RunPosition(self.groups, self.base_lrs, self.iters_per_epoch, self.epoch, self.iteration)
 
     # ----------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -304,45 +248,33 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> None:
         self.epoch, self.closed = epoch, False
         self.loader.batch_sampler.set_epoch(epoch, start=self.iteration, stop=self.iters_per_epoch)  # type: ignore[union-attr]
-        self.model.train()
-        bar = progress_bar(self.iters_per_epoch, f"epoch {epoch}", initial=self.iteration)
-        start = time.perf_counter() - self.meter.time_s
-        for i, batch in enumerate(self.loader, start=self.iteration):
-            result = train_step(
-                self.model, batch, self.optimizer, device=self.info.device, epoch=epoch, iteration=i,
-                scheduler=self.scheduler, amp=self.cfg.amp, scaler=self.scaler, clip_max_norm=self.cfg.clip_max_norm,
-                branchwise=not self.cfg.one_graph_backward, stop_vote=self.stop.requested,
-            )  # fmt: skip
-            self.meter.add(result)
-            self.meter.time_s, self.iteration = time.perf_counter() - start, i + 1
-            self._show_step(bar, epoch, i, result)
-            if result.stop:
-                bar.close()
-                self._interrupted(self._save())
-            step = epoch * self.iters_per_epoch + i + 1
-            if (
-                self.cfg.checkpoint_every
-                and step % self.cfg.checkpoint_every == 0
-                and i + 1 < self.iters_per_epoch
-            ):
-                path = self._save()
-                if is_main_process():
-                    bar.write(f"checkpoint at epoch {epoch} iteration {i + 1}: {path}")
-            self.stop.after_iteration(epoch, i, self.info.rank)
-        bar.close()
+        train_one_epoch(
+            self.model, self.loader, self.optimizer, device=self.info.device, epoch=epoch,
+            scheduler=self.scheduler, amp=self.cfg.amp, scaler=self.scaler, clip_max_norm=self.cfg.clip_max_norm,
+            max_iters=self.iters_per_epoch, print_freq=self.cfg.print_freq, log=tqdm.write,
+            branchwise=not self.cfg.one_graph_backward, start=self.iteration, meter=self.meter,
+            stop_vote=self._stop_asked, on_step=self._after_step, progress=True,
+        )  # fmt: skip
 
-    def _show_step(self, bar: Any, epoch: int, i: int, result: Any) -> None:
+    def _after_step(self, i: int, result: StepResult) -> None:
+        """The run's work after iteration `i`: the step log, the mid-epoch checkpoint, a requested stop."""
+        epoch, self.iteration = self.epoch, i + 1
         lr = self.optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
-        bar.update(1)
-        freq = self.cfg.print_freq
-        if is_main_process() and freq and (i % freq == 0 or i + 1 == self.iters_per_epoch):
-            bar.write(
-                progress_line(epoch, i, self.iters_per_epoch, self.optimizer, result, self.meter.time_s)
-            )
         self.steps.write(
             {"epoch": epoch, "iteration": i, "lr": lr, "grad_norm": result.grad_norm, **result.losses}
         )
+        if result.stop:
+            self._interrupted(self._save())
+        step = epoch * self.iters_per_epoch + i + 1
+        if (
+            self.cfg.checkpoint_every
+            and step % self.cfg.checkpoint_every == 0
+            and i + 1 < self.iters_per_epoch
+        ):
+            path = self._save()
+            if is_main_process():
+                tqdm.write(f"checkpoint at epoch {epoch} iteration {i + 1}: {path}")
+        self.stop.after_iteration(epoch, i, self.info.rank)
 
     def _end_epoch(self, epoch: int, *, resumed: bool = False) -> None:
         """The epoch's summary, checkpoint, evaluation (when due) and metrics record, in an order that

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import CONFIGS
+from ..models import ARCHITECTURES, CONFIGS, architecture_of
 from ..models.configs import parse_model_args
 from .optim import SCHEDULES, Schedule, parse_drops, recipe_for
 
@@ -122,10 +122,9 @@ class RunConfig:
     @property
     def on_digits(self) -> bool:
         """Whether the run uses the bundled digits set (no data option given)."""
-        paths = (self.data_root, self.train_ann, self.val_ann, self.train_images, self.val_images)
-        return all(p is None for p in paths)
+        return uses_digits({k: getattr(self, k) for k in DATA_OPTIONS})
 
-    def schedule_obj(self) -> Schedule:
+    def lr_schedule(self) -> Schedule:
         """The learning-rate :class:`~.optim.Schedule` in force."""
         return Schedule(self.epochs, self.drops, warmup_iters=self.warmup_iters)
 
@@ -146,7 +145,15 @@ class RunConfig:
         return out
 
 
-_PATHS = ("data_root", "train_ann", "val_ann", "train_images", "val_images", "output_dir")
+#: The options that name a dataset: with none of them a run uses the bundled digits set.
+DATA_OPTIONS = ("data_root", "train_ann", "val_ann", "train_images", "val_images")
+_PATHS = (*DATA_OPTIONS, "output_dir")
+
+
+def uses_digits(values: Mapping[str, Any]) -> bool:
+    """Whether settings (the command line's values, keyed like :class:`RunConfig`'s fields) name no dataset,
+    so that the run uses the bundled digits set: the one answer to that question."""
+    return all(values.get(k) is None for k in DATA_OPTIONS)
 
 
 def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -292,7 +299,7 @@ def _fill_defaults(v: dict[str, Any]) -> dict[str, Any]:
         schedule = schedule.with_epochs(v["epochs"])
     v["epochs"] = schedule.epochs
     v.setdefault("drops", schedule.drops)
-    digits = all(v.get(k) is None for k in _PATHS[:-1])
+    digits = uses_digits(v)
     if v.get("image_size") is None:
         v["image_size"] = DIGITS_SIZE if digits else COCO_SIZE
     if v.get("max_size") is None:
@@ -307,12 +314,16 @@ def build_run_config(
 ) -> RunConfig:
     """Resolve and check a run's settings.
 
-    **Arguments**
-    - `options`: every option's value (``vars()`` of the parsed command line).
-    - `given`: the options the command line named (the others hold their defaults).
-    - `checkpoint`: the ``--resume`` checkpoint dict, whose ``args`` are the resumed run's settings.
+    Arguments:
+        options: every option's value (``vars()`` of the parsed command line).
+        given: the options the command line named (the others hold their defaults).
+        checkpoint: the ``--resume`` checkpoint dict, whose ``args`` are the resumed run's settings.
 
-    **Returns** a :class:`RunConfig`. **Raises** :class:`RunConfigError`.
+    Returns:
+        A :class:`RunConfig`.
+
+    Raises:
+        :class:`RunConfigError` naming the option to change.
     """
     _check_values(options)
     new = _new_values(options, given)
@@ -356,7 +367,7 @@ def _check_config(cfg: RunConfig) -> None:
             "longer side); raise --max-size or lower --image-size"
         )
     try:
-        cfg.schedule_obj()
+        cfg.lr_schedule()
     except ValueError as err:
         raise RunConfigError(f"--epochs / --lr-drops: {err}") from None
     if any(d >= cfg.epochs for d in cfg.drops):
@@ -364,12 +375,13 @@ def _check_config(cfg: RunConfig) -> None:
             f"--lr-drops {_show(cfg.drops)}: every drop must come before the last epoch (--epochs {cfg.epochs})"
         )
     arch = cfg.overrides.get("arch", CONFIGS[cfg.config].arch)
-    deq = arch in ("deqdet", "deq_sparse_rcnn")
-    if cfg.deq_steps is not None and not deq:
+    row = architecture_of(arch)
+    if cfg.deq_steps is not None and not row.deq:
         raise RunConfigError(
             f"--deq-steps: {cfg.config} ({arch}) has no test-time step count (not a DEQ model)"
         )
-    if (cfg.deq_tol is not None or cfg.deq_solver is not None) and arch != "deqdet":
+    if (cfg.deq_tol is not None or cfg.deq_solver is not None) and not row.early_exit:
+        early = sorted(name for name, a in ARCHITECTURES.items() if a.early_exit)
         raise RunConfigError(
-            f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit (DEQDet has)"
+            f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit ({', '.join(early)} has)"
         )

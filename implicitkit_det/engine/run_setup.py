@@ -129,7 +129,8 @@ def resolve_data(cfg: RunConfig) -> DataPaths:
     ``annotations/instances_{train,val}2017.json``) or plain ones (``train``, ``val``,
     ``annotations/instances_{train,val}.json``, the bundled set's layout) are recognised.
 
-    **Raises** :class:`~implicitkit_det.data.checks.DataError` naming the option to fix.
+    Raises:
+        :class:`~implicitkit_det.data.checks.DataError` naming the option to fix.
     """
     if cfg.on_digits:
         files = build_digits_detection(
@@ -259,10 +260,6 @@ def make_eval_loader(
 def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The detector `cfg` names, with its test-time settings (``deq_steps``, ``deq_tol``, ``deq_solver``)."""
     model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
-    if cfg.deq_steps is not None:
-        model.test_steps = cfg.deq_steps
-    if cfg.deq_tol is not None:
-        model.test_tol = cfg.deq_tol
-    if cfg.deq_solver is not None:
-        model.test_solver = cfg.deq_solver
+    given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}
+    model.configure_test(**{k: v for k, v in given.items() if v is not None})
     return model

@@ -28,6 +28,7 @@ from ..collectives import all_reduce_mean, is_main_process
 from ..data import DetectionBatch
 from ..models.detector import PENDING_BACKWARD, QueryDetector
 from .process_group import unwrap
+from .progress import progress_bar
 
 __all__ = [
     "EpochMeter",
@@ -176,10 +177,20 @@ def train_step(
     branchwise: bool = True,
     stop_vote: bool = False,
 ) -> StepResult:
-    """One training iteration (see :func:`train_one_epoch` for what it does); `model` must be in train mode.
+    """One training iteration; `model` must be in train mode.
 
-    `stop_vote` travels with the losses' all-reduce (no extra collective): the result's ``stop`` is true on
-    every process as soon as one of them voted, so that all stop after the same iteration.
+    Forward under :func:`autocast`, which in branch-wise training also back-propagates every branch group
+    (each loss scaled by `scaler`); the scalar entries of the loss dict averaged over processes (one
+    all-reduce, which also carries `stop_vote`: the result's ``stop`` is true on every process as soon as one
+    of them voted) for logging and for the NaN check, so that every process sees the same values and stops
+    together; the backward of ``"loss"``, or the pending backward that delivers the gathered gradients
+    (branch-wise), the one DDP synchronises; unscaling, clipping of the total gradient to a 2-norm of
+    `clip_max_norm` (None or 0: off); the optimizer step; ``scheduler.step()`` (it counts iterations).
+
+    Returns:
+        The :class:`StepResult`. Raises :class:`NonFiniteLossError` when the averaged total loss is NaN or
+        infinite, before the (last) backward pass and the step, naming the epoch, the iteration and every
+        loss entry.
     """
     branchwise = branchwise and trains_branchwise(model)
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -194,20 +205,7 @@ def train_step(
             f"non-finite values in the forward pass at epoch {epoch}, iteration {iteration}: {err}"
         ) from err
     pending = losses.pop(PENDING_BACKWARD, None)
-    logged = _scalar_entries(losses)
-    # One all-reduce for all entries (and the stop vote), stacked in sorted order so that every process
-    # agrees on the layout.
-    keys = sorted(logged)
-    vote = torch.tensor(float(stop_vote), device=logged[keys[0]].device)
-    reduced_all = all_reduce_mean(torch.stack([*(logged[k] for k in keys), vote])).tolist()
-    means = dict(zip(keys, reduced_all[:-1], strict=True))
-    reduced = {k: means[k] for k in logged}
-    if not math.isfinite(reduced["loss"]):
-        raise NonFiniteLossError(
-            f"the loss is {reduced['loss']} at epoch {epoch}, iteration {iteration} (averaged over processes); "
-            f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
-            "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
-        )
+    reduced, stop = _reduce(_scalar_entries(losses), stop_vote, epoch, iteration)
     if pending is not None:
         pending.backward()  # the gathered gradients, already scaled
     elif scaler is not None:
@@ -224,7 +222,26 @@ def train_step(
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepResult(reduced, grad_norm, stop=reduced_all[-1] > 0)
+    return StepResult(reduced, grad_norm, stop=stop)
+
+
+def _reduce(
+    logged: dict[str, torch.Tensor], stop_vote: bool, epoch: int, iteration: int
+) -> tuple[dict[str, float], bool]:
+    """The entries averaged over processes and whether any process voted to stop, in one all-reduce (stacked
+    in sorted order so that every process agrees on the layout); refuses a non-finite total."""
+    keys = sorted(logged)
+    vote = torch.tensor(float(stop_vote), device=logged[keys[0]].device)
+    reduced_all = all_reduce_mean(torch.stack([*(logged[k] for k in keys), vote])).tolist()
+    means = dict(zip(keys, reduced_all[:-1], strict=True))
+    reduced = {k: means[k] for k in logged}
+    if not math.isfinite(reduced["loss"]):
+        raise NonFiniteLossError(
+            f"the loss is {reduced['loss']} at epoch {epoch}, iteration {iteration} (averaged over processes); "
+            f"losses: {_format(reduced)}. The run has diverged: lower the learning rate (--lr), keep "
+            "gradient clipping on, try without --amp, and resume from the last checkpoint (--resume)."
+        )
+    return reduced, reduced_all[-1] > 0
 
 
 def train_one_epoch(
@@ -242,59 +259,72 @@ def train_one_epoch(
     print_freq: int = 20,
     log: Callable[[str], None] = print,
     branchwise: bool = True,
+    start: int = 0,
+    meter: EpochMeter | None = None,
+    stop_vote: Callable[[], bool] | None = None,
+    on_step: Callable[[int, StepResult], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Train for one pass over `loader` (or `max_iters` batches), one :func:`train_step` per batch.
+    """Train for one pass over `loader` (or up to iteration `max_iters`), one :func:`train_step` per batch.
 
-    Each iteration: forward under :func:`autocast`, which in branch-wise training also back-propagates
-    every branch group (each loss scaled by `scaler`); the scalar entries of the loss dict are averaged
-    over processes (one all-reduce) for logging and for the NaN check, so that every process sees the same
-    values and stops together; the backward of ``"loss"`` (one graph), or the pending backward that
-    delivers the gathered gradients (branch-wise), the one DDP synchronises; unscaling, gradient clipping
-    of the total gradient to a 2-norm of `clip_max_norm`; optimizer step; ``scheduler.step()`` (the
-    schedule counts iterations).
+    The one epoch loop: :func:`~implicitkit_det.engine.run.fit` runs it too, starting mid-epoch on resume
+    (`start`, `meter`) and stopping on Ctrl-C (`stop_vote`, `on_step`).
 
-    **Arguments**
-    - `model`: the model (plain or wrapped in DDP); set to training mode here.
-    - `loader`: yields :class:`~implicitkit_det.data.DetectionBatch`.
-    - `optimizer`, `scheduler`: the optimizer and an iteration-based scheduler (or None).
-    - `device`: where the batches go.
-    - `epoch`: the epoch number, for messages.
-    - `amp`: mixed precision (:func:`autocast`); `scaler` is the float16 gradient scaler, if any.
-    - `clip_max_norm`: gradient clipping threshold; None or 0 disables clipping.
-    - `max_iters`: stop after this many iterations.
-    - `print_freq`, `log`: a progress line every `print_freq` iterations, on rank 0.
-    - `branchwise`: train branch-wise when the model offers it (:func:`trains_branchwise`); False gives
-      one graph of all branches and one backward (more memory, the same gradients).
+    Arguments:
+        model, optimizer, scheduler, device, epoch, amp, scaler, clip_max_norm, branchwise: of
+            :func:`train_step` (the model is set to training mode here).
+        loader: yields :class:`~implicitkit_det.data.DetectionBatch`, from iteration `start` on.
+        max_iters: the iteration (counted from the epoch's start) to stop before.
+        print_freq, log: a progress line every `print_freq` iterations, on rank 0.
+        start: the index of the loader's first batch in the epoch (a resumed epoch's position).
+        meter: the running sums to continue (a resumed epoch's); updated in place, time included.
+        stop_vote: asked before each step whether this process wants to stop (see :func:`train_step`).
+        on_step: called as ``on_step(i, result)`` after each iteration, the meter already updated.
+        progress: a progress bar on rank 0.
 
-    **Returns** the epoch's averages of every logged entry (over iterations and processes), and
-    ``lr`` (the first group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
-
-    **Raises** :class:`NonFiniteLossError` when the averaged total loss is NaN or infinite, before the
-    (last) backward pass and the step, naming the epoch, the iteration and every loss entry.
+    Returns:
+        The epoch's averages of every logged entry (over iterations and processes), and ``lr`` (the first
+        group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
     """
     model.train()
-    meter = EpochMeter()
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if total is not None and max_iters is not None:
-        total = min(total, max_iters)
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        if max_iters is not None and i >= max_iters:
-            break
-        result = train_step(
-            model, batch, optimizer, device=device, epoch=epoch, iteration=i, scheduler=scheduler, amp=amp,
-            scaler=scaler, clip_max_norm=clip_max_norm, branchwise=branchwise,
-        )  # fmt: skip
-        meter.add(result)
-        if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
-            log(progress_line(epoch, i, total, optimizer, result, time.perf_counter() - start))
+    meter = meter if meter is not None else EpochMeter()
+    total = _epoch_length(loader, max_iters)
+    started = time.perf_counter() - meter.time_s
+    with progress_bar(total, f"epoch {epoch}", initial=start, enabled=progress) as bar:
+        for i, batch in enumerate(loader, start=start):
+            if max_iters is not None and i >= max_iters:
+                break
+            result = train_step(
+                model, batch, optimizer, device=device, epoch=epoch, iteration=i, scheduler=scheduler, amp=amp,
+                scaler=scaler, clip_max_norm=clip_max_norm, branchwise=branchwise,
+                stop_vote=stop_vote() if stop_vote is not None else False,
+            )  # fmt: skip
+            meter.add(result)
+            meter.time_s = time.perf_counter() - started
+            _show_step(bar, optimizer, result)
+            if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
+                log(progress_line(epoch, i, total, optimizer, result, meter.time_s))
+            if on_step is not None:
+                on_step(i, result)
     if meter.iters == 0:
         raise ValueError(
             f"epoch {epoch} ran no iterations: the training loader is empty (is the dataset empty, or "
             "--max-iters 0?)"
         )
-    meter.time_s = time.perf_counter() - start
     return meter.stats(optimizer.param_groups[0]["lr"])
+
+
+def _epoch_length(loader: Iterable[DetectionBatch], max_iters: int | None) -> int | None:
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_iters is not None:
+        total = min(total, max_iters)
+    return total
+
+
+def _show_step(bar: Any, optimizer: torch.optim.Optimizer, result: StepResult) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+    bar.update(1)
 
 
 def progress_line(

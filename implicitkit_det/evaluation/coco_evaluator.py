@@ -68,10 +68,10 @@ class CocoEvaluator:
     has results) when ``image_ids`` was ever given; otherwise every image of the ground truth, so an image
     the model was never run on counts as a miss rather than silently vanishing from the score.
 
-    **Arguments**
-    - `coco_gt`: the ground truth: a ``COCO`` object of either library (e.g. ``dataset.coco``), a COCO dict,
-      or the path of an annotation file.
-    - `backend`: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (the reference implementation).
+    Arguments:
+        coco_gt: the ground truth: a ``COCO`` object of either library (e.g. ``dataset.coco``), a COCO dict,
+            or the path of an annotation file.
+        backend: ``"faster_coco_eval"`` (default) or ``"pycocotools"`` (the reference implementation).
     """
 
     def __init__(self, coco_gt: Any, backend: Backend = "faster_coco_eval") -> None:
@@ -98,11 +98,11 @@ class CocoEvaluator:
     def update(self, results: Iterable[Mapping[str, Any]], image_ids: Iterable[int] | None = None) -> None:
         """Add COCO result dicts ``{image_id, category_id, bbox: [x, y, w, h], score}``.
 
-        **Arguments**
-        - `results`: the detections of a batch, in original-image pixels and the file's category ids
-          (see :func:`~implicitkit_det.evaluation.postprocess.to_coco_results`).
-        - `image_ids`: the images the batch covered, including any without detections; restricts the
-          evaluation to the images declared this way.
+        Arguments:
+            results: the detections of a batch, in original-image pixels and the file's category ids
+                (see :func:`~implicitkit_det.evaluation.postprocess.to_coco_results`).
+            image_ids: the images the batch covered, including any without detections; restricts the
+                evaluation to the images declared this way.
         """
         groups: dict[int, list[dict[str, Any]]] = {}
         for r in results:
@@ -161,11 +161,12 @@ class CocoEvaluator:
     def summarize(self, verbose: bool = True) -> dict[str, Any]:
         """Score the collected results (on rank 0; every rank receives the same dict).
 
-        **Arguments**
-        - `verbose`: print the usual COCO table and per-class AP on rank 0.
+        Arguments:
+            verbose: print the usual COCO table and per-class AP on rank 0.
 
-        **Returns** the 12 COCO stats by name (:data:`STAT_NAMES`) and ``per_class_AP``, a dict from
-        category name to AP@[0.50:0.95] (-1 for a category without ground truth in the scored images).
+        Returns:
+            The 12 COCO stats by name (:data:`STAT_NAMES`) and ``per_class_AP``, a dict from
+            category name to AP@[0.50:0.95] (-1 for a category without ground truth in the scored images).
         """
         summary = None
         if get_rank() == 0:

@@ -19,8 +19,8 @@ class PostProcess(nn.Module):
     detections, so one query may yield several classes. Boxes are scaled from normalised xyxy to the
     original image: ``box * (W, H, W, H)``.
 
-    **Arguments**
-    - `num_select`: detections kept per image (100 or 300 for COCO).
+    Arguments:
+        num_select: detections kept per image (100 or 300 for COCO).
     """
 
     def __init__(self, num_select: int = 100) -> None:
@@ -31,12 +31,13 @@ class PostProcess(nn.Module):
     def forward(self, outputs: Mapping[str, Tensor], orig_sizes: Tensor) -> list[dict[str, Tensor]]:
         """Detections per image.
 
-        **Arguments**
-        - `outputs`: ``pred_logits`` [B, N, C], ``pred_boxes`` [B, N, 4] normalised xyxy.
-        - `orig_sizes`: [B, 2] original ``(h, w)`` per image (the targets' ``orig_size``, stacked).
+        Arguments:
+            outputs: ``pred_logits`` [B, N, C], ``pred_boxes`` [B, N, 4] normalised xyxy.
+            orig_sizes: [B, 2] original ``(h, w)`` per image (the targets' ``orig_size``, stacked).
 
-        **Returns** per image ``{"scores": [k], "labels": [k] int64, "boxes": [k, 4] xyxy pixels}``, sorted
-        by decreasing score, ``k = min(num_select, N * C)``.
+        Returns:
+            Per image ``{"scores": [k], "labels": [k] int64, "boxes": [k, 4] xyxy pixels}``, sorted
+            by decreasing score, ``k = min(num_select, N * C)``.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         n, c = logits.shape[1:]
@@ -60,12 +61,12 @@ def to_coco_results(
 ) -> list[dict[str, Any]]:
     """COCO result dicts ``{image_id, category_id, bbox: [x, y, w, h], score}`` from per-image detections.
 
-    **Arguments**
-    - `detections`: per image ``scores``, ``labels`` (contiguous) and ``boxes`` (xyxy pixels of the
-      original image), e.g. from :class:`PostProcess`.
-    - `image_ids`: the images' ids, in the same order.
-    - `label_to_category_id`: maps a contiguous label to the annotation file's category id (the dataset's
-      ``label_to_category_id``); identity when None.
+    Arguments:
+        detections: per image ``scores``, ``labels`` (contiguous) and ``boxes`` (xyxy pixels of the
+            original image), e.g. from :class:`PostProcess`.
+        image_ids: the images' ids, in the same order.
+        label_to_category_id: maps a contiguous label to the annotation file's category id (the dataset's
+            ``label_to_category_id``); identity when None.
     """
     if len(detections) != len(image_ids):
         raise ValueError(f"{len(detections)} detections for {len(image_ids)} image ids")

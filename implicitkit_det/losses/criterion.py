@@ -29,11 +29,11 @@ class SetCriterion(nn.Module):
     where ``FL`` is the sigmoid focal loss (``alpha`` 0.25, ``gamma`` 2) over every prediction and class:
     unmatched predictions are negatives for all classes.
 
-    **Arguments**
-    - `matcher`: the matcher used when no ``indices`` are given; default :class:`HungarianMatcher` with
-      DEQDet's costs.
-    - `weight_focal`, `weight_l1`, `weight_giou`: the loss weights (2.0, 5.0, 2.0).
-    - `focal_alpha`, `focal_gamma`: of the focal loss.
+    Arguments:
+        matcher: the matcher used when no ``indices`` are given; default :class:`HungarianMatcher` with
+            DEQDet's costs.
+        weight_focal, weight_l1, weight_giou: the loss weights (2.0, 5.0, 2.0).
+        focal_alpha, focal_gamma: of the focal loss.
     """
 
     def __init__(
@@ -65,13 +65,14 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """The losses of one set of predictions.
 
-        **Arguments**
-        - `outputs`: ``pred_logits`` [B, N, C] and ``pred_boxes`` [B, N, 4] (normalised xyxy).
-        - `targets`: per image ``labels`` [M] and ``boxes_normalized`` [M, 4].
-        - `indices`: a precomputed match (as the matcher returns); matched here when None.
+        Arguments:
+            outputs: ``pred_logits`` [B, N, C] and ``pred_boxes`` [B, N, 4] (normalised xyxy).
+            targets: per image ``labels`` [M] and ``boxes_normalized`` [M, 4].
+            indices: a precomputed match (as the matcher returns); matched here when None.
 
-        **Returns** ``focal``, ``l1``, ``giou`` (unweighted), ``loss_focal``, ``loss_l1``, ``loss_giou``
-        (weighted) and ``loss``, their sum: scalar tensors.
+        Returns:
+            ``focal``, ``l1``, ``giou`` (unweighted), ``loss_focal``, ``loss_l1``, ``loss_giou``
+            (weighted) and ``loss``, their sum: scalar tensors.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if indices is None:

@@ -21,11 +21,12 @@ def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float
 
         cost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p))
 
-    **Arguments**
-    - `logits`: ``[N, C]`` class logits.
-    - `labels`: ``[M]`` target labels in ``0..C-1``.
+    Arguments:
+        logits: ``[N, C]`` class logits.
+        labels: ``[M]`` target labels in ``0..C-1``.
 
-    **Returns** the ``[N, M]`` cost.
+    Returns:
+        The ``[N, M]`` cost.
     """
     logits = logits[:, labels]
     p = logits.sigmoid()
@@ -45,9 +46,9 @@ class HungarianMatcher(nn.Module):
     on normalised xyxy boxes; ``scipy.optimize.linear_sum_assignment`` picks the assignment of least total
     cost, matching ``min(N, M)`` pairs.
 
-    **Arguments**
-    - `cost_class`, `cost_bbox`, `cost_giou`: the weights ``w_cls`` (2.0), ``w_l1`` (5.0), ``w_giou`` (2.0).
-    - `focal_alpha`, `focal_gamma`: of the focal cost (0.25, 2.0).
+    Arguments:
+        cost_class, cost_bbox, cost_giou: the weights ``w_cls`` (2.0), ``w_l1`` (5.0), ``w_giou`` (2.0).
+        focal_alpha, focal_gamma: of the focal cost (0.25, 2.0).
     """
 
     def __init__(
@@ -81,15 +82,17 @@ class HungarianMatcher(nn.Module):
     ) -> list[tuple[Tensor, Tensor]]:
         """Match a batch.
 
-        **Arguments**
-        - `outputs`: ``pred_logits`` [B, N, C] and ``pred_boxes`` [B, N, 4] (normalised xyxy).
-        - `targets`: per image, ``labels`` [M_b] and ``boxes_normalized`` [M_b, 4].
+        Arguments:
+            outputs: ``pred_logits`` [B, N, C] and ``pred_boxes`` [B, N, 4] (normalised xyxy).
+            targets: per image, ``labels`` [M_b] and ``boxes_normalized`` [M_b, 4].
 
-        **Returns** per image ``(pred_idx, tgt_idx)``, int64 tensors of length ``min(N, M_b)``, sorted by
-        ``pred_idx``; empty when the image has no targets.
+        Returns:
+            Per image ``(pred_idx, tgt_idx)``, int64 tensors of length ``min(N, M_b)``, sorted by
+            ``pred_idx``; empty when the image has no targets.
 
-        **Raises** ``FloatingPointError`` if a cost is NaN or infinite (usually NaN predicted boxes or
-        logits from a diverged model).
+        Raises:
+            ``FloatingPointError`` if a cost is NaN or infinite (usually NaN predicted boxes or
+            logits from a diverged model).
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:

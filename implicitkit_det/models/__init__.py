@@ -10,11 +10,11 @@ from .adamixer_stage import AdaMixerStage, refine_boxes
 from .attention import IoFSelfAttention
 from .backbone import FrozenStatsBatchNorm2d, ResNetBackbone, weights_cache_path
 from .boxes import box_iof, position_encoding, xyxy_to_xyzr, xyzr_to_xyxy
-from .configs import CONFIGS, ModelConfig, build_model
+from .configs import ModelConfig
 from .delta_coder import DELTA_STDS, decode_deltas, encode_deltas
 from .deq_sparse_rcnn import DEQSparseRCNN
 from .deqdet import DEQDet
-from .detector import Outputs, QueryDetector
+from .detector import Outputs, QueryDetector, RefinementStage
 from .dynamic_conv import DynamicInteraction
 from .fpn import FPN
 from .mixing import AdaptiveMixing
@@ -22,20 +22,33 @@ from .neck import ChannelMapper
 from .proposals import LearnedProposals, ProposalState
 from .queries import InitialQueries, QueryState
 from .rap import RAP, BoxPerturbation, CornerPerturbation, SparseRCNNRAP
+from .registry import (
+    ARCHITECTURES,
+    CONFIGS,
+    RECIPES,
+    Architecture,
+    OptimizerRecipe,
+    architecture_of,
+    build_model,
+    register_detector,
+)
 from .roi import MultiLevelRoIAlign, roi_levels
 from .sampling import AdaptiveSampling3D, sample_pyramid
 from .sparse_rcnn import SparseRCNN
 from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = [
+    "ARCHITECTURES",
     "CONFIGS",
     "DELTA_STDS",
     "FPN",
     "RAP",
+    "RECIPES",
     "AdaMixer",
     "AdaMixerStage",
     "AdaptiveMixing",
     "AdaptiveSampling3D",
+    "Architecture",
     "BoxPerturbation",
     "ChannelMapper",
     "CornerPerturbation",
@@ -48,20 +61,24 @@ __all__ = [
     "LearnedProposals",
     "ModelConfig",
     "MultiLevelRoIAlign",
+    "OptimizerRecipe",
     "Outputs",
     "ProposalState",
     "QueryDetector",
     "QueryState",
+    "RefinementStage",
     "ResNetBackbone",
     "SparseRCNN",
     "SparseRCNNRAP",
     "SparseRCNNStage",
+    "architecture_of",
     "box_iof",
     "build_model",
     "decode_deltas",
     "encode_deltas",
     "position_encoding",
     "refine_boxes",
+    "register_detector",
     "roi_levels",
     "sample_pyramid",
     "weights_cache_path",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from .adamixer_stage import AdaMixerStage
-from .detector import Outputs, QueryDetector
+from .detector import Outputs, QueryDetector, RefinementStage
 from .queries import InitialQueries
 
 __all__ = ["AdaMixer"]
@@ -20,9 +20,9 @@ class AdaMixer(QueryDetector):
     the detection. Each stage detaches its box input, so the box of stage ``l`` is trained only through
     stage ``l``'s regression, while the content carries gradients through the whole stack.
 
-    **Arguments**
-    - `backbone`, `neck`, `queries`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `stages`: the :class:`~.adamixer_stage.AdaMixerStage` modules, applied in order.
+    Arguments:
+        backbone, neck, queries, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        stages: the :class:`~.adamixer_stage.AdaMixerStage` modules, applied in order.
 
     Reference: Gao et al., "AdaMixer: a fast-converging query-based object detector", CVPR 2022.
     """
@@ -32,11 +32,20 @@ class AdaMixer(QueryDetector):
         backbone: nn.Module,
         neck: nn.Module,
         queries: InitialQueries,
-        stages: Sequence[AdaMixerStage],
+        stages: Sequence[RefinementStage],
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, queries, **kwargs)
         self.stages = nn.ModuleList(stages)
+
+    def refinement_layers(self) -> Iterator[nn.Module]:
+        """The stages in order, then the last stage again: the only way a stack can run past its depth."""
+        return itertools.chain(self.stages, itertools.repeat(self.stages[-1]))
+
+    @property
+    def training_depth(self) -> int:
+        """The last stage."""
+        return len(self.stages) - 1
 
     def training_branches(
         self, features: Sequence[Tensor], image_sizes: Tensor

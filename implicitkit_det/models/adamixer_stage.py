@@ -67,16 +67,16 @@ class AdaMixerStage(nn.Module):
     That is 18,378,716 for ``P = 32`` (one AdaMixer stage) and 22,688,092 for ``P = 64`` (one DEQDet
     layer). The hidden layers of both heads carry a bias: without it the count is 512 short.
 
-    **Arguments**
-    - `num_classes`: classes of the sigmoid classifier (no background class).
-    - `dim`: content channels (also the features' channels).
-    - `num_heads`: attention heads.
-    - `num_points`: ``P``, sampling points per group.
-    - `out_points`: ``P_out``, points after spatial mixing.
-    - `num_groups`: ``G``, channel groups for sampling and mixing.
-    - `ffn_dim`: hidden width of the FFN.
-    - `strides`: of the feature levels the layer reads.
-    - `prior_prob`: the classifier's starting probability.
+    Arguments:
+        num_classes: classes of the sigmoid classifier (no background class).
+        dim: content channels (also the features' channels).
+        num_heads: attention heads.
+        num_points: ``P``, sampling points per group.
+        out_points: ``P_out``, points after spatial mixing.
+        num_groups: ``G``, channel groups for sampling and mixing.
+        ffn_dim: hidden width of the FFN.
+        strides: of the feature levels the layer reads.
+        prior_prob: the classifier's starting probability.
     """
 
     def __init__(
@@ -121,11 +121,11 @@ class AdaMixerStage(nn.Module):
     ) -> QueryState:
         """One refinement: ``state`` (content [B, N, dim], xyzr [B, N, 4]) -> the next state.
 
-        **Arguments**
-        - `state`: the queries.
-        - `features`: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
-        - `image_sizes`: ``[B, 2]`` real ``(h, w)``; unused here, part of the cell signature the detectors
-          share (``cell(state, features, image_sizes)``).
+        Arguments:
+            state: the queries.
+            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
+            image_sizes: ``[B, 2]`` real ``(h, w)``; unused here, part of the cell signature the detectors
+                share (``cell(state, features, image_sizes)``).
         """
         xyzr = state["xyzr"].detach()
         content = self.attention(state["content"], xyzr)
@@ -136,8 +136,9 @@ class AdaMixerStage(nn.Module):
     def predict(self, state: QueryState, image_sizes: Tensor) -> dict[str, Tensor]:
         """The criterion's view of a state this layer produced.
 
-        **Returns** ``pred_logits`` [B, N, classes] and ``pred_boxes`` [B, N, 4], xyxy divided by each
-        image's real ``(w, h, w, h)``.
+        Returns:
+            ``pred_logits`` [B, N, classes] and ``pred_boxes`` [B, N, 4], xyxy divided by each
+            image's real ``(w, h, w, h)``.
         """
         h, w = image_sizes.to(state["xyzr"]).unbind(-1)
         scale = torch.stack([w, h, w, h], dim=-1)[:, None]

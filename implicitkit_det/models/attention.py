@@ -24,9 +24,9 @@ class IoFSelfAttention(nn.Module):
     ``U(0, 4)``. The boxes, their encoding and the IoF carry no gradient: only ``tau`` is trained through
     the bias. The residual adds ``x``, encoding included, as the reference decoders do.
 
-    **Arguments**
-    - `dim`: content channels.
-    - `num_heads`: attention heads.
+    Arguments:
+        dim: content channels.
+        num_heads: attention heads.
     """
 
     def __init__(self, dim: int = 256, num_heads: int = 8) -> None:

@@ -71,18 +71,21 @@ class ResNetBackbone(nn.Module):
     torch.hub's cache, ``$TORCH_HOME/hub/checkpoints/`` (see :func:`weights_cache_path`). Without network
     access, put the file there under its published name, or pass its path.
 
-    **Arguments**
-    - `name`: ``"resnet50"``, ``"resnet34"``, ``"resnet18"``, or ``"resnet10"`` (one block per stage, built
-      with torchvision's ``ResNet``; no published weights, for CPU-sized runs from scratch).
-    - `weights`: a torchvision weights name of this depth (``"IMAGENET1K_V1"``, what the official configs
-      load; ``"IMAGENET1K_V2"``; ``"DEFAULT"``), a ``WeightsEnum`` member, or the path of a state dict for
-      the torchvision model; ``fc.*`` entries are ignored.
-    - `norm`: ``"frozen_stats"`` (running statistics fixed, affine trained), ``"frozen"``
-      (``FrozenBatchNorm2d``: statistics and affine fixed) or ``"batch"`` (``nn.BatchNorm2d``, statistics
-      updated in training); default ``"frozen_stats"`` with weights, else ``"batch"``.
-    - `frozen_stages`: freeze the stem and this many stages (0..4); default 1 with weights, else 0.
+    Arguments:
+        name: ``"resnet50"``, ``"resnet34"``, ``"resnet18"``, or ``"resnet10"`` (one block per stage, built
+            with torchvision's ``ResNet``; no published weights, for CPU-sized runs from scratch).
+        weights: a torchvision weights name of this depth (``"IMAGENET1K_V1"``, what the official configs
+            load; ``"IMAGENET1K_V2"``; ``"DEFAULT"``), a ``WeightsEnum`` member, or the path of a state dict
+            for
+            the torchvision model; ``fc.*`` entries are ignored.
+        norm: ``"frozen_stats"`` (running statistics fixed, affine trained), ``"frozen"``
+            (``FrozenBatchNorm2d``: statistics and affine fixed) or ``"batch"`` (``nn.BatchNorm2d``,
+            statistics
+            updated in training); default ``"frozen_stats"`` with weights, else ``"batch"``.
+        frozen_stages: freeze the stem and this many stages (0..4); default 1 with weights, else 0.
 
-    **Attributes** `strides` (4, 8, 16, 32) and `channels` of the four outputs.
+    Attributes:
+        `strides` (4, 8, 16, 32) and `channels` of the four outputs.
     """
 
     strides = (4, 8, 16, 32)

@@ -22,11 +22,12 @@ def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-6) -> Tensor:
 
         x = (x0 + x1) / 2,  y = (y0 + y1) / 2,  z = (log2 w + log2 h) / 2,  r = log2 h - log2 w
 
-    **Arguments**
-    - `boxes`: ``[..., 4]`` as ``(x0, y0, x1, y1)`` with ``x1 >= x0`` and ``y1 >= y0``.
-    - `min_size`: sides are clamped to at least this before the logarithm, so a degenerate box stays finite.
+    Arguments:
+        boxes: ``[..., 4]`` as ``(x0, y0, x1, y1)`` with ``x1 >= x0`` and ``y1 >= y0``.
+        min_size: sides are clamped to at least this before the logarithm, so a degenerate box stays finite.
 
-    **Returns** ``[..., 4]`` as ``(x, y, z, r)``.
+    Returns:
+        ``[..., 4]`` as ``(x, y, z, r)``.
     """
     cxcywh = box_convert(boxes, "xyxy", "cxcywh")
     log_wh = cxcywh[..., 2:].clamp_min(min_size).log2()
@@ -38,10 +39,11 @@ def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-6) -> Tensor:
 def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
     """``(x, y, z, r)`` to corner boxes: ``w = 2^(z - r/2)``, ``h = 2^(z + r/2)``.
 
-    **Arguments**
-    - `xyzr`: ``[..., 4]``.
+    Arguments:
+        xyzr: ``[..., 4]``.
 
-    **Returns** ``[..., 4]`` as ``(x0, y0, x1, y1)``.
+    Returns:
+        ``[..., 4]`` as ``(x0, y0, x1, y1)``.
     """
     z, r = xyzr[..., 2:3], xyzr[..., 3:4]
     wh = torch.cat([torch.exp2(z - 0.5 * r), torch.exp2(z + 0.5 * r)], dim=-1)
@@ -58,12 +60,13 @@ def position_encoding(xyzr: Tensor, num_feats: int = 64, temperature: float = 10
     The centre is divided by 1000 so that pixel positions fall in the range where the lowest frequencies
     still vary; ``z`` and ``r`` are already of order 1.
 
-    **Arguments**
-    - `xyzr`: ``[..., 4]`` boxes.
-    - `num_feats`: features per coordinate (the content dimension over 4); even.
-    - `temperature`: ``T``.
+    Arguments:
+        xyzr: ``[..., 4]`` boxes.
+        num_feats: features per coordinate (the content dimension over 4); even.
+        temperature: ``T``.
 
-    **Returns** ``[..., 4 * num_feats]``: the encodings of x, y, z, r one after another.
+    Returns:
+        ``[..., 4 * num_feats]``: the encodings of x, y, z, r one after another.
     """
     if num_feats % 2:
         raise ValueError(f"num_feats must be even, got {num_feats}")
@@ -83,11 +86,12 @@ def box_iof(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Unlike IoU it is asymmetric: a small box lying inside a large one has IoF 1 towards it, while the large
     box has a small IoF towards the small one.
 
-    **Arguments**
-    - `boxes1`: ``[..., N, 4]`` xyxy.
-    - `boxes2`: ``[..., M, 4]`` xyxy.
+    Arguments:
+        boxes1: ``[..., N, 4]`` xyxy.
+        boxes2: ``[..., M, 4]`` xyxy.
 
-    **Returns** ``[..., N, M]`` in ``[0, 1]``.
+    Returns:
+        ``[..., N, M]`` in ``[0, 1]``.
     """
     top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])

@@ -1,4 +1,5 @@
-"""Named model configurations and ``build_model``: the paper-scale detectors and tiny CPU ones."""
+"""Every choice that shapes a detector (:class:`ModelConfig`), the builders of the four architectures, and
+``KEY=VALUE`` overrides. The named configurations and ``build_model`` are in :mod:`.registry`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,7 +16,6 @@ from .adamixer_stage import AdaMixerStage
 from .backbone import ResNetBackbone
 from .deq_sparse_rcnn import DEQSparseRCNN
 from .deqdet import DEQDet
-from .detector import QueryDetector
 from .fpn import FPN
 from .neck import ChannelMapper
 from .proposals import LearnedProposals
@@ -24,40 +24,49 @@ from .rap import RAP, SparseRCNNRAP
 from .sparse_rcnn import SparseRCNN
 from .sparse_rcnn_stage import SparseRCNNStage
 
-__all__ = ["CONFIGS", "ModelConfig", "build_model", "parse_model_args"]
+__all__ = [
+    "ModelConfig",
+    "build_adamixer",
+    "build_deq_sparse_rcnn",
+    "build_deqdet",
+    "build_sparse_rcnn",
+    "make_backbone",
+    "parse_model_args",
+]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Every choice that shapes a detector; :func:`build_model` turns one into a model.
 
-    **Attributes**
-    - `arch`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"`` or ``"deq_sparse_rcnn"``.
-    - `backbone`, `backbone_weights`, `backbone_norm`, `frozen_stages`: of
-      :class:`~.backbone.ResNetBackbone` (`backbone_weights`: a published weights name such as
-      ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
-    - `neck_kernel`, `neck_relu`, `gn_groups`, `neck_init`: of :class:`~.neck.ChannelMapper` (DEQDet,
-      AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
-    - `dim`: channels of the features and of the query content.
-    - `num_queries`: ``N`` (queries, or Sparse R-CNN's learned proposals).
-    - `num_heads`, `ffn_dim`: of every decoder layer.
-    - `num_points`, `out_points`, `num_groups`: of each :class:`~.adamixer_stage.AdaMixerStage`
-      (``P`` = `num_points`).
-    - `dynamic_dim`, `roi_size`, `clip_boxes`: of each :class:`~.sparse_rcnn_stage.SparseRCNNStage`
-      (the dynamic interaction's hidden width, the RoIAlign grid, clipping decoded boxes to the image).
-    - `num_stages`: AdaMixer's and Sparse R-CNN's stage count.
-    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: the DEQ schedule
-      (DEQDet, DEQ Sparse R-CNN).
-    - `test_tol`, `test_solver`: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
-      the fixed `test_steps` applications.
-    - `rap_content_prob`, `rap_content_scale`, `rap_box_prob`, `rap_box_pixels`: the DEQ models'
-      perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
-    - `rap_sort_corners`: DEQDet's box noise swaps crossed corners back (default False, as the official
-      code); Sparse R-CNN's always does.
-    - `num_select`: detections per image at inference.
+    Attributes:
+        arch: a row of :data:`~.registry.ARCHITECTURES`: ``"deqdet"``, ``"adamixer"``, ``"sparse_rcnn"``,
+            ``"deq_sparse_rcnn"`` or a registered one.
+        backbone, backbone_weights, backbone_norm, frozen_stages: of
+            :class:`~.backbone.ResNetBackbone` (`backbone_weights`: a published weights name such as
+            ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
+        neck_kernel, neck_relu, gn_groups, neck_init: of :class:`~.neck.ChannelMapper` (DEQDet,
+            AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
+        dim: channels of the features and of the query content.
+        num_queries: ``N`` (queries, or Sparse R-CNN's learned proposals).
+        num_heads, ffn_dim: of every decoder layer.
+        num_points, out_points, num_groups: of each :class:`~.adamixer_stage.AdaMixerStage`
+            (``P`` = `num_points`).
+        dynamic_dim, roi_size, clip_boxes: of each :class:`~.sparse_rcnn_stage.SparseRCNNStage`
+            (the dynamic interaction's hidden width, the RoIAlign grid, clipping decoded boxes to the image).
+        num_stages: AdaMixer's and Sparse R-CNN's stage count.
+        train_steps, test_steps, supervise_steps, init_refinements, rag_steps: the DEQ schedule
+            (DEQDet, DEQ Sparse R-CNN).
+        test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
+            the fixed `test_steps` applications.
+        rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
+            perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
+        rap_sort_corners: DEQDet's box noise swaps crossed corners back (default False, as the official
+            code); Sparse R-CNN's always does.
+        num_select: detections per image at inference.
     """
 
-    arch: Literal["deqdet", "adamixer", "sparse_rcnn", "deq_sparse_rcnn"] = "deqdet"
+    arch: str = "deqdet"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
     backbone_norm: Literal["frozen_stats", "frozen", "batch"] | None = None
@@ -92,12 +101,14 @@ class ModelConfig:
     num_select: int = 100
 
 
-_DEQDET_R50 = ModelConfig()
-_ADAMIXER_R50 = ModelConfig(arch="adamixer", neck_kernel=1, neck_relu=False, num_points=32)
+DEQDET_R50 = ModelConfig()
+ADAMIXER_R50 = ModelConfig(arch="adamixer", neck_kernel=1, neck_relu=False, num_points=32)
+SPARSE_RCNN_R50 = ModelConfig(arch="sparse_rcnn")
+DEQ_SPARSE_RCNN_R50 = ModelConfig(arch="deq_sparse_rcnn")
 # CPU-sized (a training step well under a second on 2 cores at 128-192 px): ResNet-10, 64 channels, 20
 # queries, 4 points per group; the DEQ schedule is the paper's. Box noise is scaled like the images
 # (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights="IMAGENET1K_V1".
-_TINY = dict(
+TINY = dict(
     backbone="resnet10",
     dim=64,
     gn_groups=8,
@@ -107,53 +118,21 @@ _TINY = dict(
     out_points=16,
     ffn_dim=256,
 )
-
-_SPARSE_RCNN_R50 = ModelConfig(arch="sparse_rcnn")
-_DEQ_SPARSE_RCNN_R50 = ModelConfig(arch="deq_sparse_rcnn")
 # The tiny Sparse R-CNNs: the backbone and widths of the tiny DEQDet, a 16-wide dynamic interaction.
-_SPARSE_TINY = dict(backbone="resnet10", dim=64, num_queries=20, num_heads=4, ffn_dim=256, dynamic_dim=16)
-
-CONFIGS: dict[str, ModelConfig] = {
-    "deqdet_r50_1x": _DEQDET_R50,
-    "deqdet_r50_2x": dataclasses.replace(_DEQDET_R50, num_queries=300, num_select=300),
-    "adamixer_r50_1x": _ADAMIXER_R50,
-    "deqdet_tiny": dataclasses.replace(_DEQDET_R50, **_TINY, rap_box_pixels=4.0),
-    "adamixer_tiny": dataclasses.replace(_ADAMIXER_R50, **_TINY),
-    "sparse_rcnn_r50_1x": _SPARSE_RCNN_R50,
-    "sparse_rcnn_r50_3x": dataclasses.replace(_SPARSE_RCNN_R50, num_queries=300, num_select=300),
-    "deq_sparse_rcnn_r50_1x": _DEQ_SPARSE_RCNN_R50,
-    "deq_sparse_rcnn_r50_3x": dataclasses.replace(_DEQ_SPARSE_RCNN_R50, num_queries=300, num_select=300),
-    "sparse_rcnn_tiny": dataclasses.replace(_SPARSE_RCNN_R50, **_SPARSE_TINY),
-    "deq_sparse_rcnn_tiny": dataclasses.replace(_DEQ_SPARSE_RCNN_R50, **_SPARSE_TINY, rap_box_pixels=4.0),
-}
+SPARSE_TINY = dict(backbone="resnet10", dim=64, num_queries=20, num_heads=4, ffn_dim=256, dynamic_dim=16)
 
 
-def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -> QueryDetector:
-    """Build a detector from a named (or given) configuration.
+# --------------------------------------------------------------------------------------------------------
+# The builders of the table's rows (:data:`~.registry.ARCHITECTURES`): ``(config, num_classes) -> detector``.
+def make_backbone(cfg: ModelConfig) -> ResNetBackbone:
+    """The ResNet a configuration names, with its weights, normalisation and frozen stages."""
+    return ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_stages)
 
-    **Arguments**
-    - `config`: a key of :data:`CONFIGS` (``deqdet_r50_1x``, ``deqdet_r50_2x``, ``adamixer_r50_1x``,
-      ``sparse_rcnn_r50_1x``, ``sparse_rcnn_r50_3x``, ``deq_sparse_rcnn_r50_1x``,
-      ``deq_sparse_rcnn_r50_3x``, and the CPU-sized ``deqdet_tiny``, ``adamixer_tiny``,
-      ``sparse_rcnn_tiny``, ``deq_sparse_rcnn_tiny``) or a :class:`ModelConfig`.
-    - `num_classes`: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
-    - `**overrides`: fields of :class:`ModelConfig` to change, e.g. ``num_queries=50`` or
-      ``backbone_weights="IMAGENET1K_V1"``.
 
-    **Returns** a :class:`~.deqdet.DEQDet`, :class:`~.adamixer.AdaMixer`, :class:`~.sparse_rcnn.SparseRCNN`
-    or :class:`~.deq_sparse_rcnn.DEQSparseRCNN` in training mode.
-
-    Build on the meta device (``with torch.device("meta"): ...``) to inspect shapes and parameter counts
-    without allocating memory.
-    """
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
-        config = CONFIGS[config]
-    cfg = dataclasses.replace(config, **overrides)
-    backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_stages)
-    if cfg.arch in ("sparse_rcnn", "deq_sparse_rcnn"):
-        return _build_sparse_rcnn(cfg, backbone, num_classes)
+def _adamixer_parts(
+    cfg: ModelConfig, num_classes: int
+) -> tuple[ResNetBackbone, ChannelMapper, InitialQueries, Callable[[], AdaMixerStage]]:
+    backbone = make_backbone(cfg)
     neck = ChannelMapper(
         backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups, init=cfg.neck_init
     )
@@ -171,34 +150,34 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             backbone.strides,
         )
 
-    if cfg.arch == "adamixer":
-        return AdaMixer(
-            backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
-        )
-    if cfg.arch == "deqdet":
-        rap = RAP(
-            cfg.rap_content_prob,
-            cfg.rap_content_scale,
-            cfg.rap_box_prob,
-            cfg.rap_box_pixels,
-            sort_corners=cfg.rap_sort_corners,
-        )
-        return DEQDet(
-            backbone,
-            neck,
-            queries,
-            layer(),
-            layer(),
-            perturbation=rap,
-            **_deq_schedule(cfg),
-        )
-    raise ValueError(
-        f"unknown arch {cfg.arch!r}; choose 'deqdet', 'adamixer', 'sparse_rcnn' or 'deq_sparse_rcnn'"
+    return backbone, neck, queries, layer
+
+
+def build_adamixer(cfg: ModelConfig, num_classes: int) -> AdaMixer:
+    """AdaMixer: a channel-mapper neck, learned queries and ``num_stages`` :class:`AdaMixerStage` stages."""
+    backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
+    return AdaMixer(
+        backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
     )
 
 
-def _build_sparse_rcnn(cfg: ModelConfig, backbone: ResNetBackbone, num_classes: int) -> QueryDetector:
-    """Sparse R-CNN or DEQ Sparse R-CNN: an FPN, learned proposals and :class:`SparseRCNNStage` layers."""
+def build_deqdet(cfg: ModelConfig, num_classes: int) -> DEQDet:
+    """DEQDet: AdaMixer's parts, an init layer ``G`` and a refinement layer ``F``, and RAP."""
+    backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
+    rap = RAP(
+        cfg.rap_content_prob,
+        cfg.rap_content_scale,
+        cfg.rap_box_prob,
+        cfg.rap_box_pixels,
+        sort_corners=cfg.rap_sort_corners,
+    )
+    return DEQDet(backbone, neck, queries, layer(), layer(), perturbation=rap, **_deq_schedule(cfg))
+
+
+def _sparse_rcnn_parts(
+    cfg: ModelConfig, num_classes: int
+) -> tuple[ResNetBackbone, FPN, LearnedProposals, Callable[[bool], SparseRCNNStage]]:
+    backbone = make_backbone(cfg)
     neck = FPN(backbone.channels, cfg.dim)
     proposals = LearnedProposals(cfg.num_queries, cfg.dim)
 
@@ -215,18 +194,22 @@ def _build_sparse_rcnn(cfg: ModelConfig, backbone: ResNetBackbone, num_classes: 
             clip_boxes=cfg.clip_boxes,
         )
 
-    if cfg.arch == "sparse_rcnn":
-        stages = [stage(first=i == 0) for i in range(cfg.num_stages)]
-        return SparseRCNN(backbone, neck, proposals, stages, num_select=cfg.num_select)
+    return backbone, neck, proposals, stage
+
+
+def build_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> SparseRCNN:
+    """Sparse R-CNN: an FPN, learned proposals and ``num_stages`` :class:`SparseRCNNStage` stages."""
+    backbone, neck, proposals, stage = _sparse_rcnn_parts(cfg, num_classes)
+    stages = [stage(i == 0) for i in range(cfg.num_stages)]
+    return SparseRCNN(backbone, neck, proposals, stages, num_select=cfg.num_select)
+
+
+def build_deq_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> DEQSparseRCNN:
+    """DEQ Sparse R-CNN: Sparse R-CNN's parts, a first stage ``G``, a refinement stage ``F``, and RAP."""
+    backbone, neck, proposals, stage = _sparse_rcnn_parts(cfg, num_classes)
     rap = SparseRCNNRAP(cfg.rap_content_prob, cfg.rap_content_scale, cfg.rap_box_prob, cfg.rap_box_pixels)
     return DEQSparseRCNN(
-        backbone,
-        neck,
-        proposals,
-        stage(first=True),
-        stage(first=False),
-        perturbation=rap,
-        **_deq_schedule(cfg),
+        backbone, neck, proposals, stage(True), stage(False), perturbation=rap, **_deq_schedule(cfg)
     )
 
 
@@ -256,7 +239,8 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     integers, floats, strings, tuples of integers (``1,2``, ``[1,2]`` or ``(1,2)``), optional fields
     (``none``) and fixed choices.
 
-    **Raises** ``ValueError`` naming the option and what it accepts.
+    Raises:
+        ``ValueError`` naming the option and what it accepts.
     """
     hints = typing.get_type_hints(ModelConfig)
     out: dict[str, Any] = {}

@@ -35,12 +35,13 @@ def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor]:
 def encode_deltas(boxes: Tensor, targets: Tensor, stds: Sequence[float] = DELTA_STDS) -> Tensor:
     """The deltas that move ``boxes`` onto ``targets`` (see the module docstring).
 
-    **Arguments**
-    - `boxes`: ``[..., 4]`` xyxy with positive sides.
-    - `targets`: ``[..., 4]`` xyxy with positive sides, broadcastable against `boxes`.
-    - `stds`: ``(s_x, s_y, s_w, s_h)``.
+    Arguments:
+        boxes: ``[..., 4]`` xyxy with positive sides.
+        targets: ``[..., 4]`` xyxy with positive sides, broadcastable against `boxes`.
+        stds: ``(s_x, s_y, s_w, s_h)``.
 
-    **Returns** ``[..., 4]`` as ``(d_x, d_y, d_w, d_h)``.
+    Returns:
+        ``[..., 4]`` as ``(d_x, d_y, d_w, d_h)``.
     """
     p_xy, p_wh = _centre_size(boxes)
     g_xy, g_wh = _centre_size(targets)
@@ -56,14 +57,15 @@ def decode_deltas(
 ) -> Tensor:
     """Apply predicted ``deltas`` to ``boxes`` (see the module docstring).
 
-    **Arguments**
-    - `boxes`: ``[B, N, 4]`` (or any ``[..., 4]``) xyxy in pixels.
-    - `deltas`: same shape, as ``(d_x, d_y, d_w, d_h)``.
-    - `stds`: ``(s_x, s_y, s_w, s_h)``.
-    - `image_sizes`: ``[B, 2]`` real ``(h, w)``: clip the result to ``[0, w] x [0, h]``. Default None, no
-      clipping, as Sparse R-CNN's configuration (``clip_border=False``).
+    Arguments:
+        boxes: ``[B, N, 4]`` (or any ``[..., 4]``) xyxy in pixels.
+        deltas: same shape, as ``(d_x, d_y, d_w, d_h)``.
+        stds: ``(s_x, s_y, s_w, s_h)``.
+        image_sizes: ``[B, 2]`` real ``(h, w)``: clip the result to ``[0, w] x [0, h]``. Default None, no
+            clipping, as Sparse R-CNN's configuration (``clip_border=False``).
 
-    **Returns** the moved boxes, ``[..., 4]`` xyxy.
+    Returns:
+        The moved boxes, ``[..., 4]`` xyxy.
     """
     p_xy, p_wh = _centre_size(boxes)
     scaled = deltas * deltas.new_tensor(stds)

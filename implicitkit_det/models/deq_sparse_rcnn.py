@@ -27,16 +27,16 @@ class DEQSparseRCNN(DEQDet):
     every branch. ``F`` detaches its box input, so the boxes are trained per step, as between Sparse
     R-CNN's stages.
 
-    **Arguments**
-    - `backbone`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `neck`: an :class:`~.fpn.FPN`.
-    - `proposals`: the :class:`~.proposals.LearnedProposals` (held as ``queries``).
-    - `init_layer`: ``G`` (``detach_boxes=False``).
-    - `refine_layer`: ``F`` (``detach_boxes=True``).
-    - `train_steps`, `test_steps`, `supervise_steps`, `init_refinements`, `rag_steps`: as for
-      :class:`~.deqdet.DEQDet`.
-    - `perturbation`: ``"rap"`` for a default :class:`~.rap.SparseRCNNRAP`, any ``(state, step) -> state``
-      callable, or None.
+    Arguments:
+        backbone, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        neck: an :class:`~.fpn.FPN`.
+        proposals: the :class:`~.proposals.LearnedProposals` (held as ``queries``).
+        init_layer: ``G`` (``detach_boxes=False``).
+        refine_layer: ``F`` (``detach_boxes=True``).
+        train_steps, test_steps, supervise_steps, init_refinements, rag_steps: as for
+            :class:`~.deqdet.DEQDet`.
+        perturbation: ``"rap"`` for a default :class:`~.rap.SparseRCNNRAP`, any ``(state, step) -> state``
+            callable, or None.
 
     References: Wang et al., "Deep equilibrium object detection", ICCV 2023; Sun et al., "Sparse R-CNN",
     CVPR 2021.

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 import implicitkit as ik
 
-from .adamixer_stage import AdaMixerStage
-from .detector import Outputs, QueryDetector
+from .detector import Outputs, QueryDetector, RefinementStage
 from .queries import InitialQueries, QueryState
 from .rap import RAP
 
@@ -53,22 +53,22 @@ class DEQDet(QueryDetector):
     ``test_stop_mode`` are plain attributes, so they can be changed at run time (e.g. more refinement steps
     at test, or early exit on a trained model).
 
-    **Arguments**
-    - `backbone`, `neck`, `queries`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `init_layer`: ``G``.
-    - `refine_layer`: ``F``.
-    - `train_steps`: no-grad solver steps in training.
-    - `test_steps`: applications of ``F`` at inference (the most, with `test_tol`).
-    - `test_tol`: None for exactly `test_steps` applications; else the per-image tolerance on the change
-      of the query state (the RMS per query of the scaled state, see :meth:`refine_to_tolerance`).
-    - `test_solver`: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
-      (:class:`implicitkit.Anderson` on the scaled state).
-    - `test_stop_mode`: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
-    - `supervise_steps`: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
-    - `init_refinements`: supervised grad-attached applications of ``F`` to ``y_0`` (2).
-    - `rag_steps`: ``k`` of :class:`implicitkit.RAG`.
-    - `perturbation`: applied on the training path: ``"rap"`` for a default :class:`~.rap.RAP`, any
-      ``(state, step) -> state`` callable, or None.
+    Arguments:
+        backbone, neck, queries, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        init_layer: ``G``.
+        refine_layer: ``F``.
+        train_steps: no-grad solver steps in training.
+        test_steps: applications of ``F`` at inference (the most, with `test_tol`).
+        test_tol: None for exactly `test_steps` applications; else the per-image tolerance on the change
+            of the query state (the RMS per query of the scaled state, see :meth:`refine_to_tolerance`).
+        test_solver: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
+            (:class:`implicitkit.Anderson` on the scaled state).
+        test_stop_mode: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
+        supervise_steps: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
+        init_refinements: supervised grad-attached applications of ``F`` to ``y_0`` (2).
+        rag_steps: ``k`` of :class:`implicitkit.RAG`.
+        perturbation: applied on the training path: ``"rap"`` for a default :class:`~.rap.RAP`, any
+            ``(state, step) -> state`` callable, or None.
 
     Reference: Wang et al., "Deep equilibrium object detection", ICCV 2023.
     """
@@ -81,8 +81,8 @@ class DEQDet(QueryDetector):
         backbone: nn.Module,
         neck: nn.Module,
         queries: InitialQueries,
-        init_layer: AdaMixerStage,
-        refine_layer: AdaMixerStage,
+        init_layer: RefinementStage,
+        refine_layer: RefinementStage,
         *,
         train_steps: int = 20,
         test_steps: int = 21,
@@ -112,6 +112,20 @@ class DEQDet(QueryDetector):
         self.test_solver = test_solver
         self.test_stop_mode = test_stop_mode
         self.last_steps: Tensor | None = None
+
+    def refinement_layers(self) -> Iterator[nn.Module]:
+        """``G``, then ``F`` again and again."""
+        return itertools.chain([self.init_layer], itertools.repeat(self.refine_layer))
+
+    @property
+    def training_depth(self) -> int:
+        """The no-grad solver steps of training."""
+        return self.train_steps
+
+    @property
+    def test_settings(self) -> dict[str, Any]:
+        """``test_steps``, ``test_tol`` and ``test_solver``."""
+        return {"test_steps": self.test_steps, "test_tol": self.test_tol, "test_solver": self.test_solver}
 
     def solve(
         self,
@@ -188,7 +202,8 @@ class DEQDet(QueryDetector):
         ``nstep`` times (with Anderson, the iterate it stopped at), as in the fixed-count mode; no
         gradient estimator runs (``Solution.value`` would add RAG's two applications).
 
-        **Returns** ``(state, steps)``: the converged state and the ``[B]`` applications of ``F`` per image.
+        Returns:
+            ``(state, steps)``: the converged state and the ``[B]`` applications of ``F`` per image.
         """
         content = y0["content"]
         dim, queries = content.shape[-1], content.shape[-2]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+import implicitkit as ik
 
 from ..evaluation import PostProcess
 from ..losses import SetCriterion
@@ -19,6 +21,18 @@ Outputs = dict[str, Tensor]  # {"pred_logits": [B, N, C], "pred_boxes": [B, N, 4
 
 # The key of the branch-wise step's last backward in the loss dict (see QueryDetector.forward).
 PENDING_BACKWARD = "pending_backward"
+
+
+@runtime_checkable
+class RefinementStage(Protocol):
+    """A decoder layer the detectors refine queries with (:class:`~.adamixer_stage.AdaMixerStage`,
+    :class:`~.sparse_rcnn_stage.SparseRCNNStage`, or a new detector's own): ``stage(state, features,
+    image_sizes)`` returns the next query state, ``stage.predict(state, image_sizes)`` its outputs
+    ``{"pred_logits", "pred_boxes"}``."""
+
+    def __call__(self, state: Any, features: Sequence[Tensor], image_sizes: Tensor) -> Any: ...
+
+    def predict(self, state: Any, image_sizes: Tensor) -> Outputs: ...
 
 
 class QueryDetector(nn.Module, ABC):
@@ -44,12 +58,12 @@ class QueryDetector(nn.Module, ABC):
 
     Subclasses provide :meth:`training_branches` and :meth:`inference_outputs`.
 
-    **Arguments**
-    - `backbone`: images -> list of levels (strides 4, 8, 16, 32).
-    - `neck`: levels -> levels of the decoder's channels.
-    - `queries`: the initial :class:`~.queries.InitialQueries`.
-    - `criterion`: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
-    - `num_select`: detections per image at inference.
+    Arguments:
+        backbone: images -> list of levels (strides 4, 8, 16, 32).
+        neck: levels -> levels of the decoder's channels.
+        queries: the initial :class:`~.queries.InitialQueries`.
+        criterion: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
+        num_select: detections per image at inference.
     """
 
     def __init__(
@@ -82,6 +96,38 @@ class QueryDetector(nn.Module, ABC):
     @abstractmethod
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The final predictions."""
+
+    # -- what the engine asks of every detector -------------------------------------------------------
+    #: Per-image refinement steps of the last inference (``[B]``), for detectors that count them.
+    last_steps: Tensor | None = None
+
+    def refinement_layers(self) -> Iterator[nn.Module]:
+        """The layers applied at test, one per refinement step, without end (each ``layer(state, features,
+        sizes)`` with ``layer.predict(state, sizes)``): what the refinement curve scores step by step."""
+        raise TypeError(
+            f"the refinement curve needs a DEQ detector (init layer G, refinement layer F) or a stack of decoder "
+            f"stages (AdaMixer, Sparse R-CNN); {type(self).__name__} does not say its refinement layers"
+        )
+
+    @property
+    def training_depth(self) -> int | None:
+        """The step of :meth:`refinement_layers` the detector was trained to; None when it has none."""
+        return None
+
+    @property
+    def test_settings(self) -> dict[str, Any]:
+        """The settings of inference that can change after training (a DEQ's test-time steps); none here."""
+        return {}
+
+    def configure_test(self, **settings: Any) -> None:
+        """Change :attr:`test_settings` (``test_steps=``, ...), refusing names the detector does not have."""
+        unknown = sorted(set(settings) - set(self.test_settings))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no test-time setting {unknown}; it has {sorted(self.test_settings)}"
+            )
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     # -- shared machinery ----------------------------------------------------------------------------
     def features(self, images: Tensor) -> list[Tensor]:
@@ -141,11 +187,11 @@ class QueryDetector(nn.Module, ABC):
         ``no_sync()``), and ``ddp(images, targets, branchwise=True)[PENDING_BACKWARD].backward()`` then
         reduces every parameter's whole gradient once, as one backward of the summed loss would.
 
-        **Arguments**
-        - `images` ``[B, 3, H, W]``, `targets`, `mask` ``[B, H, W]``: see the class docstring.
-        - `branchwise`: back-propagate group by group (above).
-        - `loss_scale`: applied to each group's total loss before its backward, e.g. a float16
-          ``GradScaler``'s ``scale``; default none.
+        Arguments:
+            images ``[B, 3, H, W]``, targets, mask ``[B, H, W]``: see the class docstring.
+            branchwise: back-propagate group by group (above).
+            loss_scale: applied to each group's total loss before its backward, e.g. a float16
+                ``GradScaler``'s ``scale``; default none.
         """
         if isinstance(targets, Tensor):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
@@ -175,7 +221,8 @@ class QueryDetector(nn.Module, ABC):
     ) -> dict[str, Tensor]:
         # Leaf copies cut the graph at the features: each group's backward stops there, so the backbone's
         # graph survives until the last backward, which sends the copies' summed gradient through it.
-        copies = [f.detach().requires_grad_() if f.requires_grad else f for f in features]
+        shared = ik.SharedInputs(list(features))
+        (copies,) = shared.inputs
         result: dict[str, Tensor] = {}
         total = None
         for group in self.training_branches(copies, sizes):
@@ -194,10 +241,9 @@ class QueryDetector(nn.Module, ABC):
                 tensors.append(param)
                 grads.append(param.grad)
                 param.grad = None
-        for feature, copy in zip(features, copies, strict=True):
-            if copy is not feature and copy.grad is not None:
-                tensors.append(feature)
-                grads.append(copy.grad)
+        sources, gathered = shared.take_gradients()
+        tensors += sources
+        grads += gathered
         if tensors:
             result[PENDING_BACKWARD] = _DeliverGradients.apply(grads, *tensors)
         else:  # nothing trainable was reached: a backward with nothing to deliver
@@ -209,9 +255,9 @@ class QueryDetector(nn.Module, ABC):
     ) -> Outputs:
         """The final raw outputs ``{"pred_logits" [B, N, C], "pred_boxes" [B, N, 4]}`` in any mode.
 
-        **Arguments**
-        - `images`, `mask`: as for :meth:`forward`.
-        - `image_sizes`: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
+        Arguments:
+            images, mask: as for :meth:`forward`.
+            image_sizes: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
         """
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
         return self.inference_outputs(self.features(images), sizes)
@@ -245,11 +291,12 @@ class QueryDetector(nn.Module, ABC):
         ``DistributedDataParallel`` call the wrapper instead:
         ``ddp(images, targets, branchwise=True).pop(PENDING_BACKWARD).backward()``, as the engine does.
 
-        **Arguments**
-        - `images`, `targets`, `mask`: as for :meth:`forward`.
-        - `loss_scale`: multiplies every loss before its backward (e.g. a ``GradScaler``'s scale).
+        Arguments:
+            images, targets, mask: as for :meth:`forward`.
+            loss_scale: multiplies every loss before its backward (e.g. a ``GradScaler``'s scale).
 
-        **Returns** the same dict as :meth:`forward`, detached.
+        Returns:
+            The same dict as :meth:`forward`, detached.
         """
         if not self.training:
             raise RuntimeError("forward_backward trains: call model.train() first.")

@@ -23,10 +23,10 @@ class DynamicInteraction(nn.Module):
     **Parameters** (``C`` 256, ``c`` 64, ``S`` 7): generator ``Linear(256, 2 * 256 * 64)`` 8,421,376;
     LNs 128 + 512 + 512; ``Linear(12544, 256)`` 3,211,520; 11,634,048 in all.
 
-    **Arguments**
-    - `dim`: ``C``, channels of the proposal content and of the RoI features.
-    - `hidden_dim`: ``c``.
-    - `roi_size`: ``S``.
+    Arguments:
+        dim: ``C``, channels of the proposal content and of the RoI features.
+        hidden_dim: ``c``.
+        roi_size: ``S``.
     """
 
     def __init__(self, dim: int = 256, hidden_dim: int = 64, roi_size: int = 7) -> None:

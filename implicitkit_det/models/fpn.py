@@ -26,9 +26,9 @@ class FPN(nn.Module):
     **Parameters** for ResNet-50 (256, 512, 1024, 2048) to 256 channels: laterals 984,064, outputs
     2,360,320; 3,344,384 in all.
 
-    **Arguments**
-    - `in_channels`: channels of each backbone level, finest first.
-    - `out_channels`: channels of every output level.
+    Arguments:
+        in_channels: channels of each backbone level, finest first.
+        out_channels: channels of every output level.
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256) -> None:

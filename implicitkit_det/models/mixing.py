@@ -23,12 +23,12 @@ class AdaptiveMixing(nn.Module):
     query-specific MLP over the sampled set. The generator's weight starts at 0, so at first ``M`` and
     ``S`` are its (random) bias, the same for every query; training makes them depend on the query.
 
-    **Arguments**
-    - `dim`: query content channels.
-    - `feature_dim`: ``C``, channels of the sampled features (all groups).
-    - `num_points`: ``P``, sampled points per group.
-    - `out_points`: ``P_out``.
-    - `num_groups`: ``G``.
+    Arguments:
+        dim: query content channels.
+        feature_dim: ``C``, channels of the sampled features (all groups).
+        num_points: ``P``, sampled points per group.
+        out_points: ``P_out``.
+        num_groups: ``G``.
     """
 
     def __init__(

@@ -23,13 +23,14 @@ class ChannelMapper(nn.Module):
     The convolutions start Xavier-uniform with zero bias, as the reference configurations initialise them
     (``init="xavier_uniform"``); ``init="pytorch"`` keeps ``nn.Conv2d``'s own (Kaiming-uniform) start.
 
-    **Arguments**
-    - `in_channels`: channels of each backbone level.
-    - `out_channels`: the decoder's channels.
-    - `kernel_size`: 3 (DEQDet) or 1 (AdaMixer).
-    - `relu`: apply ReLU after each convolution.
-    - `num_groups`: of the shared GroupNorm.
-    - `init`: ``"xavier_uniform"`` (weights Xavier-uniform, bias 0) or ``"pytorch"`` (``nn.Conv2d``'s default).
+    Arguments:
+        in_channels: channels of each backbone level.
+        out_channels: the decoder's channels.
+        kernel_size: 3 (DEQDet) or 1 (AdaMixer).
+        relu: apply ReLU after each convolution.
+        num_groups: of the shared GroupNorm.
+        init: ``"xavier_uniform"`` (weights Xavier-uniform, bias 0) or ``"pytorch"`` (``nn.Conv2d``'s
+            default).
     """
 
     def __init__(

@@ -34,9 +34,9 @@ class LearnedProposals(nn.Module):
     whole image; training moves them to where objects tend to be. Unlike DEQDet's queries, the content has
     no LayerNorm.
 
-    **Arguments**
-    - `num_proposals`: ``N``.
-    - `dim`: channels of the proposal features.
+    Arguments:
+        num_proposals: ``N``.
+        dim: channels of the proposal features.
     """
 
     def __init__(self, num_proposals: int = 100, dim: int = 256) -> None:

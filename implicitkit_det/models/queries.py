@@ -35,9 +35,9 @@ class InitialQueries(nn.Module):
     Every query starts equal in position, so only its content tells it apart; the decoder's layers move the
     boxes.
 
-    **Arguments**
-    - `num_queries`: ``N``.
-    - `dim`: content channels.
+    Arguments:
+        num_queries: ``N``.
+        dim: content channels.
     """
 
     def __init__(self, num_queries: int = 100, dim: int = 256) -> None:

@@ -51,11 +51,11 @@ class BoxPerturbation:
     are swapped back first, so the box keeps side lengths ``|x1 - x0|``, ``|y1 - y0|`` (what Sparse
     R-CNN's :class:`CornerPerturbation` always does).
 
-    **Arguments**
-    - `prob`: probability that a step is perturbed.
-    - `pixels`: noise scale in pixels.
-    - `generator`: source of randomness for reproducible paths; default the global generator.
-    - `sort_corners`: swap crossed corners back before re-encoding.
+    Arguments:
+        prob: probability that a step is perturbed.
+        pixels: noise scale in pixels.
+        generator: source of randomness for reproducible paths; default the global generator.
+        sort_corners: swap crossed corners back before re-encoding.
     """
 
     def __init__(
@@ -108,11 +108,11 @@ class RAP(_ContentAndBoxNoise):
     Training the refinement layer on states it did not produce itself teaches it to correct errors rather
     than to follow its own path, and the supervised branches see more varied inputs.
 
-    **Arguments**
-    - `content_prob`, `content_scale`: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
-    - `box_prob`, `box_pixels`, `sort_corners`: of the :class:`BoxPerturbation` (crossed corners are left
-      unsorted by default, as in the official code).
-    - `generator`: shared by both parts, for reproducible paths.
+    Arguments:
+        content_prob, content_scale: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
+        box_prob, box_pixels, sort_corners: of the :class:`BoxPerturbation` (crossed corners are left
+            unsorted by default, as in the official code).
+        generator: shared by both parts, for reproducible paths.
     """
 
     def __init__(
@@ -146,10 +146,10 @@ class CornerPerturbation:
     draw per step for the whole batch, ``eps`` per corner coordinate, the same random draws in the same
     order.
 
-    **Arguments**
-    - `prob`: probability that a step is perturbed.
-    - `pixels`: noise scale in pixels.
-    - `generator`: source of randomness for reproducible paths; default the global generator.
+    Arguments:
+        prob: probability that a step is perturbed.
+        pixels: noise scale in pixels.
+        generator: source of randomness for reproducible paths; default the global generator.
     """
 
     def __init__(
@@ -178,10 +178,10 @@ class SparseRCNNRAP(_ContentAndBoxNoise):
     The order (box, then content) and the re-sorted corners follow the official DEQ Sparse R-CNN head;
     DEQDet's :class:`RAP` perturbs the content first.
 
-    **Arguments**
-    - `content_prob`, `content_scale`: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
-    - `box_prob`, `box_pixels`: of the :class:`CornerPerturbation`.
-    - `generator`: shared by both parts, for reproducible paths.
+    Arguments:
+        content_prob, content_scale: of the :class:`implicitkit.GaussianPerturbation` on ``content``.
+        box_prob, box_pixels: of the :class:`CornerPerturbation`.
+        generator: shared by both parts, for reproducible paths.
     """
 
     def __init__(

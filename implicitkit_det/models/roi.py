@@ -19,12 +19,13 @@ def roi_levels(boxes: Tensor, num_levels: int = 4, canonical_scale: float = 56.0
     With the finest level at stride 4 and ``canonical_scale`` 56, boxes up to 112 px read stride 4,
     112-224 px stride 8, 224-448 px stride 16 and larger ones stride 32.
 
-    **Arguments**
-    - `boxes`: ``[..., 4]`` xyxy in pixels.
-    - `num_levels`: levels of the pyramid.
-    - `canonical_scale`: the scale at which a box moves from level 0 to level 1 is twice this.
+    Arguments:
+        boxes: ``[..., 4]`` xyxy in pixels.
+        num_levels: levels of the pyramid.
+        canonical_scale: the scale at which a box moves from level 0 to level 1 is twice this.
 
-    **Returns** ``[...]`` int64 levels in ``0 .. num_levels - 1``.
+    Returns:
+        ``[...]`` int64 levels in ``0 .. num_levels - 1``.
     """
     scale = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp_min(0).sqrt()
     levels = torch.floor(torch.log2(scale / canonical_scale + 1e-6))
@@ -44,11 +45,11 @@ class MultiLevelRoIAlign(nn.Module):
     image shapes; and it calls ``roi_align`` with ``aligned=False`` (no half-pixel offset), unlike
     mmdetection's ``RoIAlign``.
 
-    **Arguments**
-    - `strides`: of the feature levels, finest first.
-    - `output_size`: ``S``.
-    - `sampling_ratio`: samples per bin and axis.
-    - `canonical_scale`: of :func:`roi_levels`.
+    Arguments:
+        strides: of the feature levels, finest first.
+        output_size: ``S``.
+        sampling_ratio: samples per bin and axis.
+        canonical_scale: of :func:`roi_levels`.
     """
 
     def __init__(

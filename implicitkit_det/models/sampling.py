@@ -23,12 +23,13 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
     so a point of scale ``z = log2(size)`` reads mostly the level whose stride matches that size. Channels
     are split into ``G`` groups; group ``g`` is sampled at its own points.
 
-    **Arguments**
-    - `features`: levels ``[B, C, H_j, W_j]``, with ``H_j s_j`` and ``W_j s_j`` the padded image size.
-    - `points`: ``[B, N, G, P, 3]``: ``G`` groups of ``P`` points per query, as (x, y) pixels and ``z``.
-    - `strides`: ``s_j`` of each level.
+    Arguments:
+        features: levels ``[B, C, H_j, W_j]``, with ``H_j s_j`` and ``W_j s_j`` the padded image size.
+        points: ``[B, N, G, P, 3]``: ``G`` groups of ``P`` points per query, as (x, y) pixels and ``z``.
+        strides: ``s_j`` of each level.
 
-    **Returns** ``[B, N, G, P, C / G]``.
+    Returns:
+        ``[B, N, G, P, C / G]``.
     """
     b, n, groups, p, _ = points.shape
     xy, z = points[..., :2], points[..., 2]
@@ -61,11 +62,11 @@ class AdaptiveSampling3D(nn.Module):
     cell centres in ``[-0.5, 0.5]^2`` when ``P`` is a square (else uniform in that square), one level below
     the box's own scale (``dz = -1``), i.e. on a finer map.
 
-    **Arguments**
-    - `dim`: content channels.
-    - `num_points`: ``P``, points per group.
-    - `num_groups`: ``G``, channel groups of the features.
-    - `strides`: of the pyramid levels.
+    Arguments:
+        dim: content channels.
+        num_points: ``P``, points per group.
+        num_groups: ``G``, channel groups of the features.
+        strides: of the pyramid levels.
     """
 
     def __init__(

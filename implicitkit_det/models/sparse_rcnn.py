@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from .adamixer import AdaMixer
+from .detector import RefinementStage
 from .proposals import LearnedProposals
-from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = ["SparseRCNN"]
 
@@ -23,12 +23,12 @@ class SparseRCNN(AdaMixer):
     features carry gradients through the whole stack and the learned proposal boxes are trained through
     the first stage.
 
-    **Arguments**
-    - `backbone`, `criterion`, `num_select`: see :class:`~.detector.QueryDetector`.
-    - `neck`: an :class:`~.fpn.FPN`.
-    - `proposals`: the :class:`~.proposals.LearnedProposals` (held as ``queries``, the detectors' name for
-      the decoder's starting state).
-    - `stages`: the stages, applied in order; the first should keep its box input (``detach_boxes=False``).
+    Arguments:
+        backbone, criterion, num_select: see :class:`~.detector.QueryDetector`.
+        neck: an :class:`~.fpn.FPN`.
+        proposals: the :class:`~.proposals.LearnedProposals` (held as ``queries``, the detectors' name for
+            the decoder's starting state).
+        stages: the stages, applied in order; the first should keep its box input (``detach_boxes=False``).
 
     Reference: Sun et al., "Sparse R-CNN: end-to-end object detection with learnable proposals", CVPR 2021.
     """
@@ -38,7 +38,7 @@ class SparseRCNN(AdaMixer):
         backbone: nn.Module,
         neck: nn.Module,
         proposals: LearnedProposals,
-        stages: Sequence[SparseRCNNStage],
+        stages: Sequence[RefinementStage],
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, proposals, stages, **kwargs)

@@ -61,19 +61,19 @@ class SparseRCNNStage(nn.Module):
 
     That is 13,235,412 per stage.
 
-    **Arguments**
-    - `num_classes`: classes of the sigmoid classifier (no background class).
-    - `dim`: proposal feature channels (also the features' channels).
-    - `num_heads`: attention heads.
-    - `hidden_dim`: the dynamic interaction's ``c``.
-    - `roi_size`: ``S``.
-    - `ffn_dim`: hidden width of the FFN.
-    - `num_cls_fcs`, `num_reg_fcs`: hidden layers of the heads.
-    - `strides`: of the feature levels the stage reads.
-    - `detach_boxes`: detach the input boxes (see above).
-    - `clip_boxes`: clip the decoded boxes to the image (mmdetection's Sparse R-CNN does not).
-    - `stds`: the delta coder's scales.
-    - `prior_prob`: the classifier's starting probability.
+    Arguments:
+        num_classes: classes of the sigmoid classifier (no background class).
+        dim: proposal feature channels (also the features' channels).
+        num_heads: attention heads.
+        hidden_dim: the dynamic interaction's ``c``.
+        roi_size: ``S``.
+        ffn_dim: hidden width of the FFN.
+        num_cls_fcs, num_reg_fcs: hidden layers of the heads.
+        strides: of the feature levels the stage reads.
+        detach_boxes: detach the input boxes (see above).
+        clip_boxes: clip the decoded boxes to the image (mmdetection's Sparse R-CNN does not).
+        stds: the delta coder's scales.
+        prior_prob: the classifier's starting probability.
     """
 
     def __init__(
@@ -125,10 +125,10 @@ class SparseRCNNStage(nn.Module):
     def forward(self, state: ProposalState, features: Sequence[Tensor], image_sizes: Tensor) -> ProposalState:
         """One refinement: ``state`` (content [B, N, dim], xyxy [B, N, 4]) -> the next state.
 
-        **Arguments**
-        - `state`: the proposals.
-        - `features`: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
-        - `image_sizes`: ``[B, 2]`` real ``(h, w)``, for clipping when `clip_boxes`.
+        Arguments:
+            state: the proposals.
+            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
+            image_sizes: ``[B, 2]`` real ``(h, w)``, for clipping when `clip_boxes`.
         """
         boxes = state["xyxy"].detach() if self.detach_boxes else state["xyxy"]
         content = state["content"]
@@ -146,8 +146,9 @@ class SparseRCNNStage(nn.Module):
     def predict(self, state: ProposalState, image_sizes: Tensor) -> dict[str, Tensor]:
         """The criterion's view of a state this stage produced.
 
-        **Returns** ``pred_logits`` [B, N, classes] and ``pred_boxes`` [B, N, 4], xyxy divided by each
-        image's real ``(w, h, w, h)``.
+        Returns:
+            ``pred_logits`` [B, N, classes] and ``pred_boxes`` [B, N, 4], xyxy divided by each
+            image's real ``(w, h, w, h)``.
         """
         h, w = image_sizes.to(state["xyxy"]).unbind(-1)
         scale = torch.stack([w, h, w, h], dim=-1)[:, None]

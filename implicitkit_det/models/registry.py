@@ -1,0 +1,202 @@
+"""The detector table: one row per architecture, everything the engine and the command line need to know.
+
+A row (:class:`Architecture`) names the builder (``ModelConfig, num_classes -> QueryDetector``), the AdamW
+recipe the family was published with, whether it is a deep-equilibrium detector (test-time steps can be
+changed), whether it exits early at a tolerance, the learning rate of the digits demo, and the named
+configurations the command line's ``--config`` offers. Adding a detector is one model file (the
+:class:`~.detector.QueryDetector` subclass and its builder) and one row: a new entry in
+:data:`ARCHITECTURES`, or :func:`register_detector` from a user's own code. See docs/adding_a_detector.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configs import (
+    ADAMIXER_R50,
+    DEQ_SPARSE_RCNN_R50,
+    DEQDET_R50,
+    SPARSE_RCNN_R50,
+    SPARSE_TINY,
+    TINY,
+    ModelConfig,
+    build_adamixer,
+    build_deq_sparse_rcnn,
+    build_deqdet,
+    build_sparse_rcnn,
+)
+from .detector import QueryDetector
+
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIGS",
+    "RECIPES",
+    "Architecture",
+    "OptimizerRecipe",
+    "architecture_of",
+    "build_model",
+    "register_detector",
+]
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """The AdamW settings a detector family was published with (the arguments of ``param_groups``).
+
+    Arguments:
+        lr, weight_decay: the base values.
+        decoder_lr_mult, decoder_wd_mult: multipliers for the decoder's parameters.
+        clip_max_norm: gradient clipping threshold (total 2-norm).
+    """
+
+    lr: float = 2.5e-5
+    weight_decay: float = 0.01
+    decoder_lr_mult: float = 4.0
+    decoder_wd_mult: float = 10.0
+    clip_max_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the detector table.
+
+    Arguments:
+        build: ``build(config, num_classes)`` returns the detector in training mode.
+        recipe: the optimiser settings a fresh run starts from (options given on the command line win).
+        deq: a deep-equilibrium detector: ``--deq-steps`` changes its test-time step count.
+        early_exit: it stops refining at a tolerance (``--deq-tol``, ``--deq-solver``).
+        demo_lr: the learning rate of the digits demo (:func:`implicitkit_det.recipes.digits_recipe`).
+        configs: the named configurations ``--config`` offers, each with ``arch`` set to this row's name.
+    """
+
+    build: Callable[[ModelConfig, int], QueryDetector]
+    recipe: OptimizerRecipe = OptimizerRecipe()
+    deq: bool = False
+    early_exit: bool = False
+    demo_lr: float = 6e-4
+    configs: Mapping[str, ModelConfig] = field(default_factory=dict)
+
+
+# AdaMixer's and Sparse R-CNN's published configurations: one learning rate and weight decay for all; the
+# DEQ Sparse R-CNN head ships no configuration of its own and takes Sparse R-CNN's. To train AdaMixer with
+# DEQDet's settings instead (a like-for-like comparison): --weight-decay 0.01 --decoder-lr-mult 4
+# --decoder-wd-mult 10.
+_UNIFORM_RECIPE = OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decoder_wd_mult=1.0)
+_R300 = {"num_queries": 300, "num_select": 300}
+
+#: The detector table, keyed by ``ModelConfig.arch``.
+ARCHITECTURES: dict[str, Architecture] = {
+    "deqdet": Architecture(
+        build_deqdet, OptimizerRecipe(), deq=True, early_exit=True,
+        configs={
+            "deqdet_r50_1x": DEQDET_R50,
+            "deqdet_r50_2x": dataclasses.replace(DEQDET_R50, **_R300),
+            "deqdet_tiny": dataclasses.replace(DEQDET_R50, **TINY, rap_box_pixels=4.0),
+        },
+    ),
+    "adamixer": Architecture(
+        build_adamixer, _UNIFORM_RECIPE,
+        configs={"adamixer_r50_1x": ADAMIXER_R50, "adamixer_tiny": dataclasses.replace(ADAMIXER_R50, **TINY)},
+    ),
+    "sparse_rcnn": Architecture(
+        build_sparse_rcnn, _UNIFORM_RECIPE,
+        configs={
+            "sparse_rcnn_r50_1x": SPARSE_RCNN_R50,
+            "sparse_rcnn_r50_3x": dataclasses.replace(SPARSE_RCNN_R50, **_R300),
+            "sparse_rcnn_tiny": dataclasses.replace(SPARSE_RCNN_R50, **SPARSE_TINY),
+        },
+    ),
+    "deq_sparse_rcnn": Architecture(
+        build_deq_sparse_rcnn, _UNIFORM_RECIPE, deq=True,
+        configs={
+            "deq_sparse_rcnn_r50_1x": DEQ_SPARSE_RCNN_R50,
+            "deq_sparse_rcnn_r50_3x": dataclasses.replace(DEQ_SPARSE_RCNN_R50, **_R300),
+            "deq_sparse_rcnn_tiny": dataclasses.replace(DEQ_SPARSE_RCNN_R50, **SPARSE_TINY, rap_box_pixels=4.0),
+        },
+    ),
+}  # fmt: skip
+
+
+class _TableView(Mapping):
+    """A read-only, always current view of one column of :data:`ARCHITECTURES`."""
+
+    def __init__(self, rows: Callable[[], Iterator[tuple[str, Any]]]) -> None:
+        self._rows = rows
+
+    def __getitem__(self, key: str) -> Any:
+        for name, value in self._rows():
+            if name == key:
+                return value
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._rows())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._rows())
+
+
+#: Every named configuration of every architecture (``--config``'s choices).
+CONFIGS: Mapping[str, ModelConfig] = _TableView(
+    lambda: ((name, c) for a in ARCHITECTURES.values() for name, c in a.configs.items())
+)
+#: The optimiser recipe of each architecture.
+RECIPES: Mapping[str, OptimizerRecipe] = _TableView(lambda: ((n, a.recipe) for n, a in ARCHITECTURES.items()))
+
+
+def register_detector(name: str, architecture: Architecture) -> None:
+    """Add a row to :data:`ARCHITECTURES` from outside the package (a new detector, a test's toy one).
+
+    Raises ``ValueError`` when the name or one of its configuration names is taken, or a configuration's
+    ``arch`` is not `name`.
+    """
+    if name in ARCHITECTURES:
+        raise ValueError(f"a detector named {name!r} is registered already")
+    for config_name, config in architecture.configs.items():
+        if config_name in CONFIGS:
+            raise ValueError(
+                f"the configuration name {config_name!r} is taken (by {CONFIGS[config_name].arch})"
+            )
+        if config.arch != name:
+            raise ValueError(f"configuration {config_name!r} has arch={config.arch!r}; set arch={name!r}")
+    ARCHITECTURES[name] = architecture
+
+
+def architecture_of(arch: str) -> Architecture:
+    """The row of `arch` (a ``ModelConfig.arch``); ``KeyError`` listing the known ones."""
+    if arch not in ARCHITECTURES:
+        raise KeyError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)} or register one")
+    return ARCHITECTURES[arch]
+
+
+def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -> QueryDetector:
+    """Build a detector from a named (or given) configuration.
+
+    Arguments:
+        config: a key of :data:`CONFIGS` (``deqdet_r50_1x``, ``deqdet_r50_2x``, ``adamixer_r50_1x``,
+            ``sparse_rcnn_r50_1x``, ``sparse_rcnn_r50_3x``, ``deq_sparse_rcnn_r50_1x``,
+            ``deq_sparse_rcnn_r50_3x``, and the CPU-sized ``deqdet_tiny``, ``adamixer_tiny``,
+            ``sparse_rcnn_tiny``, ``deq_sparse_rcnn_tiny``) or a :class:`~.configs.ModelConfig`.
+        num_classes: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
+        **overrides: fields of :class:`~.configs.ModelConfig` to change, e.g. ``num_queries=50`` or
+            ``backbone_weights="IMAGENET1K_V1"``.
+
+    Returns:
+        The detector its architecture's builder makes (:class:`~.deqdet.DEQDet`, :class:`~.adamixer.AdaMixer`,
+        :class:`~.sparse_rcnn.SparseRCNN`, :class:`~.deq_sparse_rcnn.DEQSparseRCNN` or a registered one), in
+        training mode. Build on the meta device (``with torch.device("meta"): ...``) to inspect shapes and
+        parameter counts without allocating memory.
+    """
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
+        config = CONFIGS[config]
+    cfg = dataclasses.replace(config, **overrides)
+    try:
+        row = architecture_of(cfg.arch)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return row.build(cfg, num_classes)

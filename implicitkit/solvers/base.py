@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .loop import FAILURE_POLICIES, FlatMap, FlatPerturbation, SolveResult, iterate
+from ..stats import FAILURE_POLICIES, apply_failure_policy
+from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
 
 _STOP_MODES = ("abs", "rel")
 
@@ -145,7 +146,9 @@ class Solver(ABC, metaclass=_Frozen):
         capture: Iterable[int] = (),
     ) -> SolveResult:
         """Run this solver on flat states ``[B, D]`` in the current grad mode (see :func:`~.loop.iterate`)."""
-        return iterate(self, f, z0, perturbation=perturbation, capture=capture)
+        result = iterate(self, f, z0, perturbation=perturbation, capture=capture)
+        apply_failure_policy(self.on_failure, result.stats)
+        return result
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"

@@ -13,21 +13,16 @@ import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..stats import Result, SolverStats, apply_failure_policy
-
-if TYPE_CHECKING:
-    from .base import Solver
+from ..stats import Result, SolverStats
 
 FlatMap = Callable[[Tensor], Tensor]
 FlatPerturbation = Callable[[Tensor, int], Tensor]
-
-FAILURE_POLICIES = ("report", "warn", "raise")
 # Keeps the relative residual finite at a fixed point of (near) zero norm.
 _REL_EPS = 1e-8
 # A sample whose state grew this many times its starting size while its absolute residual stayed above this
@@ -35,6 +30,22 @@ _REL_EPS = 1e-8
 # the growth of its denominator (a map with no fixed point, iterated off to infinity).
 _NO_PROGRESS_GROWTH = 100.0
 _NO_PROGRESS_RESIDUAL = 0.5
+
+
+class Strategy(Protocol):
+    """What the loop needs of a solver (:class:`~implicitkit.solvers.base.Solver` implements it): its budget
+    and stop rule, and ``init`` / ``step`` to propose the next iterate."""
+
+    max_iter: int
+    tol: float | None
+    stop_mode: str
+    divergence_factor: float
+
+    def init(self, z0: Tensor) -> Any: ...
+
+    def step(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor: ...
+
+    def continues(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor: ...
 
 
 @dataclass
@@ -49,19 +60,20 @@ class SolveResult:
 
 @torch.compiler.disable  # a data-dependent loop: one graph break for direct callers (see functional.py)
 def iterate(
-    solver: Solver,
+    solver: Strategy,
     f: FlatMap,
     z0: Tensor,
     *,
     perturbation: FlatPerturbation | None = None,
     capture: Iterable[int] = (),
-    on_failure: str | None = None,
     checkpoint_every: int | None = None,
 ) -> SolveResult:
     """Iterate ``f`` from ``z0`` (``[B, D]``) with ``solver``'s steps until every sample stops.
 
     Runs in the current grad mode: under ``torch.no_grad()`` nothing of the path is kept; with autograd on
     (unrolled differentiation) every step is part of the graph. Residuals are always computed without a graph.
+    Failed samples are only reported in the stats: the caller applies the failure policy (``fixed_point``
+    and :meth:`Solver.solve` the solver's, IFT its own for its adjoint solve).
 
     Arguments:
         solver: proposes the next iterate and holds the stop rule.
@@ -71,8 +83,6 @@ def iterate(
             that already stopped are not perturbed.
         capture: steps after which to keep the state (``f(z)`` of that step); a sample already stopped
             contributes its returned value.
-        on_failure: overrides ``solver.on_failure`` (an estimator that owns the failure policy passes
-            ``"report"``).
         checkpoint_every: with autograd on, keep only the loop's state every this many steps and recompute
             the steps between in the backward pass (see :func:`_run_checkpointed`); ``None`` keeps them all.
 
@@ -109,7 +119,7 @@ def iterate(
             if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
                 act = act.clone()
             if perturbation is not None:
-                z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
+                z = perturbation(z, k) if all_active else _rows_where(act, perturbation(z, k), z)
             fz = f(z)
             with torch.no_grad():
                 abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
@@ -134,12 +144,12 @@ def iterate(
                 n_improved != batch
             ):  # (unrolled: the mask saved for backward must not see the next step's write)
                 mask = improved.clone() if torch.is_grad_enabled() else improved
-                best_value = torch.where(mask[:, None], fz, best_value)
+                best_value = _rows_where(mask, fz, best_value)
             else:
                 best_value = fz
-            last = fz if all_active else torch.where(act[:, None], fz, last)
+            last = fz if all_active else _rows_where(act, fz, last)
             if k in capture:
-                captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
+                captured[k] = fz if all_active else _rows_where(act, fz, best_value)
             if n_active == 0 or k == steps:
                 done = True
                 break
@@ -151,7 +161,7 @@ def iterate(
             else:
                 proposal = solver.step(memory, z, fz)
             all_active = n_active == batch
-            z = proposal if all_active else torch.where(active[:, None].clone(), proposal, z)
+            z = proposal if all_active else _rows_where(active.clone(), proposal, z)
         end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
         return end, captured
 
@@ -165,9 +175,7 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, best_res, limits, last)
-    apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
-    return SolveResult(best_value, last, stats, captured)
+    return SolveResult(best_value, last, history.stats(solver, taken, best_res, limits, last), captured)
 
 
 @dataclass
@@ -319,7 +327,7 @@ class _Record:
 
     def stop(
         self,
-        solver: Solver | None,
+        solver: Strategy | None,
         k: int,
         limits: _Limits,
         improved: Tensor,
@@ -349,7 +357,7 @@ class _Record:
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
     def stats(
-        self, solver: Solver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
+        self, solver: Strategy, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
     ) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
         res, act = self.res[:taken], self.active[:taken]
@@ -391,6 +399,12 @@ class _Record:
         result = torch.where(best_res <= tol, Result.successful, result)
         result = torch.where(~nonfinite & (past_limit | no_progress), Result.diverged, result)
         return torch.where(nonfinite, Result.nonfinite, result)
+
+
+def _rows_where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` in the rows where ``mask`` (``[B]``) is true, ``old`` elsewhere: the update of a partly
+    stopped batch."""
+    return torch.where(mask[:, None], new, old)
 
 
 def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:

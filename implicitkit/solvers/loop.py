@@ -89,24 +89,51 @@ def iterate(
     Returns:
         A :class:`SolveResult`.
     """
-    capture = _check_capture(capture, solver.max_iter)
-    fixed_count = solver.tol is None
-    # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
-    # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
-    # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as they are.
-    reads_host = not fixed_count or z0.device.type == "cpu"
-    rule = None if fixed_count else solver  # who decides which samples go on
-    batch, steps = z0.shape[0], solver.max_iter
-    history = _Record(steps, batch, z0, solver.stop_mode)
-    autocast_on = torch.is_autocast_enabled(z0.device.type)
+    loop = _Loop(solver, f, z0, perturbation, _check_capture(capture, solver.max_iter))
     # ``limits`` are set at step 1 from each sample's first residual and size; before it the best residual
     # is inf. ``all_active`` is known from the last host sync: a full batch skips its masking ops.
-    start_carry = _Carry(
-        z=z0, last=z0, best_value=z0, best_res=history.best[0], limits=None,
-        active=history.active_rows[0], all_active=True, memory=solver.init(z0),
+    start = _Carry(
+        z=z0, last=z0, best_value=z0, best_res=loop.history.best[0], limits=None,
+        active=loop.history.active_rows[0], all_active=True, memory=solver.init(z0),
     )  # fmt: skip
+    if checkpoint_every is None or not torch.is_grad_enabled():
+        end, captured = loop.run(start, 1, solver.max_iter)
+    else:
+        end, captured = _run_checkpointed(loop.run, start, solver.max_iter, checkpoint_every)
+    for k in loop.capture:  # every sample stopped before these steps: their state is the returned value
+        captured.setdefault(k, end.best_value)
+    stats = loop.history.stats(solver, end.taken, end.best_res, end.limits, end.last)
+    return SolveResult(end.best_value, end.last, stats, captured)
 
-    def run(carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
+
+class _Loop:
+    """One solve's fixed settings and history buffers; :meth:`run` takes the steps.
+
+    A fixed count (``tol=None``) and an adaptive solve differ in two words: who decides which samples go on
+    (``rule``: nobody, or the solver's stop rule) and whether a step reads back to the host (``reads_host``).
+    """
+
+    def __init__(
+        self,
+        solver: Strategy,
+        f: FlatMap,
+        z0: Tensor,
+        perturbation: FlatPerturbation | None,
+        capture: list[int],
+    ) -> None:
+        fixed_count = solver.tol is None
+        self.solver, self.f, self.perturbation, self.capture = solver, f, perturbation, capture
+        # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
+        # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
+        # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as
+        # they are.
+        self.reads_host = not fixed_count or z0.device.type == "cpu"
+        self.rule = None if fixed_count else solver  # who decides which samples go on
+        self.batch, self.steps = z0.shape[0], solver.max_iter
+        self.history = _Record(self.steps, self.batch, z0, solver.stop_mode)
+        self.autocast_on = torch.is_autocast_enabled(z0.device.type)
+
+    def run(self, carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
         """Steps ``start..stop`` from ``carry``, which is left as it was (a checkpoint replays from it)."""
         z, last, best_value, best_res = carry.z, carry.last, carry.best_value, carry.best_res
         limits, active, all_active, taken = carry.limits, carry.active, carry.all_active, carry.taken
@@ -115,67 +142,83 @@ def iterate(
         done = False
         for k in range(start, stop + 1):
             taken = k
-            act = history.active_rows[k - 1]  # the samples this step moves
+            act = self.history.active_rows[k - 1]  # the samples this step moves
             if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
                 act = act.clone()
-            if perturbation is not None:
-                z = perturbation(z, k) if all_active else _rows_where(act, perturbation(z, k), z)
-            fz = f(z)
+            if self.perturbation is not None:
+                moved = self.perturbation(z, k)
+                z = moved if all_active else _rows_where(act, moved, z)
+            fz = self.f(z)
             with torch.no_grad():
-                abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
-                if k == 1:
-                    limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-                improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
-                if not reads_host:
-                    n_active, n_improved = batch, -1  # no stopping, no host sync
-                else:
-                    active, n_active, n_improved, probe = history.stop(rule, k, limits, improved, all_active)
-                    if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
-                        abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
-                        if k == 1:
-                            limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-                        improved = torch.lt(res, best_res, out=history.improved)
-                        active, n_active, n_improved, _ = history.stop(rule, k, limits, improved, False)
-                if n_improved == batch:  # the usual case: every sample improved, no masking needed
-                    best_res = res
-                else:
-                    best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
+                best_res, improved, limits, active, n_active, n_improved = self._judge(
+                    k, act, z, fz, best_res, limits, active, all_active
+                )
             if (
-                n_improved != batch
-            ):  # (unrolled: the mask saved for backward must not see the next step's write)
-                mask = improved.clone() if torch.is_grad_enabled() else improved
-                best_value = _rows_where(mask, fz, best_value)
-            else:
+                n_improved != self.batch
+            ):  # (unrolled: the mask saved for backward must not see the next write)
+                best_value = _rows_where(
+                    improved.clone() if torch.is_grad_enabled() else improved, fz, best_value
+                )
+            else:  # the usual case: every sample improved, no masking needed
                 best_value = fz
             last = fz if all_active else _rows_where(act, fz, last)
-            if k in capture:
+            if k in self.capture:
                 captured[k] = fz if all_active else _rows_where(act, fz, best_value)
-            if n_active == 0 or k == steps:
+            if n_active == 0 or k == self.steps:
                 done = True
                 break
-            if autocast_on:
-                # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
-                # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
-                with torch.autocast(z.device.type, enabled=False):
-                    proposal = solver.step(memory, z, fz)
-            else:
-                proposal = solver.step(memory, z, fz)
-            all_active = n_active == batch
+            proposal = self._propose(memory, z, fz)
+            all_active = n_active == self.batch
             z = proposal if all_active else _rows_where(active.clone(), proposal, z)
         end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
         return end, captured
 
-    if checkpoint_every is None or not torch.is_grad_enabled():
-        carry, captured = run(start_carry, 1, steps)
-    else:
-        carry, captured = _run_checkpointed(run, start_carry, steps, checkpoint_every)
-    taken, best_value, best_res, limits, last = (
-        carry.taken, carry.best_value, carry.best_res, carry.limits, carry.last
-    )  # fmt: skip
+    def _judge(
+        self,
+        k: int,
+        act: Tensor,
+        z: Tensor,
+        fz: Tensor,
+        best_res: Tensor,
+        limits: _Limits | None,
+        active: Tensor,
+        all_active: bool,
+    ) -> tuple[Tensor, Tensor, _Limits, Tensor, int, int]:
+        """Step ``k``'s residuals, best residual and stop decision (without a graph).
 
-    for k in capture:  # every sample stopped before these steps: their state is the returned value
-        captured.setdefault(k, best_value)
-    return SolveResult(best_value, last, history.stats(solver, taken, best_res, limits, last), captured)
+        Returns the best residual so far, which samples improved, the divergence limits (set at step 1), who
+        goes on, and the numbers of active and improved samples (``-1``: not read back, a fixed count on an
+        accelerator). An overflowed norm is recomputed scaled and the step judged again.
+        """
+        history, solver = self.history, self.solver
+        abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not self.reads_host)
+        if k == 1:
+            limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
+        improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
+        if not self.reads_host:
+            n_active, n_improved = self.batch, -1  # no stopping, no host sync
+        else:
+            active, n_active, n_improved, probe = history.stop(self.rule, k, limits, improved, all_active)
+            if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
+                abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
+                if k == 1:
+                    limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
+                improved = torch.lt(res, best_res, out=history.improved)
+                active, n_active, n_improved, _ = history.stop(self.rule, k, limits, improved, False)
+        if n_improved == self.batch:
+            best_res = res
+        else:
+            best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
+        return best_res, improved, limits, active, n_active, n_improved
+
+    def _propose(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor:
+        """The solver's next iterate, outside autocast: autocast would run the history's matmuls and
+        least-squares solves in bf16/fp16; the state is kept in >= float32 (see _tree.solver_dtype) and so is
+        everything the solver does with it."""
+        if not self.autocast_on:
+            return self.solver.step(memory, z, fz)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.solver.step(memory, z, fz)
 
 
 @dataclass

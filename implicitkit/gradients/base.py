@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._settings import settings_repr
 from .._tree import State, StateSpec, unflatten
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
@@ -89,8 +90,7 @@ class GradientEstimator(ABC):
         return self.attach_with_aux(f, unflatten(result.value, spec), record)
 
     def __repr__(self) -> str:
-        keys = [k for k in vars(self) if not k.startswith("_")]
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        return settings_repr(self)
 
 
 class PolynomialAdjoint(GradientEstimator):

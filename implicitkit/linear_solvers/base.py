@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._settings import settings_repr
 from ..stats import Result, SolverStats
 
 Operator = Callable[[Tensor], Tensor]  # x [B, D] -> A x [B, D], each sample its own matrix
@@ -73,5 +74,4 @@ class LinearSolver(ABC):
         )
 
     def __repr__(self) -> str:
-        keys = [k for k in vars(self) if not k.startswith("_")]
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        return settings_repr(self)

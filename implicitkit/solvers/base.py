@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._settings import public_settings, settings_repr
 from ..stats import FAILURE_POLICIES, apply_failure_policy
 from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
 
@@ -108,7 +109,7 @@ class Solver(ABC, metaclass=_Frozen):
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this solver."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return public_settings(self)
 
     def replace(self, **changes: Any) -> Solver:
         """A copy with some settings changed, e.g. ``solver.replace(max_iter=100, on_failure="raise")``."""
@@ -151,4 +152,4 @@ class Solver(ABC, metaclass=_Frozen):
         return result
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+        return settings_repr(self)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..losses import SetCriterion
 from .adamixer import AdaMixer
 from .adamixer_stage import AdaMixerStage
 from .backbone import ResNetBackbone
@@ -57,6 +58,8 @@ class ModelConfig:
         num_stages: AdaMixer's and Sparse R-CNN's stage count.
         train_steps, test_steps, supervise_steps, init_refinements, rag_steps: the DEQ schedule
             (DEQDet, DEQ Sparse R-CNN).
+        stack_rag_branches: the DEQ models build their RAG branches in one stacked graph
+            (:class:`~.deqdet.DEQDet`): fewer operator calls, the memory of every branch at once.
         test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
             the fixed `test_steps` applications.
         rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
@@ -64,6 +67,9 @@ class ModelConfig:
         rap_sort_corners: DEQDet's box noise swaps crossed corners back (default False, as the official
             code); Sparse R-CNN's always does.
         num_select: detections per image at inference.
+        nms_iou: class-wise NMS at inference above this IoU; None (the published detectors) for none.
+        one_to_many: predictions matched to each target in training (:class:`~implicitkit_det.losses.SetCriterion`);
+            1, the published one-to-one set loss.
     """
 
     arch: str = "deqdet"
@@ -91,6 +97,7 @@ class ModelConfig:
     supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
     init_refinements: int = 2
     rag_steps: int = 2
+    stack_rag_branches: bool = False
     test_tol: float | None = None
     test_solver: Literal["fixed", "anderson"] = "fixed"
     rap_content_prob: float = 0.2
@@ -99,6 +106,8 @@ class ModelConfig:
     rap_box_pixels: float = 25.0
     rap_sort_corners: bool = False
     num_select: int = 100
+    nms_iou: float | None = None
+    one_to_many: int = 1
 
 
 DEQDET_R50 = ModelConfig()
@@ -157,7 +166,13 @@ def build_adamixer(cfg: ModelConfig, num_classes: int) -> AdaMixer:
     """AdaMixer: a channel-mapper neck, learned queries and ``num_stages`` :class:`AdaMixerStage` stages."""
     backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
     return AdaMixer(
-        backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
+        backbone,
+        neck,
+        queries,
+        [layer() for _ in range(cfg.num_stages)],
+        num_select=cfg.num_select,
+        nms_iou=cfg.nms_iou,
+        criterion=SetCriterion(one_to_many=cfg.one_to_many),
     )
 
 
@@ -201,7 +216,10 @@ def build_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> SparseRCNN:
     """Sparse R-CNN: an FPN, learned proposals and ``num_stages`` :class:`SparseRCNNStage` stages."""
     backbone, neck, proposals, stage = _sparse_rcnn_parts(cfg, num_classes)
     stages = [stage(i == 0) for i in range(cfg.num_stages)]
-    return SparseRCNN(backbone, neck, proposals, stages, num_select=cfg.num_select)
+    return SparseRCNN(
+        backbone, neck, proposals, stages, num_select=cfg.num_select, nms_iou=cfg.nms_iou,
+        criterion=SetCriterion(one_to_many=cfg.one_to_many),
+    )  # fmt: skip
 
 
 def build_deq_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> DEQSparseRCNN:
@@ -221,9 +239,12 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
         "supervise_steps": cfg.supervise_steps,
         "init_refinements": cfg.init_refinements,
         "rag_steps": cfg.rag_steps,
+        "stack_rag_branches": cfg.stack_rag_branches,
         "test_tol": cfg.test_tol,
         "test_solver": cfg.test_solver,
         "num_select": cfg.num_select,
+        "nms_iou": cfg.nms_iou,
+        "criterion": SetCriterion(one_to_many=cfg.one_to_many),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -64,6 +65,8 @@ class QueryDetector(nn.Module, ABC):
         queries: the initial :class:`~.queries.InitialQueries`.
         criterion: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
         num_select: detections per image at inference.
+        nms_iou: class-wise NMS at inference above this IoU (see
+            :class:`~implicitkit_det.evaluation.PostProcess`); None, the published detectors' choice, for none.
     """
 
     def __init__(
@@ -74,13 +77,14 @@ class QueryDetector(nn.Module, ABC):
         *,
         criterion: SetCriterion | None = None,
         num_select: int = 100,
+        nms_iou: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.queries = queries
         self.criterion = criterion if criterion is not None else SetCriterion()
-        self.postprocess = PostProcess(num_select)
+        self.postprocess = PostProcess(num_select, nms_iou)
 
     # -- what a detector provides --------------------------------------------------------------------
     @abstractmethod
@@ -98,6 +102,10 @@ class QueryDetector(nn.Module, ABC):
         """The final predictions."""
 
     # -- what the engine asks of every detector -------------------------------------------------------
+    #: Under an enabled ``torch.autocast``, whether the decoder runs in low precision too. False (the default)
+    #: keeps autocast to the backbone and the neck, where the convolutions' arithmetic is the cost, and runs
+    #: the decoder (small per-query ops, box arithmetic, the losses) in float32 on float32 features.
+    low_precision_decoder: bool = False
     #: Per-image refinement steps of the last inference (``[B]``), for detectors that count them.
     last_steps: Tensor | None = None
 
@@ -197,6 +205,25 @@ class QueryDetector(nn.Module, ABC):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
         sizes = self.image_sizes(images, targets, mask)
         features = self.features(images)
+        with self._decoder_precision(images.device.type):
+            features = [level.to(sizes.dtype) for level in features]
+            return self._decode(features, sizes, targets, images, branchwise, loss_scale)
+
+    def _decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Autocast switched off for the decoder, unless :attr:`low_precision_decoder` asks for it."""
+        if self.low_precision_decoder or not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, enabled=False)
+
+    def _decode(
+        self,
+        features: list[Tensor],
+        sizes: Tensor,
+        targets: Sequence[Mapping[str, Any]] | None,
+        images: Tensor,
+        branchwise: bool,
+        loss_scale: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training:
             targets = self._require_targets(targets, images)
             if branchwise:
@@ -260,7 +287,9 @@ class QueryDetector(nn.Module, ABC):
             image_sizes: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
         """
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
-        return self.inference_outputs(self.features(images), sizes)
+        features = self.features(images)
+        with self._decoder_precision(images.device.type):
+            return self.inference_outputs([level.to(sizes.dtype) for level in features], sizes)
 
     def losses(
         self, outputs: Mapping[str, Outputs], targets: Sequence[Mapping[str, Any]]

@@ -48,6 +48,8 @@ class ModelConfig:
             ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
         neck_kernel, neck_relu, gn_groups, neck_init: of :class:`~.neck.ChannelMapper` (DEQDet,
             AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
+        fpn_norm: the Sparse R-CNN archs' FPN with a ``GroupNorm`` (`gn_groups`) after every convolution;
+            off in the published design.
         dim: channels of the features and of the query content.
         num_queries: ``N`` (queries, or Sparse R-CNN's learned proposals).
         num_heads, ffn_dim: of every decoder layer.
@@ -81,6 +83,7 @@ class ModelConfig:
     neck_relu: bool = True
     gn_groups: int = 32
     neck_init: Literal["xavier_uniform", "pytorch"] = "xavier_uniform"
+    fpn_norm: bool = False
     dim: int = 256
     num_queries: int = 100
     num_heads: int = 8
@@ -193,7 +196,7 @@ def _sparse_rcnn_parts(
     cfg: ModelConfig, num_classes: int
 ) -> tuple[ResNetBackbone, FPN, LearnedProposals, Callable[[bool], SparseRCNNStage]]:
     backbone = make_backbone(cfg)
-    neck = FPN(backbone.channels, cfg.dim)
+    neck = FPN(backbone.channels, cfg.dim, norm_groups=cfg.gn_groups if cfg.fpn_norm else None)
     proposals = LearnedProposals(cfg.num_queries, cfg.dim)
 
     def stage(first: bool) -> SparseRCNNStage:

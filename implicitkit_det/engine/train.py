@@ -6,7 +6,7 @@ supervised branches (DEQDet) sums them into ``"loss"`` itself.
 
 The detectors (:class:`~implicitkit_det.models.QueryDetector`) train branch-wise by default:
 ``model(images, targets, mask=mask, branchwise=True)`` back-propagates each branch group as soon as its
-loss exists and leaves one backward, under ``PENDING_BACKWARD``, that delivers the whole gradient. That
+loss exists and returns, beside the losses, one backward that delivers the whole gradient. That
 last backward is the only one ``DistributedDataParallel`` synchronises, so there is one gradient reduction
 per iteration, as with one backward of the total. Other models, and ``branchwise=False``, get one backward
 of ``"loss"``.
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..collectives import all_reduce_mean, is_main_process
 from ..data import DetectionBatch
-from ..models.detector import PENDING_BACKWARD, QueryDetector
+from ..models.detector import BranchwiseLosses, QueryDetector
 from .process_group import unwrap
 from .progress import progress_bar
 
@@ -73,15 +73,23 @@ def forward_train(
     *,
     branchwise: bool = False,
     loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """``model(images, targets, mask=mask)`` in training mode, checked to be a dict of losses.
 
     With `branchwise` the model is called with ``branchwise=True, loss_scale=loss_scale`` (see
-    :meth:`~implicitkit_det.models.QueryDetector.forward`): the branches are back-propagated already and
-    the dict holds ``PENDING_BACKWARD``, the backward left to run.
+    :meth:`~implicitkit_det.models.QueryDetector.forward`): the branches are back-propagated already.
+
+    Returns:
+        ``(losses, pending)``: the dict, and the backward left to run (branch-wise) or None.
     """
+    pending = None
     if branchwise:
-        losses = model(batch.images, batch.targets, mask=batch.mask, branchwise=True, loss_scale=loss_scale)
+        result = model(batch.images, batch.targets, mask=batch.mask, branchwise=True, loss_scale=loss_scale)
+        if not isinstance(result, BranchwiseLosses):
+            raise TypeError(
+                f"a branch-wise training call returned {type(result).__name__}, not BranchwiseLosses"
+            )
+        losses, pending = result.losses, result.pending
     else:
         losses = model(batch.images, batch.targets, mask=batch.mask)
     if not isinstance(losses, Mapping) or "loss" not in losses:
@@ -89,7 +97,7 @@ def forward_train(
             f"in training mode the model returned {type(losses).__name__}; the engine needs a dict of scalar "
             "loss tensors with the total under 'loss' (torchvision's convention). Is the model in train mode?"
         )
-    return dict(losses)
+    return dict(losses), pending
 
 
 def _scalar_entries(losses: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -199,12 +207,11 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)  # before the forward: branch-wise, it back-propagates
     try:
         with autocast(device, amp):
-            losses = forward_train(model, batch, branchwise=branchwise, loss_scale=loss_scale)
+            losses, pending = forward_train(model, batch, branchwise=branchwise, loss_scale=loss_scale)
     except FloatingPointError as err:  # e.g. the matcher meeting NaN predictions
         raise NonFiniteLossError(
             f"non-finite values in the forward pass at epoch {epoch}, iteration {iteration}: {err}"
         ) from err
-    pending = losses.pop(PENDING_BACKWARD, None)
     reduced, stop = _reduce(_scalar_entries(losses), stop_vote, epoch, iteration)
     if pending is not None:
         pending.backward()  # the gathered gradients, already scaled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -16,12 +17,26 @@ from ..evaluation import PostProcess
 from ..losses import SetCriterion
 from .queries import InitialQueries
 
-__all__ = ["PENDING_BACKWARD", "Outputs", "QueryDetector"]
+__all__ = ["BranchwiseLosses", "Outputs", "QueryDetector"]
 
 Outputs = dict[str, Tensor]  # {"pred_logits": [B, N, C], "pred_boxes": [B, N, 4] normalised xyxy}
 
-# The key of the branch-wise step's last backward in the loss dict (see QueryDetector.forward).
-PENDING_BACKWARD = "pending_backward"
+
+@dataclass
+class BranchwiseLosses:
+    """What a branch-wise training call returns (``model(images, targets, branchwise=True)``).
+
+    A dataclass, so that ``DistributedDataParallel`` finds the ``pending`` tensor in the module's output.
+
+    Attributes:
+        losses: every branch's criterion terms and the total ``loss``, detached: the same numbers as the
+            plain call's dict (they are back-propagated already).
+        pending: a scalar of value 0 whose ``backward()`` delivers the gradients gathered so far, the one
+            backward left to run (and the one DDP synchronises).
+    """
+
+    losses: dict[str, Tensor]
+    pending: Tensor
 
 
 @runtime_checkable
@@ -49,7 +64,7 @@ class QueryDetector(nn.Module, ABC):
       post-process themselves.
     - ``model(images, targets, branchwise=True)`` back-propagates branch group after branch group as soon
       as each loss exists, so that memory holds one group's graph at a time; the returned dict holds the
-      losses, detached, and under ``PENDING_BACKWARD`` the one backward left to run (see :meth:`forward`).
+      losses, detached, and the one backward left to run, as a :class:`BranchwiseLosses` (see :meth:`forward`).
       :meth:`forward_backward` runs that backward too.
 
     Inputs follow :func:`~implicitkit_det.data.collate_detection`: ``images`` ``[B, 3, H, W]`` padded at the
@@ -178,13 +193,13 @@ class QueryDetector(nn.Module, ABC):
         mask: Tensor | None = None,
         branchwise: bool = False,
         loss_scale: Callable[[Tensor], Tensor] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | BranchwiseLosses:
         """Losses in training mode, detections in eval mode (see the class docstring).
 
         **Branch-wise training** (``branchwise=True``, training mode only): each group of
         :meth:`training_branches` is back-propagated as soon as its losses exist, into leaf copies of the
         features, and its graph is freed before the next group is built. The dict returned holds the same
-        losses as the plain call (the same numbers, detached) and, under ``PENDING_BACKWARD``, a scalar
+        losses as the plain call (the same numbers, detached) in a :class:`BranchwiseLosses`, with a scalar
         (of value 0) whose ``backward()`` delivers the gradients gathered so far: the decoder's and the
         queries' (taken out of ``.grad``) and the features', through the neck and the backbone. After it,
         ``.grad`` holds the gradient of ``loss_scale(loss)``, the same as the plain call's
@@ -192,7 +207,7 @@ class QueryDetector(nn.Module, ABC):
 
         That last backward is the only one that ``DistributedDataParallel`` synchronises: the group
         backwards run inside the wrapped module's forward, where DDP's reducer ignores gradients (as under
-        ``no_sync()``), and ``ddp(images, targets, branchwise=True)[PENDING_BACKWARD].backward()`` then
+        ``no_sync()``), and ``ddp(images, targets, branchwise=True).pending.backward()`` then
         reduces every parameter's whole gradient once, as one backward of the summed loss would.
 
         Arguments:
@@ -223,7 +238,7 @@ class QueryDetector(nn.Module, ABC):
         images: Tensor,
         branchwise: bool,
         loss_scale: Callable[[Tensor], Tensor] | None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | BranchwiseLosses:
         if self.training:
             targets = self._require_targets(targets, images)
             if branchwise:
@@ -245,7 +260,7 @@ class QueryDetector(nn.Module, ABC):
         sizes: Tensor,
         targets: Sequence[Mapping[str, Any]],
         loss_scale: Callable[[Tensor], Tensor] | None,
-    ) -> dict[str, Tensor]:
+    ) -> BranchwiseLosses:
         # Leaf copies cut the graph at the features: each group's backward stops there, so the backbone's
         # graph survives until the last backward, which sends the copies' summed gradient through it.
         shared = ik.SharedInputs(list(features))
@@ -272,10 +287,10 @@ class QueryDetector(nn.Module, ABC):
         tensors += sources
         grads += gathered
         if tensors:
-            result[PENDING_BACKWARD] = _DeliverGradients.apply(grads, *tensors)
+            pending = _DeliverGradients.apply(grads, *tensors)
         else:  # nothing trainable was reached: a backward with nothing to deliver
-            result[PENDING_BACKWARD] = torch.zeros((), device=sizes.device, requires_grad=True)
-        return result
+            pending = torch.zeros((), device=sizes.device, requires_grad=True)
+        return BranchwiseLosses(result, pending)
 
     def predict(
         self, images: Tensor, *, mask: Tensor | None = None, image_sizes: Tensor | None = None
@@ -318,7 +333,7 @@ class QueryDetector(nn.Module, ABC):
         The gradients equal those of ``(loss_scale * model(images, targets)["loss"]).backward()``, while
         memory holds one group's graph at a time (branch-wise training, see :meth:`forward`). Under
         ``DistributedDataParallel`` call the wrapper instead:
-        ``ddp(images, targets, branchwise=True).pop(PENDING_BACKWARD).backward()``, as the engine does.
+        ``ddp(images, targets, branchwise=True).pending.backward()``, as the engine does.
 
         Arguments:
             images, targets, mask: as for :meth:`forward`.
@@ -331,9 +346,9 @@ class QueryDetector(nn.Module, ABC):
             raise RuntimeError("forward_backward trains: call model.train() first.")
         scale = None if loss_scale == 1.0 else (lambda loss: loss_scale * loss)
         result = self(images, targets, mask=mask, branchwise=True, loss_scale=scale)
-        assert isinstance(result, dict)
-        result.pop(PENDING_BACKWARD).backward()
-        return result
+        assert isinstance(result, BranchwiseLosses)
+        result.pending.backward()
+        return result.losses
 
     @staticmethod
     def _require_targets(

@@ -188,9 +188,10 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--amp",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="mixed precision for the backbone and the neck: bf16 on the CPU, fp16 + grad scaling on CUDA "
-        "(the decoder stays in float32)",
+        "(the decoder stays in float32); --no-amp turns off a recipe's",
     )
     g.add_argument("--amp-decoder", action="store_true", help="with --amp, the decoder in low precision too")
     g.add_argument(

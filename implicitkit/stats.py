@@ -165,6 +165,10 @@ class AdjointStats(SolverStats):
     fallback: str | None = None
 
 
+#: What a solve may do when samples fail: keep it in the stats, warn, or raise (``on_failure=``).
+FAILURE_POLICIES = ("report", "warn", "raise")
+
+
 def apply_failure_policy(policy: str, stats: SolverStats) -> None:
     """Act on a forward solve's failures: ``"report"`` nothing, ``"warn"`` a :class:`FixedPointWarning`
     attributed to the caller, ``"raise"`` a :class:`FixedPointError`; each with the counts, cause and fix."""

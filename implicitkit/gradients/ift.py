@@ -12,13 +12,11 @@ from .._tree import State
 from ..linear_solvers import LinearSolver
 from ..linearize import Linearization
 from ..solvers import Anderson, Solver, iterate
-from ..stats import AdjointStats, FixedPointError, SolverStats, warn_at_call_site
+from ..stats import FAILURE_POLICIES, AdjointStats, FixedPointError, SolverStats, warn_at_call_site
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
 from .second_order import THIRD_ORDER_MESSAGE, attach_twice_differentiable
 from .tangent import attach_tangent, under_vmap
-
-_ON_FAILURE = ("report", "warn", "raise")
 
 
 class IFT(GradientEstimator):
@@ -77,7 +75,7 @@ class IFT(GradientEstimator):
                 "IFT's adjoint solver needs a tolerance; tol=None would stop without checking it."
             )
         if isinstance(on_failure, str):
-            if on_failure not in _ON_FAILURE:
+            if on_failure not in FAILURE_POLICIES:
                 raise ValueError(
                     f"on_failure must be 'report', 'warn', 'raise' or an estimator such as JFB(), got "
                     f"{on_failure!r}."

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .loop import FAILURE_POLICIES, FlatMap, FlatPerturbation, SolveResult, iterate
+from ..stats import FAILURE_POLICIES
+from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
 
 _STOP_MODES = ("abs", "rel")
 

@@ -13,7 +13,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -21,13 +21,26 @@ from torch.utils.checkpoint import checkpoint
 
 from ..stats import Result, SolverStats, apply_failure_policy
 
-if TYPE_CHECKING:
-    from .base import Solver
-
 FlatMap = Callable[[Tensor], Tensor]
 FlatPerturbation = Callable[[Tensor, int], Tensor]
 
-FAILURE_POLICIES = ("report", "warn", "raise")
+
+class LoopSolver(Protocol):
+    """What the loop asks of a solver: its settings and its step (:class:`~.base.Solver` provides them)."""
+
+    tol: float | None
+    max_iter: int
+    stop_mode: str
+    divergence_factor: float
+    on_failure: str
+
+    def init(self, z0: Tensor) -> Any: ...
+
+    def step(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor: ...
+
+    def continues(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor: ...
+
+
 # Keeps the relative residual finite at a fixed point of (near) zero norm.
 _REL_EPS = 1e-8
 # A sample whose state grew this many times its starting size while its absolute residual stayed above this
@@ -49,7 +62,7 @@ class SolveResult:
 
 @torch.compiler.disable  # a data-dependent loop: one graph break for direct callers (see functional.py)
 def iterate(
-    solver: Solver,
+    solver: LoopSolver,
     f: FlatMap,
     z0: Tensor,
     *,
@@ -108,8 +121,9 @@ def iterate(
             act = history.active_rows[k - 1]  # the samples this step moves
             if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
                 act = act.clone()
+            moving = None if all_active else act
             if perturbation is not None:
-                z = perturbation(z, k) if all_active else torch.where(act[:, None], perturbation(z, k), z)
+                z = _masked(moving, perturbation(z, k), z)
             fz = f(z)
             with torch.no_grad():
                 abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
@@ -130,16 +144,14 @@ def iterate(
                     best_res = res
                 else:
                     best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
-            if (
-                n_improved != batch
-            ):  # (unrolled: the mask saved for backward must not see the next step's write)
-                mask = improved.clone() if torch.is_grad_enabled() else improved
-                best_value = torch.where(mask[:, None], fz, best_value)
-            else:
-                best_value = fz
-            last = fz if all_active else torch.where(act[:, None], fz, last)
+            # (unrolled: the mask saved for backward must not see the next step's write)
+            better = (
+                None if n_improved == batch else improved.clone() if torch.is_grad_enabled() else improved
+            )
+            best_value = _masked(better, fz, best_value)
+            last = _masked(moving, fz, last)
             if k in capture:
-                captured[k] = fz if all_active else torch.where(act[:, None], fz, best_value)
+                captured[k] = _masked(moving, fz, best_value)
             if n_active == 0 or k == steps:
                 done = True
                 break
@@ -151,7 +163,7 @@ def iterate(
             else:
                 proposal = solver.step(memory, z, fz)
             all_active = n_active == batch
-            z = proposal if all_active else torch.where(active[:, None].clone(), proposal, z)
+            z = _masked(None if all_active else active.clone(), proposal, z)
         end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
         return end, captured
 
@@ -168,6 +180,11 @@ def iterate(
     stats = history.stats(solver, taken, best_res, limits, last)
     apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
     return SolveResult(best_value, last, stats, captured)
+
+
+def _masked(rows: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` on the samples `rows` marks and ``old`` on the others; ``new`` itself when `rows` is None (all)."""
+    return new if rows is None else torch.where(rows[:, None], new, old)
 
 
 @dataclass
@@ -319,7 +336,7 @@ class _Record:
 
     def stop(
         self,
-        solver: Solver | None,
+        solver: LoopSolver | None,
         k: int,
         limits: _Limits,
         improved: Tensor,
@@ -349,7 +366,7 @@ class _Record:
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
     def stats(
-        self, solver: Solver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
+        self, solver: LoopSolver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
     ) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
         res, act = self.res[:taken], self.active[:taken]

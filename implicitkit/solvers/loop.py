@@ -100,7 +100,7 @@ def iterate(
     reads_host = not fixed_count or z0.device.type == "cpu"
     rule = None if fixed_count else solver  # who decides which samples go on
     batch, steps = z0.shape[0], solver.max_iter
-    history = _Record(steps, batch, z0, solver.stop_mode)
+    history = _Record(steps, batch, z0, solver.stop_mode, solver.divergence_factor)
     autocast_on = torch.is_autocast_enabled(z0.device.type)
     # ``limits`` are set at step 1 from each sample's first residual and size; before it the best residual
     # is inf. ``all_active`` is known from the last host sync: a full batch skips its masking ops.
@@ -125,25 +125,8 @@ def iterate(
             if perturbation is not None:
                 z = _masked(moving, perturbation(z, k), z)
             fz = f(z)
-            with torch.no_grad():
-                abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not reads_host)
-                if k == 1:
-                    limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-                improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
-                if not reads_host:
-                    n_active, n_improved = batch, -1  # no stopping, no host sync
-                else:
-                    active, n_active, n_improved, probe = history.stop(rule, k, limits, improved, all_active)
-                    if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
-                        abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
-                        if k == 1:
-                            limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-                        improved = torch.lt(res, best_res, out=history.improved)
-                        active, n_active, n_improved, _ = history.stop(rule, k, limits, improved, False)
-                if n_improved == batch:  # the usual case: every sample improved, no masking needed
-                    best_res = res
-                else:
-                    best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
+            verdict = history.judge(k, z, fz, rule, limits, best_res, act, active, all_active, reads_host)
+            limits, active, n_active, n_improved, improved, best_res = verdict
             # (unrolled: the mask saved for backward must not see the next step's write)
             better = (
                 None if n_improved == batch else improved.clone() if torch.is_grad_enabled() else improved
@@ -293,9 +276,11 @@ class _Record:
     pair of buffers that the best residual alternates between when only some samples improved.
     """
 
-    def __init__(self, steps: int, batch: int, like: Tensor, stop_mode: str) -> None:
+    def __init__(
+        self, steps: int, batch: int, like: Tensor, stop_mode: str, divergence_factor: float
+    ) -> None:
         new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
-        self.steps, self.stop_mode = steps, stop_mode
+        self.steps, self.stop_mode, self.divergence_factor = steps, stop_mode, divergence_factor
         self.abs = new(steps, batch)
         self.res = self.abs if stop_mode == "abs" else new(steps, batch)
         self.size = new(steps, batch)
@@ -333,6 +318,48 @@ class _Record:
         if self.stop_mode == "rel":
             torch.div(abs_row, torch.add(size_row, _REL_EPS, out=self._denominator), out=res_row)
         return abs_row, res_row, size_row
+
+    @torch.no_grad()
+    def judge(
+        self,
+        k: int,
+        z: Tensor,
+        fz: Tensor,
+        rule: LoopSolver | None,
+        limits: _Limits | None,
+        best_res: Tensor,
+        act: Tensor,
+        active: Tensor,
+        all_active: bool,
+        reads_host: bool,
+    ) -> tuple[_Limits, Tensor, int, int, Tensor, Tensor]:
+        """Step ``k``'s residuals, stop rule and best residual, without a graph.
+
+        Sets the divergence ``limits`` at step 1. Without host reads (a fixed count on an accelerator) every
+        sample goes on and nothing is read back (``n_improved`` is then -1: unknown). A non-finite norm that
+        comes from overflow, not from NaN or inf in the state, is computed again, scaled.
+
+        Returns:
+            ``(limits, active, n_active, n_improved, improved, best_res)``.
+        """
+        abs_res, res, fz_norm = self.residuals(k, z, fz, safe=not reads_host)
+        if k == 1:
+            limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
+        improved = torch.lt(res, best_res, out=self.improved)  # NaN is false: never an improvement
+        batch = res.shape[0]
+        if not reads_host:
+            n_active, n_improved = batch, -1  # no stopping, no host sync
+        else:
+            active, n_active, n_improved, probe = self.stop(rule, k, limits, improved, all_active)
+            if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
+                abs_res, res, fz_norm = self.residuals(k, z, fz, safe=True)
+                if k == 1:
+                    limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
+                improved = torch.lt(res, best_res, out=self.improved)
+                active, n_active, n_improved, _ = self.stop(rule, k, limits, improved, False)
+        if n_improved != batch:  # else the usual case: every sample improved, no masking needed
+            res = torch.where(improved, res, best_res, out=self.best[k % 2])
+        return limits, active, n_active, n_improved, improved, res
 
     def stop(
         self,

@@ -109,51 +109,11 @@ def iterate(
         active=history.active_rows[0], all_active=True, memory=solver.init(z0),
     )  # fmt: skip
 
-    def run(carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
-        """Steps ``start..stop`` from ``carry``, which is left as it was (a checkpoint replays from it)."""
-        z, last, best_value, best_res = carry.z, carry.last, carry.best_value, carry.best_res
-        limits, active, all_active, taken = carry.limits, carry.active, carry.all_active, carry.taken
-        memory = copy.copy(carry.memory)  # solvers update their memory's fields in place
-        captured: dict[int, Tensor] = {}
-        done = False
-        for k in range(start, stop + 1):
-            taken = k
-            act = history.active_rows[k - 1]  # the samples this step moves
-            if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
-                act = act.clone()
-            moving = None if all_active else act
-            if perturbation is not None:
-                z = _masked(moving, perturbation(z, k), z)
-            fz = f(z)
-            verdict = history.judge(k, z, fz, rule, limits, best_res, act, active, all_active, reads_host)
-            limits, active, n_active, n_improved, improved, best_res = verdict
-            # (unrolled: the mask saved for backward must not see the next step's write)
-            better = (
-                None if n_improved == batch else improved.clone() if torch.is_grad_enabled() else improved
-            )
-            best_value = _masked(better, fz, best_value)
-            last = _masked(moving, fz, last)
-            if k in capture:
-                captured[k] = _masked(moving, fz, best_value)
-            if n_active == 0 or k == steps:
-                done = True
-                break
-            if autocast_on:
-                # Autocast would run the history's matmuls and least-squares solves in bf16/fp16; the state is
-                # kept in >= float32 (see _tree.solver_dtype) and so is everything the solver does with it.
-                with torch.autocast(z.device.type, enabled=False):
-                    proposal = solver.step(memory, z, fz)
-            else:
-                proposal = solver.step(memory, z, fz)
-            all_active = n_active == batch
-            z = _masked(None if all_active else active.clone(), proposal, z)
-        end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
-        return end, captured
-
+    loop = _Loop(solver, f, perturbation, capture, history, rule, reads_host, autocast_on)
     if checkpoint_every is None or not torch.is_grad_enabled():
-        carry, captured = run(start_carry, 1, steps)
+        carry, captured = loop.run(start_carry, 1, steps)
     else:
-        carry, captured = _run_checkpointed(run, start_carry, steps, checkpoint_every)
+        carry, captured = _run_checkpointed(loop.run, start_carry, steps, checkpoint_every)
     taken, best_value, best_res, limits, last = (
         carry.taken, carry.best_value, carry.best_res, carry.limits, carry.last
     )  # fmt: skip
@@ -163,6 +123,65 @@ def iterate(
     stats = history.stats(solver, taken, best_res, limits, last)
     apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
     return SolveResult(best_value, last, stats, captured)
+
+
+@dataclass
+class _Loop:
+    """The steps of one solve: what :func:`iterate` set up, and the loop body that segments replay."""
+
+    solver: LoopSolver
+    f: FlatMap
+    perturbation: FlatPerturbation | None
+    capture: list[int]
+    history: _Record
+    rule: LoopSolver | None  # who decides which samples go on (None: a fixed count)
+    reads_host: bool
+    autocast_on: bool
+
+    def run(self, carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
+        """Steps ``start..stop`` from ``carry``, which is left as it was (a checkpoint replays from it)."""
+        z, last, best_value, best_res = carry.z, carry.last, carry.best_value, carry.best_res
+        limits, active, all_active, taken = carry.limits, carry.active, carry.all_active, carry.taken
+        memory = copy.copy(carry.memory)  # solvers update their memory's fields in place
+        captured: dict[int, Tensor] = {}
+        done = False
+        for k in range(start, stop + 1):
+            taken = k
+            act = self.history.active_rows[k - 1]  # the samples this step moves
+            if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
+                act = act.clone()
+            moving = None if all_active else act
+            if self.perturbation is not None:
+                z = _masked(moving, self.perturbation(z, k), z)
+            fz = self.f(z)
+            verdict = self.history.judge(
+                k, z, fz, self.rule, limits, best_res, act, active, all_active, self.reads_host
+            )
+            limits, active, n_active, n_improved, improved, best_res = verdict
+            # Unrolled: the mask saved for backward must not see the next step's write.
+            all_improved = n_improved == z.shape[0]
+            better = None if all_improved else (improved.clone() if torch.is_grad_enabled() else improved)
+            best_value = _masked(better, fz, best_value)
+            last = _masked(moving, fz, last)
+            if k in self.capture:
+                captured[k] = _masked(moving, fz, best_value)
+            if n_active == 0 or k == self.solver.max_iter:
+                done = True
+                break
+            proposal = self.propose(memory, z, fz)
+            all_active = n_active == z.shape[0]
+            z = _masked(None if all_active else active.clone(), proposal, z)
+        end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
+        return end, captured
+
+    def propose(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor:
+        """The solver's next iterate. Autocast would run the history's matmuls and least-squares solves in
+        bf16/fp16; the state is kept in >= float32 (see _tree.solver_dtype) and so is everything the solver
+        does with it."""
+        if not self.autocast_on:
+            return self.solver.step(memory, z, fz)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.solver.step(memory, z, fz)
 
 
 def _masked(rows: Tensor | None, new: Tensor, old: Tensor) -> Tensor:

@@ -121,11 +121,14 @@ _UNIFORM_RECIPE = OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decode
 _R300 = {"num_queries": 300, "num_select": 300}
 
 # The digits demo of DEQDet (docs/training.md, "What it reaches"): bf16 backbone and neck and stacked RAG
-# branches (x1.39 per step) buy 7 epochs in the time 5 took; NMS removes the duplicates that a 5-minute
+# branches (x1.32 per step) buy 7 epochs in about the time 5 took; NMS removes the duplicates that a 5-minute
 # training leaves (AP 0.26 -> 0.46 on the same checkpoint, and a refinement curve that no longer falls).
 _DEQDET_DEMO = DemoRecipe(
     lr=6e-4, epochs=7, lr_drops=(6,), amp=True, model_args=("stack_rag_branches=true", "nms_iou=0.7")
 )
+
+# AdaMixer's: the same, in 12 epochs (about 9 minutes on two cores: AP 0.615, docs/training.md).
+_ADAMIXER_DEMO = DemoRecipe(lr=6e-4, epochs=12, lr_drops=(11,), amp=True, model_args=("nms_iou=0.7",))
 
 #: The detector table, keyed by ``ModelConfig.arch``.
 ARCHITECTURES: dict[str, Architecture] = {
@@ -138,7 +141,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
     ),
     "adamixer": Architecture(
-        build_adamixer, _UNIFORM_RECIPE,
+        build_adamixer, _UNIFORM_RECIPE, demo=_ADAMIXER_DEMO,
         configs={"adamixer_r50_1x": ADAMIXER_R50, "adamixer_tiny": dataclasses.replace(ADAMIXER_R50, **TINY)},
     ),
     "sparse_rcnn": Architecture(

@@ -19,7 +19,9 @@ Runs shared by several claims (the default DEQDet is RAG k=2, RAP on and the con
 once. A comparison's verdict: *holds* if the mean difference in the claimed direction exceeds
 ``2 x pooled std / sqrt(n)`` (pooled std = root of the mean of the two sample variances, ``n`` seeds),
 *does not hold* if it exceeds it the other way, *not distinguishable* otherwise; "not worse" claims (AP
-past the training depth, AP with early exit) hold unless significantly worse.
+past the training depth, AP with early exit) hold unless significantly worse. A comparison of AP whose
+variants both stay below ``AP_FLOOR`` is *not judged*: a model that learned nothing is a defect of the run
+(a collapse, a recipe that does not fit), not evidence for or against a claim.
 
 Run (from the repository root)::
 
@@ -537,10 +539,22 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def verdict(a: Sequence[float], b: Sequence[float], sign: int = 1, kind: str = "better") -> dict[str, Any]:
-    """The verdict rule: the mean difference ``sign * (a - b)`` against ``2 * pooled std / sqrt(n)``."""
+#: Below this mean AP (COCO AP as a fraction) on both sides, a comparison of AP is not judged.
+AP_FLOOR = 0.05
+
+
+def verdict(
+    a: Sequence[float], b: Sequence[float], sign: int = 1, kind: str = "better", *, floor: float | None = None
+) -> dict[str, Any]:
+    """The verdict rule: the mean difference ``sign * (a - b)`` against ``2 * pooled std / sqrt(n)``; with
+    `floor`, no verdict when both means are below it."""
     n = min(len(a), len(b))
     diff = sign * (statistics.fmean(a) - statistics.fmean(b))
+    if floor is not None and max(statistics.fmean(a), statistics.fmean(b)) < floor:
+        return {
+            "difference": diff, "threshold": None, "n": n,
+            "verdict": f"not judged: both below AP {floor} (the models learned nothing; investigate the run)",
+        }  # fmt: skip
     if n < 2:
         return {"difference": diff, "threshold": None, "n": n, "verdict": "not distinguishable (one seed)"}
     pooled = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
@@ -577,7 +591,9 @@ def judge(claim: Claim, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if not a or not b:
             out.append({"comparison": c.label, "metric": c.a[1], "verdict": "no data (a run failed)"})
             continue
-        out.append({"comparison": c.label, "metric": c.a[1], "kind": c.kind, **verdict(a, b, c.sign, c.kind)})
+        floor = AP_FLOOR if c.a[1].startswith("AP") else None
+        judged = verdict(a, b, c.sign, c.kind, floor=floor)
+        out.append({"comparison": c.label, "metric": c.a[1], "kind": c.kind, **judged})
     return out
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
-from ._tree import State, flatten, leaves_of, spec_of, unflatten
+from ._tree import State, flatten, leaves_of, spec_of, tree_map, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
 from .solvers import Anderson, Solver
-from .stats import Result, SolverStats, apply_failure_policy
+from .stats import Result, SolverStats
 
 __all__ = ["Perturbation", "fixed_point"]
 
@@ -84,7 +84,6 @@ def fixed_point(
         result = gradient.solve(
             solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
         )
-    apply_failure_policy(solver.on_failure, result.stats)
     backward_stats: list = []
 
     def attach(step):
@@ -95,9 +94,23 @@ def fixed_point(
             return attach(None), None
         return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
 
+    def attach_stacked(f_stacked):
+        steps = sorted(result.captured)
+        stacked = tree_map(
+            lambda *leaves: torch.cat(leaves), *(unflatten(result.captured[s], spec) for s in steps)
+        )
+        return gradient.attach(f_stacked, stacked, backward_stats.append)
+
+    # An estimator that reads more than the captured state (Reversible) cannot build branches from a stack.
+    stackable = type(gradient).attach_result is GradientEstimator.attach_result
     shared_graph = any(x.requires_grad for x in result.captured.values())
     # Built on first access, which may come from compiled code: they run outside the graph like the solve.
-    path = Path(sorted(result.captured), torch.compiler.disable(attach), shared_graph=shared_graph)
+    path = Path(
+        sorted(result.captured),
+        torch.compiler.disable(attach),
+        shared_graph=shared_graph,
+        make_stacked=torch.compiler.disable(attach_stacked) if stackable else None,
+    )
     return Solution(
         result.stats,
         unflatten(result.last, spec),

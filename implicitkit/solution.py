@@ -35,11 +35,17 @@ class Path(Sequence):
     """
 
     def __init__(
-        self, steps: Sequence[int], make_branch: Callable[[int], State], *, shared_graph: bool = False
+        self,
+        steps: Sequence[int],
+        make_branch: Callable[[int], State],
+        *,
+        shared_graph: bool = False,
+        make_stacked: Callable[[Callable[[State], State]], State] | None = None,
     ) -> None:
         self.steps = tuple(steps)
         self.shared_graph = shared_graph
         self._make_branch = make_branch
+        self._make_stacked = make_stacked
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -48,6 +54,32 @@ class Path(Sequence):
         if isinstance(index, slice):
             return [self._make_branch(k) for k in self.steps[index]]
         return self._make_branch(self.steps[index])
+
+    def stacked(self, f_stacked: Callable[[State], State]) -> State:
+        """Every branch in one graph, built by one evaluation of the map per estimator step.
+
+        The captured states ``z_{s_1}, ..., z_{s_n}`` (each ``[B, ...]``) are concatenated along the batch
+        axis and passed through the gradient estimator with `f_stacked`, the solve's map for that stacked
+        batch of ``n B`` samples: ``f_stacked(cat(z_1, ..., z_n)) = cat(f(z_1), ..., f(z_n))``, e.g. ``f`` with
+        its per-sample inputs repeated ``n`` times (``x.repeat(n, 1)``). Branch ``i`` is rows ``i B .. (i+1) B``
+        of the result (``state.chunk(n)`` on each leaf), equal to ``self[i]`` with its gradients.
+
+        For a map whose cost is per-op overhead rather than arithmetic (small batches), this is ``n`` times
+        fewer operator calls forward and backward; the price is memory: all ``n`` branch graphs exist at once,
+        where indexing the path one branch at a time keeps one.
+
+        Returns:
+            The branches' states stacked along the batch axis, ``[n B, ...]`` per leaf, in the order of
+            :attr:`steps`.
+        """
+        if not self.steps:
+            raise ValueError("the path is empty: pass capture=... to fixed_point to supervise solver steps")
+        if self._make_stacked is None:
+            raise NotImplementedError(
+                "this path cannot stack its branches (its estimator builds a branch from more than the state, "
+                "as Reversible does); index the path one branch at a time instead"
+            )
+        return self._make_stacked(f_stacked)
 
     def backward(self, loss_fn: Callable[[State], Tensor], weights: Sequence[float] | None = None) -> Tensor:
         """Back-propagate ``weights[i] * loss_fn(branch_i)`` one branch at a time; return the losses.

@@ -165,7 +165,7 @@ class AdjointStats(SolverStats):
     fallback: str | None = None
 
 
-# What a failed sample leads to: kept in the stats only, a FixedPointWarning, or a FixedPointError.
+#: What a solve may do when samples fail: keep it in the stats, warn, or raise (``on_failure=``).
 FAILURE_POLICIES = ("report", "warn", "raise")
 
 

@@ -187,8 +187,13 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         "--clip-max-norm", type=float, default=None, help="gradient clipping (0: off); " + recipe.format(1, 1)
     )
     g.add_argument(
-        "--amp", action="store_true", help="mixed precision: bf16 on the CPU, fp16 + grad scaling on CUDA"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="mixed precision for the backbone and the neck: bf16 on the CPU, fp16 + grad scaling on CUDA "
+        "(the decoder stays in float32); --no-amp turns off a recipe's",
     )
+    g.add_argument("--amp-decoder", action="store_true", help="with --amp, the decoder in low precision too")
     g.add_argument(
         "--one-graph-backward",
         action="store_true",

@@ -12,18 +12,17 @@ from .pretrain import PretrainConfig, pretrain_backbone
 
 __all__ = ["DIGITS_DEMO", "digits_backbone", "digits_recipe"]
 
-# The demo, sized for two CPU cores: 128-pixel inputs, 10 queries (a digits image has at most 6 objects),
-# 16 sampling points per group (the paper has 64; 4 learn to localise far more slowly), 4 images per
-# step, five epochs with the learning rate dropped for the last, and each detector's learning rate for a
-# short run (its row's ``demo_lr`` in the detector table; 6e-4 for all four), the decoder's as the backbone's. A short DEQ path: 6 no-grad refinement steps in training with
-# RAG branches after steps 1, 3 and 6 (the published recipe: 20 steps, branches after 1, 3, 6, 9, 12, 20)
-# and 6 steps at test. Every epoch is evaluated, for the AP-against-time curve.
+# The shapes every demo shares, sized for two CPU cores: 128-pixel inputs, 10 queries (a digits image has
+# at most 6 objects), 16 sampling points per group (the paper has 64; 4 learn to localise far more slowly),
+# 4 images per step. A short DEQ path: 6 no-grad refinement steps in training with RAG branches after
+# steps 1, 3 and 6 (the published recipe: 20 steps, branches after 1, 3, 6, 9, 12, 20) and 6 steps at
+# test. Every epoch is evaluated, for the AP-against-time curve.
+# Each detector adds its row's DemoRecipe (learning rate, schedule, precision, model options).
 DIGITS_DEMO: tuple[str, ...] = (
     "--model-arg", "num_queries=10", "--model-arg", "num_points=16",
     "--model-arg", "train_steps=6", "--model-arg", "supervise_steps=[1,3,6]", "--model-arg", "test_steps=6",
     "--image-size", "128", "--max-size", "192",
-    "--batch-size", "4", "--epochs", "5", "--lr-drops", "4", "--warmup-iters", "50",
-    "--decoder-lr-mult", "1", "--decoder-wd-mult", "1",
+    "--batch-size", "4", "--warmup-iters", "50",
     "--workers", "0", "--eval-every", "1", "--print-freq", "50",
 )  # fmt: skip
 
@@ -43,8 +42,7 @@ def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> li
 
     With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use).
     """
-    demo_lr = architecture_of(CONFIGS[config].arch).demo_lr
-    args = ["--config", config, *DIGITS_DEMO, "--lr", f"{demo_lr:g}"]
+    args = ["--config", config, *DIGITS_DEMO, *architecture_of(CONFIGS[config].arch).demo.options()]
     if pretrained:
         args += ["--model-arg", f"backbone_weights={digits_backbone()}"]
     return args

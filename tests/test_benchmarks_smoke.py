@@ -101,3 +101,26 @@ def test_differentiation_modes_benchmark_quick(tmp_path):
     # forward mode and the exact penalty agree with their references to the solver's tolerance
     for line in table.splitlines()[2:]:
         assert float(line.split("|")[-3]) < 1e-6, line
+
+
+def test_train_step_profile_quick(tmp_path):
+    import train_step_profile
+
+    train_step_profile.main(["--quick", "--out", str(tmp_path), "--no-memory"])
+    text = (tmp_path / "train_step_profile.md").read_text()
+    assert "| **step** |" in text and "| stacked RAG branches |" in text
+    calls = {
+        line.split("|")[1].strip(): int(line.split("|")[-2])
+        for line in text.splitlines()
+        if line.startswith("| float32 ") or line.startswith("| stacked RAG branches ")
+    }
+    assert calls["stacked RAG branches"] < calls["float32"]  # one forward and backward for three branches
+
+
+def test_reproduction_verdicts_refuse_to_judge_models_that_learned_nothing():
+    import reproduction
+
+    near_zero = reproduction.verdict([0.0003, 0.0001], [0.0, 0.0002], floor=reproduction.AP_FLOOR)
+    assert near_zero["verdict"].startswith("not judged: both below AP 0.05")
+    learned = reproduction.verdict([0.30, 0.32], [0.20, 0.21], floor=reproduction.AP_FLOOR)
+    assert learned["verdict"] == "holds"

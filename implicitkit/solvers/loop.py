@@ -19,10 +19,28 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..stats import Result, SolverStats
+from ..stats import Result, SolverStats, apply_failure_policy
 
 FlatMap = Callable[[Tensor], Tensor]
 FlatPerturbation = Callable[[Tensor, int], Tensor]
+
+
+class LoopSolver(Protocol):
+    """What the loop asks of a solver: its settings and its step (:class:`~.base.Solver` provides them)."""
+
+    tol: float | None
+    max_iter: int
+    stop_mode: str
+    divergence_factor: float
+    on_failure: str
+
+    def init(self, z0: Tensor) -> Any: ...
+
+    def step(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor: ...
+
+    def continues(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor: ...
+
+
 # Keeps the relative residual finite at a fixed point of (near) zero norm.
 _REL_EPS = 1e-8
 # A sample whose state grew this many times its starting size while its absolute residual stayed above this
@@ -30,22 +48,6 @@ _REL_EPS = 1e-8
 # the growth of its denominator (a map with no fixed point, iterated off to infinity).
 _NO_PROGRESS_GROWTH = 100.0
 _NO_PROGRESS_RESIDUAL = 0.5
-
-
-class Strategy(Protocol):
-    """What the loop needs of a solver (:class:`~implicitkit.solvers.base.Solver` implements it): its budget
-    and stop rule, and ``init`` / ``step`` to propose the next iterate."""
-
-    max_iter: int
-    tol: float | None
-    stop_mode: str
-    divergence_factor: float
-
-    def init(self, z0: Tensor) -> Any: ...
-
-    def step(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor: ...
-
-    def continues(self, residual: Tensor, abs_residual: Tensor, out: Tensor | None = None) -> Tensor: ...
 
 
 @dataclass
@@ -60,20 +62,19 @@ class SolveResult:
 
 @torch.compiler.disable  # a data-dependent loop: one graph break for direct callers (see functional.py)
 def iterate(
-    solver: Strategy,
+    solver: LoopSolver,
     f: FlatMap,
     z0: Tensor,
     *,
     perturbation: FlatPerturbation | None = None,
     capture: Iterable[int] = (),
+    on_failure: str | None = None,
     checkpoint_every: int | None = None,
 ) -> SolveResult:
     """Iterate ``f`` from ``z0`` (``[B, D]``) with ``solver``'s steps until every sample stops.
 
     Runs in the current grad mode: under ``torch.no_grad()`` nothing of the path is kept; with autograd on
     (unrolled differentiation) every step is part of the graph. Residuals are always computed without a graph.
-    Failed samples are only reported in the stats: the caller applies the failure policy (``fixed_point``
-    and :meth:`Solver.solve` the solver's, IFT its own for its adjoint solve).
 
     Arguments:
         solver: proposes the next iterate and holds the stop rule.
@@ -83,55 +84,59 @@ def iterate(
             that already stopped are not perturbed.
         capture: steps after which to keep the state (``f(z)`` of that step); a sample already stopped
             contributes its returned value.
+        on_failure: overrides ``solver.on_failure`` (an estimator that owns the failure policy passes
+            ``"report"``).
         checkpoint_every: with autograd on, keep only the loop's state every this many steps and recompute
             the steps between in the backward pass (see :func:`_run_checkpointed`); ``None`` keeps them all.
 
     Returns:
         A :class:`SolveResult`.
     """
-    loop = _Loop(solver, f, z0, perturbation, _check_capture(capture, solver.max_iter))
+    capture = _check_capture(capture, solver.max_iter)
+    fixed_count = solver.tol is None
+    # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
+    # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
+    # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as they are.
+    reads_host = not fixed_count or z0.device.type == "cpu"
+    rule = None if fixed_count else solver  # who decides which samples go on
+    batch, steps = z0.shape[0], solver.max_iter
+    history = _Record(steps, batch, z0, solver.stop_mode, solver.divergence_factor)
+    autocast_on = torch.is_autocast_enabled(z0.device.type)
     # ``limits`` are set at step 1 from each sample's first residual and size; before it the best residual
     # is inf. ``all_active`` is known from the last host sync: a full batch skips its masking ops.
-    start = _Carry(
-        z=z0, last=z0, best_value=z0, best_res=loop.history.best[0], limits=None,
-        active=loop.history.active_rows[0], all_active=True, memory=solver.init(z0),
+    start_carry = _Carry(
+        z=z0, last=z0, best_value=z0, best_res=history.best[0], limits=None,
+        active=history.active_rows[0], all_active=True, memory=solver.init(z0),
     )  # fmt: skip
+
+    loop = _Loop(solver, f, perturbation, capture, history, rule, reads_host, autocast_on)
     if checkpoint_every is None or not torch.is_grad_enabled():
-        end, captured = loop.run(start, 1, solver.max_iter)
+        carry, captured = loop.run(start_carry, 1, steps)
     else:
-        end, captured = _run_checkpointed(loop.run, start, solver.max_iter, checkpoint_every)
-    for k in loop.capture:  # every sample stopped before these steps: their state is the returned value
-        captured.setdefault(k, end.best_value)
-    stats = loop.history.stats(solver, end.taken, end.best_res, end.limits, end.last)
-    return SolveResult(end.best_value, end.last, stats, captured)
+        carry, captured = _run_checkpointed(loop.run, start_carry, steps, checkpoint_every)
+    taken, best_value, best_res, limits, last = (
+        carry.taken, carry.best_value, carry.best_res, carry.limits, carry.last
+    )  # fmt: skip
+
+    for k in capture:  # every sample stopped before these steps: their state is the returned value
+        captured.setdefault(k, best_value)
+    stats = history.stats(solver, taken, best_res, limits, last)
+    apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
+    return SolveResult(best_value, last, stats, captured)
 
 
+@dataclass
 class _Loop:
-    """One solve's fixed settings and history buffers; :meth:`run` takes the steps.
+    """The steps of one solve: what :func:`iterate` set up, and the loop body that segments replay."""
 
-    A fixed count (``tol=None``) and an adaptive solve differ in two words: who decides which samples go on
-    (``rule``: nobody, or the solver's stop rule) and whether a step reads back to the host (``reads_host``).
-    """
-
-    def __init__(
-        self,
-        solver: Strategy,
-        f: FlatMap,
-        z0: Tensor,
-        perturbation: FlatPerturbation | None,
-        capture: list[int],
-    ) -> None:
-        fixed_count = solver.tol is None
-        self.solver, self.f, self.perturbation, self.capture = solver, f, perturbation, capture
-        # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
-        # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
-        # busy, and the loop can be captured in a CUDA graph); its norms are then computed scaled, safe as
-        # they are.
-        self.reads_host = not fixed_count or z0.device.type == "cpu"
-        self.rule = None if fixed_count else solver  # who decides which samples go on
-        self.batch, self.steps = z0.shape[0], solver.max_iter
-        self.history = _Record(self.steps, self.batch, z0, solver.stop_mode)
-        self.autocast_on = torch.is_autocast_enabled(z0.device.type)
+    solver: LoopSolver
+    f: FlatMap
+    perturbation: FlatPerturbation | None
+    capture: list[int]
+    history: _Record
+    rule: LoopSolver | None  # who decides which samples go on (None: a fixed count)
+    reads_host: bool
+    autocast_on: bool
 
     def run(self, carry: _Carry, start: int, stop: int) -> tuple[_Carry, dict[int, Tensor]]:
         """Steps ``start..stop`` from ``carry``, which is left as it was (a checkpoint replays from it)."""
@@ -145,80 +150,43 @@ class _Loop:
             act = self.history.active_rows[k - 1]  # the samples this step moves
             if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
                 act = act.clone()
+            moving = None if all_active else act
             if self.perturbation is not None:
-                moved = self.perturbation(z, k)
-                z = moved if all_active else _rows_where(act, moved, z)
+                z = _masked(moving, self.perturbation(z, k), z)
             fz = self.f(z)
-            with torch.no_grad():
-                best_res, improved, limits, active, n_active, n_improved = self._judge(
-                    k, act, z, fz, best_res, limits, active, all_active
-                )
-            if (
-                n_improved != self.batch
-            ):  # (unrolled: the mask saved for backward must not see the next write)
-                best_value = _rows_where(
-                    improved.clone() if torch.is_grad_enabled() else improved, fz, best_value
-                )
-            else:  # the usual case: every sample improved, no masking needed
-                best_value = fz
-            last = fz if all_active else _rows_where(act, fz, last)
+            verdict = self.history.judge(
+                k, z, fz, self.rule, limits, best_res, act, active, all_active, self.reads_host
+            )
+            limits, active, n_active, n_improved, improved, best_res = verdict
+            # Unrolled: the mask saved for backward must not see the next step's write.
+            all_improved = n_improved == z.shape[0]
+            better = None if all_improved else (improved.clone() if torch.is_grad_enabled() else improved)
+            best_value = _masked(better, fz, best_value)
+            last = _masked(moving, fz, last)
             if k in self.capture:
-                captured[k] = fz if all_active else _rows_where(act, fz, best_value)
-            if n_active == 0 or k == self.steps:
+                captured[k] = _masked(moving, fz, best_value)
+            if n_active == 0 or k == self.solver.max_iter:
                 done = True
                 break
-            proposal = self._propose(memory, z, fz)
-            all_active = n_active == self.batch
-            z = proposal if all_active else _rows_where(active.clone(), proposal, z)
+            proposal = self.propose(memory, z, fz)
+            all_active = n_active == z.shape[0]
+            z = _masked(None if all_active else active.clone(), proposal, z)
         end = _Carry(z, last, best_value, best_res, limits, active, all_active, memory, taken, done)
         return end, captured
 
-    def _judge(
-        self,
-        k: int,
-        act: Tensor,
-        z: Tensor,
-        fz: Tensor,
-        best_res: Tensor,
-        limits: _Limits | None,
-        active: Tensor,
-        all_active: bool,
-    ) -> tuple[Tensor, Tensor, _Limits, Tensor, int, int]:
-        """Step ``k``'s residuals, best residual and stop decision (without a graph).
-
-        Returns the best residual so far, which samples improved, the divergence limits (set at step 1), who
-        goes on, and the numbers of active and improved samples (``-1``: not read back, a fixed count on an
-        accelerator). An overflowed norm is recomputed scaled and the step judged again.
-        """
-        history, solver = self.history, self.solver
-        abs_res, res, fz_norm = history.residuals(k, z, fz, safe=not self.reads_host)
-        if k == 1:
-            limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-        improved = torch.lt(res, best_res, out=history.improved)  # NaN is false: never an improvement
-        if not self.reads_host:
-            n_active, n_improved = self.batch, -1  # no stopping, no host sync
-        else:
-            active, n_active, n_improved, probe = history.stop(self.rule, k, limits, improved, all_active)
-            if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
-                abs_res, res, fz_norm = history.residuals(k, z, fz, safe=True)
-                if k == 1:
-                    limits = _Limits.at_first_step(solver.divergence_factor, abs_res, z, fz_norm)
-                improved = torch.lt(res, best_res, out=history.improved)
-                active, n_active, n_improved, _ = history.stop(self.rule, k, limits, improved, False)
-        if n_improved == self.batch:
-            best_res = res
-        else:
-            best_res = torch.where(improved, res, best_res, out=history.best[k % 2])
-        return best_res, improved, limits, active, n_active, n_improved
-
-    def _propose(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor:
-        """The solver's next iterate, outside autocast: autocast would run the history's matmuls and
-        least-squares solves in bf16/fp16; the state is kept in >= float32 (see _tree.solver_dtype) and so is
-        everything the solver does with it."""
+    def propose(self, memory: Any, z: Tensor, fz: Tensor) -> Tensor:
+        """The solver's next iterate. Autocast would run the history's matmuls and least-squares solves in
+        bf16/fp16; the state is kept in >= float32 (see _tree.solver_dtype) and so is everything the solver
+        does with it."""
         if not self.autocast_on:
             return self.solver.step(memory, z, fz)
         with torch.autocast(z.device.type, enabled=False):
             return self.solver.step(memory, z, fz)
+
+
+def _masked(rows: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` on the samples `rows` marks and ``old`` on the others; ``new`` itself when `rows` is None (all)."""
+    return new if rows is None else torch.where(rows[:, None], new, old)
 
 
 @dataclass
@@ -327,9 +295,11 @@ class _Record:
     pair of buffers that the best residual alternates between when only some samples improved.
     """
 
-    def __init__(self, steps: int, batch: int, like: Tensor, stop_mode: str) -> None:
+    def __init__(
+        self, steps: int, batch: int, like: Tensor, stop_mode: str, divergence_factor: float
+    ) -> None:
         new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
-        self.steps, self.stop_mode = steps, stop_mode
+        self.steps, self.stop_mode, self.divergence_factor = steps, stop_mode, divergence_factor
         self.abs = new(steps, batch)
         self.res = self.abs if stop_mode == "abs" else new(steps, batch)
         self.size = new(steps, batch)
@@ -368,9 +338,51 @@ class _Record:
             torch.div(abs_row, torch.add(size_row, _REL_EPS, out=self._denominator), out=res_row)
         return abs_row, res_row, size_row
 
+    @torch.no_grad()
+    def judge(
+        self,
+        k: int,
+        z: Tensor,
+        fz: Tensor,
+        rule: LoopSolver | None,
+        limits: _Limits | None,
+        best_res: Tensor,
+        act: Tensor,
+        active: Tensor,
+        all_active: bool,
+        reads_host: bool,
+    ) -> tuple[_Limits, Tensor, int, int, Tensor, Tensor]:
+        """Step ``k``'s residuals, stop rule and best residual, without a graph.
+
+        Sets the divergence ``limits`` at step 1. Without host reads (a fixed count on an accelerator) every
+        sample goes on and nothing is read back (``n_improved`` is then -1: unknown). A non-finite norm that
+        comes from overflow, not from NaN or inf in the state, is computed again, scaled.
+
+        Returns:
+            ``(limits, active, n_active, n_improved, improved, best_res)``.
+        """
+        abs_res, res, fz_norm = self.residuals(k, z, fz, safe=not reads_host)
+        if k == 1:
+            limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
+        improved = torch.lt(res, best_res, out=self.improved)  # NaN is false: never an improvement
+        batch = res.shape[0]
+        if not reads_host:
+            n_active, n_improved = batch, -1  # no stopping, no host sync
+        else:
+            active, n_active, n_improved, probe = self.stop(rule, k, limits, improved, all_active)
+            if not math.isfinite(probe) and _overflowed(act, res, fz_norm, z, fz):
+                abs_res, res, fz_norm = self.residuals(k, z, fz, safe=True)
+                if k == 1:
+                    limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
+                improved = torch.lt(res, best_res, out=self.improved)
+                active, n_active, n_improved, _ = self.stop(rule, k, limits, improved, False)
+        if n_improved != batch:  # else the usual case: every sample improved, no masking needed
+            res = torch.where(improved, res, best_res, out=self.best[k % 2])
+        return limits, active, n_active, n_improved, improved, res
+
     def stop(
         self,
-        solver: Strategy | None,
+        solver: LoopSolver | None,
         k: int,
         limits: _Limits,
         improved: Tensor,
@@ -400,7 +412,7 @@ class _Record:
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
     def stats(
-        self, solver: Strategy, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
+        self, solver: LoopSolver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
     ) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
         res, act = self.res[:taken], self.active[:taken]
@@ -442,12 +454,6 @@ class _Record:
         result = torch.where(best_res <= tol, Result.successful, result)
         result = torch.where(~nonfinite & (past_limit | no_progress), Result.diverged, result)
         return torch.where(nonfinite, Result.nonfinite, result)
-
-
-def _rows_where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """``new`` in the rows where ``mask`` (``[B]``) is true, ``old`` elsewhere: the update of a partly
-    stopped batch."""
-    return torch.where(mask[:, None], new, old)
 
 
 def _scaled_norm(x: Tensor, *, inplace: bool) -> Tensor:

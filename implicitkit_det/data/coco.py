@@ -195,34 +195,8 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         seen_ann_ids: set[Any] = set()
         kept: list[dict[str, Any]] = []
         for i, ann in enumerate(annotations):
-            _require(ann, ("id", "image_id", "category_id", "bbox"), f"annotations[{i}]", path)
-            aid, iid, cid = ann["id"], ann["image_id"], ann["category_id"]
-            if aid in seen_ann_ids:
-                raise CocoFormatError(
-                    f"{path}: annotation id {aid} appears twice; annotation ids must be unique "
-                    "(COCO evaluation indexes annotations by id)."
-                )
-            seen_ann_ids.add(aid)
-            if iid not in self._images:
-                raise CocoFormatError(
-                    f"{path}: annotation id {aid} refers to image id {iid}, which is not in 'images'. "
-                    "Add the image or remove the annotation."
-                )
-            if cid not in self.category_id_to_label:
-                raise CocoFormatError(
-                    f"{path}: annotation id {aid} (image id {iid}) has category id {cid}, which is not in "
-                    f"'categories' (known ids: {self.category_ids}). Add the category or fix the annotation."
-                )
-            bbox = ann["bbox"]
-            if (
-                not isinstance(bbox, (list, tuple))
-                or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-            ):
-                raise CocoFormatError(
-                    f"{path}: annotation id {aid} (image id {iid}) has bbox {bbox!r}; expected four finite "
-                    "numbers [x, y, width, height]."
-                )
+            self._check_annotation(ann, i, seen_ann_ids)
+            aid, iid, cid, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:
                 self._skip("degenerate", f"annotation id {aid} (image id {iid}) has a box of size {w}x{h}")
@@ -250,6 +224,38 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         self._boxes = {i: np.asarray(b, dtype=np.float32).reshape(-1, 4) for i, b in boxes.items()}
         self._labels = {i: np.asarray(v, dtype=np.int64) for i, v in labels.items()}
         return kept
+
+    def _check_annotation(self, ann: Any, index: int, seen_ann_ids: set[Any]) -> None:
+        """Refuse an annotation without its keys, with a repeated id, or naming an unknown image or
+        category, or whose bbox is not four finite numbers; records its id in `seen_ann_ids`."""
+        path = self.ann_file
+        _require(ann, ("id", "image_id", "category_id", "bbox"), f"annotations[{index}]", path)
+        aid, iid, cid, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
+        if aid in seen_ann_ids:
+            raise CocoFormatError(
+                f"{path}: annotation id {aid} appears twice; annotation ids must be unique "
+                "(COCO evaluation indexes annotations by id)."
+            )
+        seen_ann_ids.add(aid)
+        if iid not in self._images:
+            raise CocoFormatError(
+                f"{path}: annotation id {aid} refers to image id {iid}, which is not in 'images'. "
+                "Add the image or remove the annotation."
+            )
+        if cid not in self.category_id_to_label:
+            raise CocoFormatError(
+                f"{path}: annotation id {aid} (image id {iid}) has category id {cid}, which is not in "
+                f"'categories' (known ids: {self.category_ids}). Add the category or fix the annotation."
+            )
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        ):
+            raise CocoFormatError(
+                f"{path}: annotation id {aid} (image id {iid}) has bbox {bbox!r}; expected four finite "
+                "numbers [x, y, width, height]."
+            )
 
     def _skip(self, reason: str, what: str) -> None:
         self.skipped[reason] += 1

@@ -101,29 +101,17 @@ def evaluate(
     """
     model.eval()
     evaluator.reset()
-    start, images = time.perf_counter(), 0
-    steps = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of steps, images) when reported
+    start = time.perf_counter()
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and max_iters is not None:
         total = min(total, max_iters)
     bar = progress_bar(total, "evaluating", unit="batch", enabled=progress)
-    for i, batch in enumerate(loader):
-        if max_iters is not None and i >= max_iters:
-            break
-        if should_stop is not None and should_stop():
-            bar.close()
-            raise EvaluationStopped(f"evaluation stopped at batch {i}")
-        batch = batch.to(device, non_blocking=True)
-        with autocast(device, amp):
-            detections = forward_eval(model, batch)
-        steps += _reported_steps(model).to(device)
-        if boxes_in == "input":
-            detections = rescale_to_original(detections, batch.targets)
-        ids = [t["image_id"] for t in batch.targets]
-        evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
-        images += len(ids)
-        bar.update(1)
-    bar.close()
+    try:
+        images, steps = _score_batches(
+            model, loader, evaluator, device, label_to_category_id, boxes_in, amp, max_iters, should_stop, bar
+        )
+    finally:
+        bar.close()
     evaluator.synchronize()
     images = broadcast_object(evaluator.num_images if is_main_process() else images)
     elapsed = time.perf_counter() - start
@@ -138,6 +126,40 @@ def evaluate(
         if verbose and is_main_process():
             log(f"refinement steps per image: {out['mean_steps']:.2f} on average")
     return out
+
+
+def _score_batches(
+    model: nn.Module,
+    loader: Iterable[DetectionBatch],
+    evaluator: CocoEvaluator,
+    device: torch.device,
+    label_to_category_id: Sequence[int] | None,
+    boxes_in: BoxFrame,
+    amp: bool,
+    max_iters: int | None,
+    should_stop: Callable[[], bool] | None,
+    bar: Any,
+) -> tuple[int, Tensor]:
+    """Detect on every batch and hand the results to `evaluator`; returns the images seen and the
+    ``(sum of steps, images)`` the model reported (zeros when it reports none)."""
+    images = 0
+    steps = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, batch in enumerate(loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped(f"evaluation stopped at batch {i}")
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, amp):
+            detections = forward_eval(model, batch)
+        steps += _reported_steps(model).to(device)
+        if boxes_in == "input":
+            detections = rescale_to_original(detections, batch.targets)
+        ids = [t["image_id"] for t in batch.targets]
+        evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
+        images += len(ids)
+        bar.update(1)
+    return images, steps
 
 
 def _reported_steps(model: nn.Module) -> Tensor:

@@ -187,7 +187,9 @@ def _run_summary(cfg: RunConfig, data: RunData, model: nn.Module, info: DistInfo
         "val images": f"{len(data.val)} (batch {cfg.eval_batch_size or (cfg.batch_size if data.paths.digits else 1)})",
         "workers": cfg.workers,
         "device": f"{info.device} x {info.world_size} process(es)",
-        "amp": cfg.amp,
+        "amp": ("backbone, neck and decoder" if cfg.amp_decoder else "backbone and neck")
+        if cfg.amp
+        else "off",
         "seed": cfg.seed,
         "output": cfg.output_dir,
     }

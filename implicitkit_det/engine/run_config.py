@@ -45,7 +45,7 @@ CHANGEABLE_ON_RESUME = frozenset(
     {
         "epochs", "lr_drops", "lr", "warmup_iters", "eval_every", "checkpoint_every", "keep_every",
         "print_freq", "log_steps", "workers", "device", "eval_batch_size", "deq_steps", "deq_tol",
-        "deq_solver", "refinement_curve", "save_predictions", "skip_image_check", "amp",
+        "deq_solver", "refinement_curve", "save_predictions", "skip_image_check", "amp", "amp_decoder",
         "find_unused_parameters",
     }
 )  # fmt: skip
@@ -98,6 +98,7 @@ class RunConfig:
     no_decay_norm_bias: bool = False
     clip_max_norm: float = 1.0
     amp: bool = False
+    amp_decoder: bool = False
     one_graph_backward: bool = False
     device: str | None = None
     seed: int = 0
@@ -374,6 +375,8 @@ def _check_config(cfg: RunConfig) -> None:
         raise RunConfigError(
             f"--lr-drops {_show(cfg.drops)}: every drop must come before the last epoch (--epochs {cfg.epochs})"
         )
+    if cfg.amp_decoder and not cfg.amp:
+        raise RunConfigError("--amp-decoder widens --amp to the decoder: give --amp too")
     arch = cfg.overrides.get("arch", CONFIGS[cfg.config].arch)
     row = architecture_of(arch)
     if cfg.deq_steps is not None and not row.deq:

@@ -262,4 +262,5 @@ def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> n
     model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
     given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}
     model.configure_test(**{k: v for k, v in given.items() if v is not None})
+    model.low_precision_decoder = cfg.amp_decoder
     return model

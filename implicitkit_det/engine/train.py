@@ -6,8 +6,7 @@ supervised branches (DEQDet) sums them into ``"loss"`` itself.
 
 The detectors (:class:`~implicitkit_det.models.QueryDetector`) train branch-wise by default:
 ``model(images, targets, mask=mask, branchwise=True)`` back-propagates each branch group as soon as its
-loss exists and leaves one backward (a :class:`~implicitkit_det.models.detector.BranchwiseResult`'s
-``pending``) that delivers the whole gradient. That
+loss exists and returns, beside the losses, one backward that delivers the whole gradient. That
 last backward is the only one ``DistributedDataParallel`` synchronises, so there is one gradient reduction
 per iteration, as with one backward of the total. Other models, and ``branchwise=False``, get one backward
 of ``"loss"``.
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..collectives import all_reduce_mean, is_main_process
 from ..data import DetectionBatch
-from ..models.detector import QueryDetector
+from ..models.detector import BranchwiseLosses, QueryDetector
 from .process_group import unwrap
 from .progress import progress_bar
 
@@ -78,18 +77,19 @@ def forward_train(
     """``model(images, targets, mask=mask)`` in training mode, checked to be a dict of losses.
 
     With `branchwise` the model is called with ``branchwise=True, loss_scale=loss_scale`` (see
-    :meth:`~implicitkit_det.models.QueryDetector.forward`): the branches are back-propagated already and
-    the model returns a :class:`~implicitkit_det.models.detector.BranchwiseResult`.
+    :meth:`~implicitkit_det.models.QueryDetector.forward`): the branches are back-propagated already.
 
     Returns:
-        The losses and the backward left to run: ``None`` without `branchwise`, when ``losses["loss"]`` is
-        to be back-propagated.
+        ``(losses, pending)``: the dict, and the backward left to run (branch-wise) or None.
     """
     pending = None
     if branchwise:
-        losses, pending = model(
-            batch.images, batch.targets, mask=batch.mask, branchwise=True, loss_scale=loss_scale
-        )
+        result = model(batch.images, batch.targets, mask=batch.mask, branchwise=True, loss_scale=loss_scale)
+        if not isinstance(result, BranchwiseLosses):
+            raise TypeError(
+                f"a branch-wise training call returned {type(result).__name__}, not BranchwiseLosses"
+            )
+        losses, pending = result.losses, result.pending
     else:
         losses = model(batch.images, batch.targets, mask=batch.mask)
     if not isinstance(losses, Mapping) or "loss" not in losses:

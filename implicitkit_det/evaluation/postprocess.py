@@ -7,25 +7,36 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 __all__ = ["PostProcess", "to_coco_results"]
 
 
 class PostProcess(nn.Module):
-    """Top-k detections over all (query, class) pairs, no NMS.
+    """Top-k detections over all (query, class) pairs; no NMS unless asked.
 
     Scores are ``sigmoid(pred_logits)`` flattened over ``N x C``; the `num_select` best pairs give the
     detections, so one query may yield several classes. Boxes are scaled from normalised xyxy to the
-    original image: ``box * (W, H, W, H)``.
+    original image: ``box * (W, H, W, H)``. With `nms_iou`, of the detections of one class that overlap by
+    more than `nms_iou` (IoU) only the best scored is kept (``torchvision.ops.batched_nms``).
+
+    A set-prediction detector learns to leave one detection per object (the one-to-one match makes every
+    other query a negative), so the published detectors use no NMS. Early in training the duplicates are not
+    yet suppressed: on the digits demo after 5 minutes, queries that converge onto the same object carry
+    confident scores, and NMS at 0.7 lifts its AP from 0.26 to 0.46.
 
     Arguments:
         num_select: detections kept per image (100 or 300 for COCO).
+        nms_iou: None (the published detectors) or the IoU above which a lower-scored detection of the
+            same class is removed.
     """
 
-    def __init__(self, num_select: int = 100) -> None:
+    def __init__(self, num_select: int = 100, nms_iou: float | None = None) -> None:
         super().__init__()
+        if nms_iou is not None and not 0.0 < nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1] or None, got {nms_iou}")
         self.num_select = num_select
+        self.nms_iou = nms_iou
 
     @torch.no_grad()
     def forward(self, outputs: Mapping[str, Tensor], orig_sizes: Tensor) -> list[dict[str, Tensor]]:
@@ -49,9 +60,19 @@ class PostProcess(nn.Module):
         h, w = orig_sizes.to(picked).unbind(-1)
         scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
         picked = picked * scale
-        return [
+        detections = [
             {"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, picked, strict=True)
         ]
+        if self.nms_iou is None:
+            return detections
+        # batched_nms returns the kept indices by decreasing score: the order stays sorted.
+        kept = (batched_nms(d["boxes"], d["scores"], d["labels"], self.nms_iou) for d in detections)
+        return [
+            {key: value[keep] for key, value in d.items()} for d, keep in zip(detections, kept, strict=True)
+        ]
+
+    def extra_repr(self) -> str:
+        return f"num_select={self.num_select}, nms_iou={self.nms_iou}"
 
 
 def to_coco_results(

@@ -29,11 +29,17 @@ class SetCriterion(nn.Module):
     where ``FL`` is the sigmoid focal loss (``alpha`` 0.25, ``gamma`` 2) over every prediction and class:
     unmatched predictions are negatives for all classes.
 
+    **One-to-many matching** (``one_to_many = k > 1``, H-DETR's hybrid matching applied to every query): each
+    image's targets are repeated ``k`` times before the match, so up to ``k`` predictions learn each object
+    and ``P`` counts the repeated targets. More positives per step speed up learning; the duplicates it
+    trains are then left for NMS at inference (``PostProcess(nms_iou=...)``).
+
     Arguments:
         matcher: the matcher used when no ``indices`` are given; default :class:`HungarianMatcher` with
             DEQDet's costs.
         weight_focal, weight_l1, weight_giou: the loss weights (2.0, 5.0, 2.0).
         focal_alpha, focal_gamma: of the focal loss.
+        one_to_many: ``k``, the predictions matched to each target (1: the one-to-one set loss).
     """
 
     def __init__(
@@ -44,8 +50,14 @@ class SetCriterion(nn.Module):
         weight_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        one_to_many: int = 1,
     ) -> None:
         super().__init__()
+        if one_to_many < 1:
+            raise ValueError(
+                f"one_to_many must be a positive number of matches per target, got {one_to_many}"
+            )
+        self.one_to_many = one_to_many
         self.matcher = matcher if matcher is not None else HungarianMatcher()
         self.weights = {"focal": weight_focal, "l1": weight_l1, "giou": weight_giou}
         self.focal_alpha = focal_alpha
@@ -75,6 +87,12 @@ class SetCriterion(nn.Module):
             (weighted) and ``loss``, their sum: scalar tensors.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if self.one_to_many > 1:
+            k = self.one_to_many
+            targets = [
+                {**t, "labels": t["labels"].repeat(k), "boxes_normalized": t["boxes_normalized"].repeat(k, 1)}
+                for t in targets
+            ]
         if indices is None:
             indices = self.matcher(outputs, targets)
         num_pos = self.num_positives(targets, logits.device)

@@ -14,7 +14,7 @@ from .configs import ModelConfig
 from .delta_coder import DELTA_STDS, decode_deltas, encode_deltas
 from .deq_sparse_rcnn import DEQSparseRCNN
 from .deqdet import DEQDet
-from .detector import Outputs, QueryDetector, RefinementStage
+from .detector import BranchwiseLosses, Outputs, QueryDetector, RefinementStage
 from .dynamic_conv import DynamicInteraction
 from .fpn import FPN
 from .mixing import AdaptiveMixing
@@ -27,6 +27,7 @@ from .registry import (
     CONFIGS,
     RECIPES,
     Architecture,
+    DemoRecipe,
     OptimizerRecipe,
     architecture_of,
     build_model,
@@ -50,10 +51,12 @@ __all__ = [
     "AdaptiveSampling3D",
     "Architecture",
     "BoxPerturbation",
+    "BranchwiseLosses",
     "ChannelMapper",
     "CornerPerturbation",
     "DEQDet",
     "DEQSparseRCNN",
+    "DemoRecipe",
     "DynamicInteraction",
     "FrozenStatsBatchNorm2d",
     "InitialQueries",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..losses import SetCriterion
 from .adamixer import AdaMixer
 from .adamixer_stage import AdaMixerStage
 from .backbone import ResNetBackbone
@@ -47,6 +48,8 @@ class ModelConfig:
             ``"IMAGENET1K_V1"``, what the official configs load, or a local state-dict path).
         neck_kernel, neck_relu, gn_groups, neck_init: of :class:`~.neck.ChannelMapper` (DEQDet,
             AdaMixer; the Sparse R-CNN archs use an :class:`~.fpn.FPN` to `dim` channels).
+        fpn_norm: the Sparse R-CNN archs' FPN with a ``GroupNorm`` (`gn_groups`) after every convolution;
+            off in the published design.
         dim: channels of the features and of the query content.
         num_queries: ``N`` (queries, or Sparse R-CNN's learned proposals).
         num_heads, ffn_dim: of every decoder layer.
@@ -57,6 +60,8 @@ class ModelConfig:
         num_stages: AdaMixer's and Sparse R-CNN's stage count.
         train_steps, test_steps, supervise_steps, init_refinements, rag_steps: the DEQ schedule
             (DEQDet, DEQ Sparse R-CNN).
+        stack_rag_branches: the DEQ models build their RAG branches in one stacked graph
+            (:class:`~.deqdet.DEQDet`): fewer operator calls, the memory of every branch at once.
         test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
             the fixed `test_steps` applications.
         rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
@@ -64,6 +69,9 @@ class ModelConfig:
         rap_sort_corners: DEQDet's box noise swaps crossed corners back (default False, as the official
             code); Sparse R-CNN's always does.
         num_select: detections per image at inference.
+        nms_iou: class-wise NMS at inference above this IoU; None (the published detectors) for none.
+        one_to_many: predictions matched to each target in training (:class:`~implicitkit_det.losses.SetCriterion`);
+            1, the published one-to-one set loss.
     """
 
     arch: str = "deqdet"
@@ -75,6 +83,7 @@ class ModelConfig:
     neck_relu: bool = True
     gn_groups: int = 32
     neck_init: Literal["xavier_uniform", "pytorch"] = "xavier_uniform"
+    fpn_norm: bool = False
     dim: int = 256
     num_queries: int = 100
     num_heads: int = 8
@@ -91,6 +100,7 @@ class ModelConfig:
     supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
     init_refinements: int = 2
     rag_steps: int = 2
+    stack_rag_branches: bool = False
     test_tol: float | None = None
     test_solver: Literal["fixed", "anderson"] = "fixed"
     rap_content_prob: float = 0.2
@@ -99,6 +109,8 @@ class ModelConfig:
     rap_box_pixels: float = 25.0
     rap_sort_corners: bool = False
     num_select: int = 100
+    nms_iou: float | None = None
+    one_to_many: int = 1
 
 
 DEQDET_R50 = ModelConfig()
@@ -157,7 +169,13 @@ def build_adamixer(cfg: ModelConfig, num_classes: int) -> AdaMixer:
     """AdaMixer: a channel-mapper neck, learned queries and ``num_stages`` :class:`AdaMixerStage` stages."""
     backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
     return AdaMixer(
-        backbone, neck, queries, [layer() for _ in range(cfg.num_stages)], num_select=cfg.num_select
+        backbone,
+        neck,
+        queries,
+        [layer() for _ in range(cfg.num_stages)],
+        num_select=cfg.num_select,
+        nms_iou=cfg.nms_iou,
+        criterion=SetCriterion(one_to_many=cfg.one_to_many),
     )
 
 
@@ -178,7 +196,7 @@ def _sparse_rcnn_parts(
     cfg: ModelConfig, num_classes: int
 ) -> tuple[ResNetBackbone, FPN, LearnedProposals, Callable[[bool], SparseRCNNStage]]:
     backbone = make_backbone(cfg)
-    neck = FPN(backbone.channels, cfg.dim)
+    neck = FPN(backbone.channels, cfg.dim, norm_groups=cfg.gn_groups if cfg.fpn_norm else None)
     proposals = LearnedProposals(cfg.num_queries, cfg.dim)
 
     def stage(first: bool) -> SparseRCNNStage:
@@ -201,7 +219,10 @@ def build_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> SparseRCNN:
     """Sparse R-CNN: an FPN, learned proposals and ``num_stages`` :class:`SparseRCNNStage` stages."""
     backbone, neck, proposals, stage = _sparse_rcnn_parts(cfg, num_classes)
     stages = [stage(i == 0) for i in range(cfg.num_stages)]
-    return SparseRCNN(backbone, neck, proposals, stages, num_select=cfg.num_select)
+    return SparseRCNN(
+        backbone, neck, proposals, stages, num_select=cfg.num_select, nms_iou=cfg.nms_iou,
+        criterion=SetCriterion(one_to_many=cfg.one_to_many),
+    )  # fmt: skip
 
 
 def build_deq_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> DEQSparseRCNN:
@@ -221,9 +242,12 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
         "supervise_steps": cfg.supervise_steps,
         "init_refinements": cfg.init_refinements,
         "rag_steps": cfg.rag_steps,
+        "stack_rag_branches": cfg.stack_rag_branches,
         "test_tol": cfg.test_tol,
         "test_solver": cfg.test_solver,
         "num_select": cfg.num_select,
+        "nms_iou": cfg.nms_iou,
+        "criterion": SetCriterion(one_to_many=cfg.one_to_many),
     }
 
 

@@ -64,6 +64,10 @@ class DEQDet(QueryDetector):
         test_solver: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
             (:class:`implicitkit.Anderson` on the scaled state).
         test_stop_mode: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
+        stack_rag_branches: build the ``rag_s{i}`` branches in one graph, their states stacked along the
+            batch axis (:meth:`implicitkit.Path.stacked`): one forward and one backward of ``F`` on
+            ``len(supervise_steps) x B`` images instead of one per branch (fewer, larger operator calls;
+            the same losses and gradients), at the memory of all RAG branches at once instead of one.
         supervise_steps: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
         init_refinements: supervised grad-attached applications of ``F`` to ``y_0`` (2).
         rag_steps: ``k`` of :class:`implicitkit.RAG`.
@@ -93,6 +97,7 @@ class DEQDet(QueryDetector):
         test_tol: float | None = None,
         test_solver: Literal["fixed", "anderson"] = "fixed",
         test_stop_mode: Literal["abs", "rel"] = "abs",
+        stack_rag_branches: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, queries, **kwargs)
@@ -111,6 +116,7 @@ class DEQDet(QueryDetector):
         self.test_tol = test_tol
         self.test_solver = test_solver
         self.test_stop_mode = test_stop_mode
+        self.stack_rag_branches = stack_rag_branches
         self.last_steps: Tensor | None = None
 
     def refinement_layers(self) -> Iterator[nn.Module]:
@@ -153,7 +159,8 @@ class DEQDet(QueryDetector):
     def training_branches(
         self, features: Sequence[Tensor], image_sizes: Tensor
     ) -> Iterator[dict[str, Outputs]]:
-        """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch."""
+        """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch (or
+        one group of them all, with ``stack_rag_branches``)."""
         y0 = self.init_layer(self.queries(image_sizes), features, image_sizes)
         group = {"init": self.init_layer.predict(y0, image_sizes)}
         y = y0
@@ -162,8 +169,23 @@ class DEQDet(QueryDetector):
             group[f"init_f{k}"] = self.refine_layer.predict(y, image_sizes)
         yield group
         sol = self.solve(y0, features, image_sizes, self.train_steps, self.supervise_steps)
+        if self.stack_rag_branches:
+            yield self._stacked_rag_group(sol.path, features, image_sizes)
+            return
         for step, state in zip(sol.path.steps, sol.path, strict=True):
             yield {f"rag_s{step}": self.refine_layer.predict(state, image_sizes)}
+
+    def _stacked_rag_group(
+        self, path: ik.Path, features: Sequence[Tensor], image_sizes: Tensor
+    ) -> dict[str, Outputs]:
+        """Every ``rag_s{i}`` branch from one stacked evaluation of ``F`` and of its heads."""
+        n = len(path)
+        repeated = [level.repeat(n, 1, 1, 1) for level in features]
+        sizes = image_sizes.repeat(n, 1)
+        state = path.stacked(lambda y: self.refine_layer(y, repeated, sizes))
+        outputs = self.refine_layer.predict(state, sizes)
+        parts = {key: value.chunk(n) for key, value in outputs.items()}
+        return {f"rag_s{step}": {key: parts[key][i] for key in parts} for i, step in enumerate(path.steps)}
 
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The prediction from ``F^test_steps(G(q_0))``, or from each image's converged state with `test_tol`."""

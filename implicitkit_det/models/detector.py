@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -15,19 +17,22 @@ from ..evaluation import PostProcess
 from ..losses import SetCriterion
 from .queries import InitialQueries
 
-__all__ = ["BranchwiseResult", "Outputs", "QueryDetector"]
+__all__ = ["BranchwiseLosses", "Outputs", "QueryDetector"]
 
 Outputs = dict[str, Tensor]  # {"pred_logits": [B, N, C], "pred_boxes": [B, N, 4] normalised xyxy}
 
 
-class BranchwiseResult(NamedTuple):
-    """What a branch-wise training forward returns (see :meth:`QueryDetector.forward`).
+@dataclass
+class BranchwiseLosses:
+    """What a branch-wise training call returns (``model(images, targets, branchwise=True)``).
+
+    A dataclass, so that ``DistributedDataParallel`` finds the ``pending`` tensor in the module's output.
 
     Attributes:
-        losses: the same losses as the plain call, detached.
-        pending: a scalar (of value 0) whose ``backward()`` delivers the gradients gathered so far; the one
-            backward ``DistributedDataParallel`` synchronises (a tuple's tensors are what DDP's reducer
-            follows).
+        losses: every branch's criterion terms and the total ``loss``, detached: the same numbers as the
+            plain call's dict (they are back-propagated already).
+        pending: a scalar of value 0 whose ``backward()`` delivers the gradients gathered so far, the one
+            backward left to run (and the one DDP synchronises).
     """
 
     losses: dict[str, Tensor]
@@ -59,8 +64,7 @@ class QueryDetector(nn.Module, ABC):
       post-process themselves.
     - ``model(images, targets, branchwise=True)`` back-propagates branch group after branch group as soon
       as each loss exists, so that memory holds one group's graph at a time; the returned dict holds the
-      a :class:`BranchwiseResult`: the losses, detached, and ``pending``, the one backward left to run
-      (see :meth:`forward`).
+      losses, detached, and the one backward left to run, as a :class:`BranchwiseLosses` (see :meth:`forward`).
       :meth:`forward_backward` runs that backward too.
 
     Inputs follow :func:`~implicitkit_det.data.collate_detection`: ``images`` ``[B, 3, H, W]`` padded at the
@@ -76,6 +80,8 @@ class QueryDetector(nn.Module, ABC):
         queries: the initial :class:`~.queries.InitialQueries`.
         criterion: default :class:`~implicitkit_det.losses.SetCriterion` (focal 2, L1 5, GIoU 2).
         num_select: detections per image at inference.
+        nms_iou: class-wise NMS at inference above this IoU (see
+            :class:`~implicitkit_det.evaluation.PostProcess`); None, the published detectors' choice, for none.
     """
 
     def __init__(
@@ -86,13 +92,14 @@ class QueryDetector(nn.Module, ABC):
         *,
         criterion: SetCriterion | None = None,
         num_select: int = 100,
+        nms_iou: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.queries = queries
         self.criterion = criterion if criterion is not None else SetCriterion()
-        self.postprocess = PostProcess(num_select)
+        self.postprocess = PostProcess(num_select, nms_iou)
 
     # -- what a detector provides --------------------------------------------------------------------
     @abstractmethod
@@ -110,6 +117,10 @@ class QueryDetector(nn.Module, ABC):
         """The final predictions."""
 
     # -- what the engine asks of every detector -------------------------------------------------------
+    #: Under an enabled ``torch.autocast``, whether the decoder runs in low precision too. False (the default)
+    #: keeps autocast to the backbone and the neck, where the convolutions' arithmetic is the cost, and runs
+    #: the decoder (small per-query ops, box arithmetic, the losses) in float32 on float32 features.
+    low_precision_decoder: bool = False
     #: Per-image refinement steps of the last inference (``[B]``), for detectors that count them.
     last_steps: Tensor | None = None
 
@@ -182,13 +193,13 @@ class QueryDetector(nn.Module, ABC):
         mask: Tensor | None = None,
         branchwise: bool = False,
         loss_scale: Callable[[Tensor], Tensor] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | BranchwiseResult:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | BranchwiseLosses:
         """Losses in training mode, detections in eval mode (see the class docstring).
 
         **Branch-wise training** (``branchwise=True``, training mode only): each group of
         :meth:`training_branches` is back-propagated as soon as its losses exist, into leaf copies of the
-        features, and its graph is freed before the next group is built. The :class:`BranchwiseResult`
-        returned holds the same losses as the plain call (the same numbers, detached) and ``pending``, a scalar
+        features, and its graph is freed before the next group is built. The dict returned holds the same
+        losses as the plain call (the same numbers, detached) in a :class:`BranchwiseLosses`, with a scalar
         (of value 0) whose ``backward()`` delivers the gradients gathered so far: the decoder's and the
         queries' (taken out of ``.grad``) and the features', through the neck and the backbone. After it,
         ``.grad`` holds the gradient of ``loss_scale(loss)``, the same as the plain call's
@@ -209,6 +220,25 @@ class QueryDetector(nn.Module, ABC):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
         sizes = self.image_sizes(images, targets, mask)
         features = self.features(images)
+        with self._decoder_precision(images.device.type):
+            features = [level.to(sizes.dtype) for level in features]
+            return self._decode(features, sizes, targets, images, branchwise, loss_scale)
+
+    def _decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Autocast switched off for the decoder, unless :attr:`low_precision_decoder` asks for it."""
+        if self.low_precision_decoder or not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, enabled=False)
+
+    def _decode(
+        self,
+        features: list[Tensor],
+        sizes: Tensor,
+        targets: Sequence[Mapping[str, Any]] | None,
+        images: Tensor,
+        branchwise: bool,
+        loss_scale: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]] | BranchwiseLosses:
         if self.training:
             targets = self._require_targets(targets, images)
             if branchwise:
@@ -230,7 +260,7 @@ class QueryDetector(nn.Module, ABC):
         sizes: Tensor,
         targets: Sequence[Mapping[str, Any]],
         loss_scale: Callable[[Tensor], Tensor] | None,
-    ) -> BranchwiseResult:
+    ) -> BranchwiseLosses:
         # Leaf copies cut the graph at the features: each group's backward stops there, so the backbone's
         # graph survives until the last backward, which sends the copies' summed gradient through it.
         shared = ik.SharedInputs(list(features))
@@ -260,7 +290,7 @@ class QueryDetector(nn.Module, ABC):
             pending = _DeliverGradients.apply(grads, *tensors)
         else:  # nothing trainable was reached: a backward with nothing to deliver
             pending = torch.zeros((), device=sizes.device, requires_grad=True)
-        return BranchwiseResult(result, pending)
+        return BranchwiseLosses(result, pending)
 
     def predict(
         self, images: Tensor, *, mask: Tensor | None = None, image_sizes: Tensor | None = None
@@ -272,7 +302,9 @@ class QueryDetector(nn.Module, ABC):
             image_sizes: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
         """
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
-        return self.inference_outputs(self.features(images), sizes)
+        features = self.features(images)
+        with self._decoder_precision(images.device.type):
+            return self.inference_outputs([level.to(sizes.dtype) for level in features], sizes)
 
     def losses(
         self, outputs: Mapping[str, Outputs], targets: Sequence[Mapping[str, Any]]
@@ -308,13 +340,13 @@ class QueryDetector(nn.Module, ABC):
             loss_scale: multiplies every loss before its backward (e.g. a ``GradScaler``'s scale).
 
         Returns:
-            The losses of :meth:`forward`, detached.
+            The same dict as :meth:`forward`, detached.
         """
         if not self.training:
             raise RuntimeError("forward_backward trains: call model.train() first.")
         scale = None if loss_scale == 1.0 else (lambda loss: loss_scale * loss)
         result = self(images, targets, mask=mask, branchwise=True, loss_scale=scale)
-        assert isinstance(result, BranchwiseResult)
+        assert isinstance(result, BranchwiseLosses)
         result.pending.backward()
         return result.losses
 

@@ -15,6 +15,7 @@ from implicitkit_det.models import (
     AdaMixerStage,
     Architecture,
     ChannelMapper,
+    DemoRecipe,
     InitialQueries,
     ModelConfig,
     OptimizerRecipe,
@@ -70,12 +71,12 @@ def build_tied_adamixer(cfg: ModelConfig, num_classes: int) -> TiedAdaMixer:
     return TiedAdaMixer(backbone, neck, queries, stage, cfg.num_stages, num_select=cfg.num_select)
 
 
-#: The table row: builder, optimiser recipe, not a DEQ, the demo's learning rate, a named configuration.
+#: The table row: builder, optimiser recipe, not a DEQ, the demo's recipe, a named configuration.
 TIED_ADAMIXER = Architecture(
     build_tied_adamixer,
     OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decoder_wd_mult=1.0),
     deq=False,
-    demo_lr=6e-4,
+    demo=DemoRecipe(lr=6e-4),
     configs={"tied_adamixer_tiny": ModelConfig(arch="tied_adamixer", **TINY, num_stages=3)},
 )
 

@@ -25,7 +25,7 @@ from implicitkit_det.engine import (
     wrap_ddp,
 )
 from implicitkit_det.models import RAP, build_model
-from implicitkit_det.models.detector import BranchwiseResult
+from implicitkit_det.models.detector import BranchwiseLosses
 
 CPU = torch.device("cpu")
 CLASSES = 10
@@ -92,8 +92,8 @@ def test_branchwise_forward_equals_one_graph(config, float64):
     want["loss"].backward()
     got_model = tiny(config, seed=3, num_stages=2)
     result = got_model(data.images, data.targets, mask=data.mask, branchwise=True)
-    assert isinstance(result, BranchwiseResult)
-    got, pending = result
+    assert isinstance(result, BranchwiseLosses)
+    got, pending = result.losses, result.pending
     assert pending.requires_grad and pending.item() == 0.0
     # Nothing reached the backbone yet: its gradient travels in the pending backward.
     assert all(p.grad is None for p in got_model.parameters())

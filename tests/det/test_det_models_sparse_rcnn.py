@@ -129,6 +129,22 @@ def test_fpn_matches_the_top_down_equations():
     assert all((c.bias == 0).all() for c in fpn.modules() if isinstance(c, torch.nn.Conv2d))
 
 
+def test_fpn_norm_normalises_every_level_per_image_and_drops_the_biases():
+    torch.manual_seed(0)
+    fpn = FPN((8, 16, 32, 64), 8, norm_groups=2)
+    convs = [m for m in fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is None for c in convs)
+    feats = [torch.randn(2, c, 32 // 2**j, 24 // 2**j) for j, c in enumerate((8, 16, 32, 64))]
+    # An offset shared by both images, as the collapse grows in the backbone, does not reach the outputs.
+    shifted = fpn([f + 50.0 for f in feats])
+    for level in fpn(feats) + shifted:
+        groups = level.view(2, 2, -1)  # [images, groups, values]: GroupNorm's affine starts at (1, 0)
+        torch.testing.assert_close(groups.mean(-1), torch.zeros(2, 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(groups.var(-1, unbiased=False), torch.ones(2, 2), atol=1e-3, rtol=0)
+    plain = sum(p.numel() for p in FPN((8, 16, 32, 64), 8).parameters())
+    assert sum(p.numel() for p in fpn.parameters()) == plain - 8 * 8 + 8 * 2 * 8  # biases out, GN in
+
+
 # -- delta coder -------------------------------------------------------------------------------------------
 def test_delta_encoding_by_hand_and_round_trip():
     box, target = torch.tensor([10.0, 20.0, 50.0, 40.0]), torch.tensor([12.0, 18.0, 60.0, 50.0])

@@ -65,7 +65,10 @@ def test_the_table_is_the_one_source(tied_adamixer):
         and RECIPES["tied_adamixer"] == TIED_ADAMIXER.recipe
     )
     assert recipe_for("tied_adamixer") is TIED_ADAMIXER.recipe
-    assert digits_recipe("tied_adamixer_tiny", pretrained=False)[-2:] == ["--lr", "0.0006"]
+    demo = digits_recipe("tied_adamixer_tiny", pretrained=False)
+    assert demo[demo.index("--lr") :] == [  # the row's DemoRecipe, after the shapes every demo shares
+        "--lr", "0.0006", "--decoder-lr-mult", "1", "--decoder-wd-mult", "1", "--epochs", "5", "--lr-drops", "4",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="'tied_adamixer' is registered already"):
         register()
     other = dataclasses.replace(TIED_ADAMIXER, configs={"x_tiny": CONFIGS["deqdet_tiny"]})

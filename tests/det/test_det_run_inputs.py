@@ -111,6 +111,10 @@ CASES = {
         lambda r: [*_coco(r), "--image-size", "96", "--max-size", "96"],
         "--image-size 96 must be smaller than --max-size 96",
     ),
+    "amp decoder without amp": (
+        lambda r: [*_coco(r), "--amp-decoder"],
+        "--amp-decoder widens --amp to the decoder: give --amp too",
+    ),
     "deq steps on a non-DEQ model": (
         lambda r: [*_coco(r), "--config", "adamixer_tiny", "--deq-steps", "3"],
         "--deq-steps: adamixer_tiny (adamixer) has no test-time step count",

@@ -14,7 +14,7 @@ from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
 from .solvers import Anderson, Solver
-from .stats import Result, SolverStats
+from .stats import Result, SolverStats, apply_failure_policy
 
 __all__ = ["Perturbation", "fixed_point"]
 
@@ -84,6 +84,7 @@ def fixed_point(
         result = gradient.solve(
             solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
         )
+    apply_failure_policy(solver.on_failure, result.stats)  # the one place a solve's failures raise or warn
     backward_stats: list = []
 
     def attach(step):

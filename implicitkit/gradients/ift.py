@@ -208,7 +208,7 @@ class IFT(GradientEstimator):
                     "only J v. Use IFT(GMRES()) or IFT(DirectSolve()) under torch.func.jvp / forward_ad."
                 )
             return self.solver.solve(lambda x: x - product(x), rhs, apply_transposed=product_transposed)
-        result = iterate(self.solver, lambda x: product(x) + rhs, rhs, on_failure="report")
+        result = iterate(self.solver, lambda x: product(x) + rhs, rhs)
         return result.value, result.stats
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:

@@ -15,7 +15,6 @@ from .._tree import State, StateSpec, flatten, unflatten
 from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
-from ..stats import apply_failure_policy
 from .base import AuxMap, GradientEstimator, Map, Recorder
 from .tangent import carries_tangent
 
@@ -105,9 +104,8 @@ class Reversible(GradientEstimator):
         with torch.no_grad():
             start = z0.detach()
             pair0 = torch.cat([start, start], dim=1)
-            run = iterate(solver, step, pair0, capture=capture | checkpoints, on_failure="report")
-        stats = dataclasses.replace(run.stats, solver=repr(self))
-        apply_failure_policy(solver.on_failure, stats)
+            run = iterate(solver, step, pair0, capture=capture | checkpoints)
+        stats = dataclasses.replace(run.stats, solver=repr(self))  # fixed_point applies the failure policy
         best = _best_steps(stats)
         ends = {k: _End(run.captured[k], torch.where(stats.nstep >= k, k, best), dim) for k in capture}
         value = _End(run.value, best, dim)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..stats import FAILURE_POLICIES
+from .._settings import public_settings, settings_repr
+from ..stats import FAILURE_POLICIES, apply_failure_policy
 from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
 
 _STOP_MODES = ("abs", "rel")
@@ -108,7 +109,7 @@ class Solver(ABC, metaclass=_Frozen):
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this solver."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return public_settings(self)
 
     def replace(self, **changes: Any) -> Solver:
         """A copy with some settings changed, e.g. ``solver.replace(max_iter=100, on_failure="raise")``."""
@@ -146,7 +147,9 @@ class Solver(ABC, metaclass=_Frozen):
         capture: Iterable[int] = (),
     ) -> SolveResult:
         """Run this solver on flat states ``[B, D]`` in the current grad mode (see :func:`~.loop.iterate`)."""
-        return iterate(self, f, z0, perturbation=perturbation, capture=capture)
+        result = iterate(self, f, z0, perturbation=perturbation, capture=capture)
+        apply_failure_policy(self.on_failure, result.stats)
+        return result
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+        return settings_repr(self)

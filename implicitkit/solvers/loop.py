@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..stats import Result, SolverStats, apply_failure_policy
+from ..stats import Result, SolverStats
 
 FlatMap = Callable[[Tensor], Tensor]
 FlatPerturbation = Callable[[Tensor, int], Tensor]
@@ -32,7 +32,6 @@ class LoopSolver(Protocol):
     max_iter: int
     stop_mode: str
     divergence_factor: float
-    on_failure: str
 
     def init(self, z0: Tensor) -> Any: ...
 
@@ -68,13 +67,14 @@ def iterate(
     *,
     perturbation: FlatPerturbation | None = None,
     capture: Iterable[int] = (),
-    on_failure: str | None = None,
     checkpoint_every: int | None = None,
 ) -> SolveResult:
     """Iterate ``f`` from ``z0`` (``[B, D]``) with ``solver``'s steps until every sample stops.
 
     Runs in the current grad mode: under ``torch.no_grad()`` nothing of the path is kept; with autograd on
     (unrolled differentiation) every step is part of the graph. Residuals are always computed without a graph.
+    Failed samples are only reported in the stats: the caller applies a failure policy (``fixed_point`` and
+    :meth:`~.base.Solver.solve` the solver's, IFT its own to its adjoint solve).
 
     Arguments:
         solver: proposes the next iterate and holds the stop rule.
@@ -84,8 +84,6 @@ def iterate(
             that already stopped are not perturbed.
         capture: steps after which to keep the state (``f(z)`` of that step); a sample already stopped
             contributes its returned value.
-        on_failure: overrides ``solver.on_failure`` (an estimator that owns the failure policy passes
-            ``"report"``).
         checkpoint_every: with autograd on, keep only the loop's state every this many steps and recompute
             the steps between in the backward pass (see :func:`_run_checkpointed`); ``None`` keeps them all.
 
@@ -120,9 +118,7 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, best_res, limits, last)
-    apply_failure_policy(solver.on_failure if on_failure is None else on_failure, stats)
-    return SolveResult(best_value, last, stats, captured)
+    return SolveResult(best_value, last, history.stats(solver, taken, best_res, limits, last), captured)
 
 
 @dataclass

@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
-from ._tree import State, flatten, leaves_of, spec_of, tree_map, unflatten
+from ._tree import State, StateSpec, flatten, leaves_of, spec_of, tree_map, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
-from .solvers import Anderson, Solver
+from .solvers import Anderson, Solver, SolveResult
 from .stats import Result, SolverStats, apply_failure_policy
 
 __all__ = ["Perturbation", "fixed_point"]
@@ -71,20 +72,7 @@ def fixed_point(
     if spec.batch_size == 0:
         return _empty_solution(z0, solver, capture, f_aux)
 
-    def f_flat(z):
-        return flatten(f_state(unflatten(z, spec)), spec)
-
-    flat_perturbation = None
-    if perturbation is not None:
-
-        def flat_perturbation(z, step):
-            return flatten(perturbation(unflatten(z, spec), step), spec)
-
-    with _forward_mode_refused():
-        result = gradient.solve(
-            solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
-        )
-    apply_failure_policy(solver.on_failure, result.stats)  # the one place a solve's failures raise or warn
+    result = _solve_flat(solver, gradient, f_state, z0, spec, perturbation, capture)
     backward_stats: list = []
 
     def attach(step):
@@ -119,6 +107,35 @@ def fixed_point(
         backward_stats,
         _make_value=torch.compiler.disable(value_and_aux),
     )
+
+
+def _solve_flat(
+    solver: Solver,
+    gradient: GradientEstimator,
+    f: Callable[[State], State],
+    z0: State,
+    spec: StateSpec,
+    perturbation: Perturbation | None,
+    capture: Iterable[int],
+) -> SolveResult:
+    """Run the solve as ``gradient`` says on flat ``[B, D]`` states, then apply the solver's failure policy
+    (the one place a solve's failures raise or warn)."""
+
+    def f_flat(z: Tensor) -> Tensor:
+        return flatten(f(unflatten(z, spec)), spec)
+
+    flat_perturbation = None
+    if perturbation is not None:
+
+        def flat_perturbation(z: Tensor, step: int) -> Tensor:
+            return flatten(perturbation(unflatten(z, spec), step), spec)
+
+    with _forward_mode_refused():
+        result = gradient.solve(
+            solver, f_flat, flatten(z0, spec), perturbation=flat_perturbation, capture=capture
+        )
+    apply_failure_policy(solver.on_failure, result.stats)
+    return result
 
 
 def _refuse_vmap() -> None:

@@ -32,6 +32,7 @@ import torch
 from _common import Report, Timing, base_parser, command_line, machine, markdown_table, setup
 from deqdet_vs_adamixer import run_child
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import implicitkit as ik
 from implicitkit_det import cli
@@ -121,8 +122,24 @@ class PartClock:
         return wrapper
 
 
-def profiled_step(model: Any, optimizer: Any, batch: DetectionBatch, clock: PartClock) -> None:
-    """The engine's branch-wise step written out, each part under its clock."""
+def graph_nodes(roots: list[torch.Tensor]) -> int:
+    """The autograd nodes reachable from `roots` (each counted once)."""
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return len(seen)
+
+
+def profiled_step(
+    model: Any, optimizer: Any, batch: DetectionBatch, clock: PartClock, nodes: list[int] | None = None
+) -> None:
+    """The engine's branch-wise step written out, each part under its clock; with `nodes`, the autograd
+    nodes of every graph the step builds are appended to it."""
     clock.new_step()
     optimizer.zero_grad(set_to_none=True)
     images, targets = batch.images, batch.targets
@@ -138,9 +155,13 @@ def profiled_step(model: Any, optimizer: Any, batch: DetectionBatch, clock: Part
             group = next(groups)
         with clock.part("matching + criterion"):
             loss = model.losses(group, targets)["loss"]
+        if nodes is not None:
+            nodes.append(graph_nodes([loss]))
         with clock.part(f"{name} backward"):
             loss.backward()
     sources, grads = shared.take_gradients()
+    if nodes is not None:
+        nodes.append(graph_nodes(list(sources)))
     with clock.part("backbone + neck backward"):
         torch.autograd.backward(sources, grads)
     with clock.part("clipping + AdamW"):
@@ -163,7 +184,29 @@ def parts_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
     whole = statistics.median(totals) - medians["no-grad refinement steps (+ RAP)"]
     rows = [[name, f"{ms:.1f}", f"{100 * ms / whole:.0f}%"] for name, ms in medians.items()]
     rows.append(["**step**", f"{whole:.1f}", "100%"])
-    return markdown_table(["part", "ms (thread CPU)", "share"], rows)
+    table = markdown_table(["part", "ms (thread CPU)", "share"], rows)
+    backbone_ms = medians["backbone + neck forward"] + medians["backbone + neck backward"]
+    return table + "\n\n" + work_summary(model, optimizer, batches[0], whole, backbone_ms)
+
+
+def work_summary(
+    model: Any, optimizer: Any, batch: DetectionBatch, step_ms: float, backbone_ms: float
+) -> str:
+    """FLOPs of one step (forward and backward), the backbone and neck's share and rate, autograd nodes."""
+    nodes: list[int] = []
+    with FlopCounterMode(display=False) as flops:
+        profiled_step(model, optimizer, batch, PartClock(), nodes)
+    by_module = flops.get_flop_counts()
+    total = flops.get_total_flops()
+    # The step calls the backbone and the neck directly: the counter names them by their classes.
+    parts = {type(model.backbone).__name__, type(model.neck).__name__}
+    backbone = sum(sum(by_module[name].values()) for name in parts if name in by_module)
+    return (
+        f"One step: {total / 1e9:.2f} GFLOP forward and backward, of which backbone and neck "
+        f"{backbone / 1e9:.2f} GFLOP at {backbone / 1e6 / backbone_ms:.1f} GFLOP/s and the rest "
+        f"{(total - backbone) / 1e9:.2f} GFLOP at {(total - backbone) / 1e6 / (step_ms - backbone_ms):.1f} "
+        f"GFLOP/s; {sum(nodes)} autograd nodes ({nodes[-1]} in the backbone and neck's graph)."
+    )
 
 
 # -- 2. levers ----------------------------------------------------------------------------------------------

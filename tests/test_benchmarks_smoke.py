@@ -109,6 +109,7 @@ def test_train_step_profile_quick(tmp_path):
     train_step_profile.main(["--quick", "--out", str(tmp_path), "--no-memory"])
     text = (tmp_path / "train_step_profile.md").read_text()
     assert "| **step** |" in text and "| stacked RAG branches |" in text
+    assert "GFLOP forward and backward" in text and "autograd nodes" in text
     calls = {
         line.split("|")[1].strip(): int(line.split("|")[-2])
         for line in text.splitlines()

@@ -125,3 +125,23 @@ def test_reproduction_verdicts_refuse_to_judge_models_that_learned_nothing():
     assert near_zero["verdict"].startswith("not judged: both below AP 0.05")
     learned = reproduction.verdict([0.30, 0.32], [0.20, 0.21], floor=reproduction.AP_FLOOR)
     assert learned["verdict"] == "holds"
+
+
+def test_refinement_duplicates_statistics_on_a_fresh_detector():
+    import refinement_duplicates
+
+    from implicitkit_det.models import build_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "det"))
+    from det_engine_toy import random_batch
+
+    torch.manual_seed(0)
+    model = build_model("deqdet_tiny", 10, num_queries=6).eval()
+    batches = [random_batch(torch.Generator().manual_seed(i), batch=2, size=64, classes=10) for i in range(2)]
+    stats = refinement_duplicates.step_statistics(model, batches, steps=3)
+    assert len(stats) == 4
+    # The box regressors start at zero: every refinement step keeps the boxes exactly where they were.
+    assert [row["box move"] for row in stats] == [0.0, 0.0, 0.0, 0.0]
+    for row in stats:
+        assert all(0.0 <= row[k] <= 1.0 for k in ("found", "best IoU", "best score", "duplicates"))
+        assert row["best IoU"] > 0.0  # random targets overlap some of the spread-out initial boxes

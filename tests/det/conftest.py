@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from implicitkit_det.data import DigitsDetectionConfig, build_digits_detection
@@ -86,3 +87,12 @@ def make_coco(tmp_path: Path):
         return write_coco(tmp_path / name, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def float64():
+    """Float64 as the default dtype for the test, restored after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

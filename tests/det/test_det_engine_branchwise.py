@@ -74,14 +74,6 @@ def assert_grads_close(got, want, rtol: float, what: str) -> None:
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(w.abs().max()), msg=what)
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize(
     "config", ["deqdet_tiny", "deq_sparse_rcnn_tiny", "adamixer_tiny", "sparse_rcnn_tiny"]
 )

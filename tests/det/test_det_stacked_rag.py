@@ -11,14 +11,6 @@ from implicitkit_det.models import build_model
 CLASSES = 10
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def losses_and_grads(config: str, stacked: bool, data) -> tuple[dict, dict]:
     torch.manual_seed(3)
     model = build_model(

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,12 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] = CLEAN_ENV) -> str:
 
 
 @pytest.fixture(scope="module")
-def det_only_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv holding the wheel of this checkout installed with ``[det]``; its python."""
+def det_only_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh venv holding the wheel of this checkout installed with ``[det]``; its python.
+
+    The venv (about 6 GB: torch's build on this disk carries CUDA) is removed after the module, pass or fail,
+    so that repeated runs do not fill the disk.
+    """
     tmp = tmp_path_factory.mktemp("packaging")
     # Built from a copy of what the wheel packs, so that the build leaves nothing in the checkout.
     source = tmp / "source"
@@ -57,8 +62,11 @@ def det_only_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = wheels.glob("implicitkit-*.whl")
     venv.create(tmp / "venv", with_pip=True)
     python = tmp / "venv" / "bin" / "python"
-    run([str(python), "-m", "pip", "install", "-q", f"{wheel}[det]"], cwd=tmp)
-    return python
+    try:
+        run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir", f"{wheel}[det]"], cwd=tmp)
+        yield python
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -75,7 +75,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"model config name (default {DEFAULT_CONFIG}, or the --resume checkpoint's)",
     )
-    g.add_argument("--deq-steps", type=int, default=None, help="test-time refinement steps (DEQ models)")
+    g.add_argument(
+        "--deq-steps",
+        type=int,
+        default=None,
+        help="test-time refinement steps (DEQ models); --model-arg test_steps=N (test_tol, test_solver) is the "
+        "same option",
+    )
     g.add_argument(
         "--deq-tol",
         type=float,

@@ -229,6 +229,38 @@ def _new_values(options: Mapping[str, Any], given: set[str]) -> dict[str, Any]:
     return out
 
 
+# The model's test-time settings and the options that set them: one path into the model
+# (``configure_test``), changeable on resume, whichever spelling the command line used.
+_TEST_SETTINGS = {"test_steps": "deq_steps", "test_tol": "deq_tol", "test_solver": "deq_solver"}
+
+
+def _fold_test_settings(new: dict[str, Any], checkpoint: Mapping[str, Any] | None) -> None:
+    """For a DEQ detector, move ``--model-arg test_steps=`` (``test_tol``, ``test_solver``) out of the
+    model overrides to the option that sets the same thing (``--deq-steps`` ...), refusing the two spellings
+    with different values. (A stack of stages has no test-time steps: there they stay unused overrides, like
+    ``train_steps``, so that one recipe serves every detector.)"""
+    overrides = new.get("overrides")
+    if not overrides or not _TEST_SETTINGS.keys() & overrides.keys():
+        return
+    saved = (checkpoint or {}).get("args") or {}
+    config = new.get("config") or saved.get("config") or ((checkpoint or {}).get("config") or {}).get("name")
+    config = config or DEFAULT_CONFIG
+    arch = overrides.get("arch") or (saved.get("overrides") or {}).get("arch")
+    if config not in CONFIGS or arch not in (None, *ARCHITECTURES):
+        return  # refused later, with its own message
+    if not architecture_of(arch or CONFIGS[config].arch).deq:
+        return
+    for key, option in _TEST_SETTINGS.items():
+        if key not in overrides:
+            continue
+        value = overrides.pop(key)
+        if new.get(option) is not None and new[option] != value:
+            raise RunConfigError(
+                f"--model-arg {key}={value} and {_option(option)} {new[option]} set the same thing; give one"
+            )
+        new[option] = value
+
+
 def _option(name: str) -> str:
     return {"drops": "--lr-drops", "overrides": "--model-arg", "config": "--config"}.get(
         name, "--" + name.replace("_", "-")
@@ -326,8 +358,9 @@ def build_run_config(
     Raises:
         :class:`RunConfigError` naming the option to change.
     """
-    _check_values(options)
     new = _new_values(options, given)
+    _fold_test_settings(new, checkpoint)
+    _check_values({**options, **new})
     eval_only = bool(options.get("eval_only"))
     if checkpoint is None:
         defaults = {k: options[k] for k in options if k in {f.name for f in dataclasses.fields(RunConfig)}}

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_coco
 
 from implicitkit_det import cli
+from implicitkit_det.engine.run_config import RunConfigError, build_run_config
+from implicitkit_det.engine.run_setup import build_run_model
 from implicitkit_det.models.configs import parse_model_args
 
 TINY = [
@@ -191,3 +194,29 @@ def test_resume_restores_the_run_applies_changes_and_refuses_others(tiny_digits,
     printed = capsys.readouterr().out
     assert "evaluation only" in printed and "shorter side 64" in printed and "test steps  3" in printed
     assert stats["test_steps"] == 3 and stats["images"] == 5
+
+
+def _resolve(argv: list[str], checkpoint: dict | None = None):
+    parser = cli.build_parser()
+    return build_run_config(vars(parser.parse_args(argv)), cli.given_options(parser, argv), checkpoint)
+
+
+def test_test_time_settings_have_one_path_into_the_model(tmp_path):
+    # --model-arg test_steps= is --deq-steps: the same option, the same path (configure_test) into the model.
+    spelt_as_model_args = _resolve(["--model-arg", "test_steps=4", "--model-arg", "test_tol=0.5"])
+    assert (spelt_as_model_args.deq_steps, spelt_as_model_args.deq_tol) == (4, 0.5)
+    assert "test_steps" not in spelt_as_model_args.overrides
+    assert spelt_as_model_args == _resolve(["--deq-steps", "4", "--deq-tol", "0.5"])
+    model = build_run_model(spelt_as_model_args, num_classes=10, device=torch.device("cpu"))
+    assert (model.test_steps, model.test_tol) == (4, 0.5)
+
+    with pytest.raises(RunConfigError, match="--model-arg test_steps=4 and --deq-steps 5 set the same thing"):
+        _resolve(["--deq-steps", "5", "--model-arg", "test_steps=4"])
+    # A stack of stages has no test-time steps: the shared demo recipe's test_steps stays an unused override.
+    stack = _resolve(["--config", "adamixer_tiny", "--model-arg", "test_steps=4"])
+    assert stack.deq_steps is None and stack.overrides["test_steps"] == 4
+
+    # On resume it is a test-time setting like --deq-steps: changeable, said as a change.
+    checkpoint = {"args": _resolve(["--deq-steps", "2"]).to_dict()}
+    resumed = _resolve(["--resume", str(tmp_path), "--eval-only", "--model-arg", "test_steps=3"], checkpoint)
+    assert resumed.deq_steps == 3 and resumed.changed == {"deq_steps": (2, 3)}

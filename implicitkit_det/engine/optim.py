@@ -69,7 +69,7 @@ def param_groups(
         no_decay_norm_bias: exempt biases and normalisation-layer parameters from weight decay. Off by
             default, as in the reference recipe, which decays every parameter.
         is_decoder: decides from a parameter's name whether it is a decoder parameter; used only when the
-            model has no ``parameter_groups()`` method (the detectors' own split, whose ``"decoder"`` entry is
+            model has no ``parameters_by_part()`` method (the detectors' own split, whose ``"decoder"`` entry is
             every decoder layer, not the backbone, neck or learned queries).
 
     Returns:
@@ -79,7 +79,7 @@ def param_groups(
     decoder_ids: set[int] | None = None
     inner = unwrap(model)
     if isinstance(inner, QueryDetector):  # the detectors say which parameters form their decoder
-        decoder_ids = {id(p) for p in inner.parameter_groups()["decoder"]}
+        decoder_ids = {id(p) for p in inner.parameters_by_part()["decoder"]}
     no_decay: set[int] = set()
     if no_decay_norm_bias:
         for module in model.modules():

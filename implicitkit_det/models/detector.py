@@ -157,7 +157,7 @@ class QueryDetector(nn.Module, ABC):
         """The neck's pyramid ``[B, dim, H / s_j, W / s_j]``, strides 4, 8, 16, 32."""
         return self.neck(self.backbone(images))
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+    def parameters_by_part(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part: ``backbone``, ``neck``, ``queries`` and ``decoder`` (all the rest).
 
         For optimisers that treat the decoder differently (DEQDet and AdaMixer train it with 4x the

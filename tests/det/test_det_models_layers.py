@@ -46,7 +46,7 @@ def test_stage_parameter_count(points, want):
 def test_paper_configs_parameter_counts(name, decoder, queries):
     with torch.device("meta"):
         model = build_model(name, 80)
-    groups = {k: sum(p.numel() for p in v) for k, v in model.parameter_groups().items()}
+    groups = {k: sum(p.numel() for p in v) for k, v in model.parameters_by_part().items()}
     assert groups["decoder"] == decoder
     assert groups["queries"] == queries
     assert groups["backbone"] == 23_508_032  # torchvision's ResNet-50 without its classifier

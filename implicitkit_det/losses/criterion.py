@@ -86,46 +86,91 @@ class SetCriterion(nn.Module):
             ``focal``, ``l1``, ``giou`` (unweighted), ``loss_focal``, ``loss_l1``, ``loss_giou``
             (weighted) and ``loss``, their sum: scalar tensors.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if self.one_to_many > 1:
-            k = self.one_to_many
-            targets = [
-                {**t, "labels": t["labels"].repeat(k), "boxes_normalized": t["boxes_normalized"].repeat(k, 1)}
-                for t in targets
-            ]
-        if indices is None:
-            indices = self.matcher(outputs, targets)
-        num_pos = self.num_positives(targets, logits.device)
+        given = None if indices is None else {"": indices}
+        return self.branch_losses({"": outputs}, targets, given)[""]
 
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(
-            logits.device
-        )
-        pred_idx = torch.cat([src for src, _ in indices]).to(logits.device)
-        labels = torch.cat(
-            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices, strict=True)]
-        )
-        tgt_boxes = torch.cat(
-            [
-                t["boxes_normalized"][tgt.to(t["boxes_normalized"].device)]
-                for t, (_, tgt) in zip(targets, indices, strict=True)
-            ]
-        ).to(boxes)
+    def branch_losses(
+        self,
+        branches: Mapping[str, Mapping[str, Tensor]],
+        targets: Sequence[Mapping[str, Any]],
+        indices: Mapping[str, Sequence[tuple[Tensor, Tensor]]] | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        """The losses of several sets of predictions of the same images (a detector's supervised branches),
+        computed as one batch: the ``K`` branches are stacked along the batch, matched with one cost matrix,
+        and their focal, L1 and GIoU terms are each one reduction, split per branch by a segment sum. Equal
+        to :meth:`forward` branch by branch, with ``K`` times fewer operator calls.
+
+        Arguments:
+            branches: name -> outputs, as :meth:`forward` takes them (the same batch of images).
+            targets: per image, as for :meth:`forward`.
+            indices: name -> a precomputed match; matched here when None.
+
+        Returns:
+            name -> :meth:`forward`'s dict for that branch.
+        """
+        names = list(branches)
+        logits = _stacked([branches[n]["pred_logits"] for n in names])
+        boxes = _stacked([branches[n]["pred_boxes"] for n in names])
+        targets = self._repeated(targets)
+        every = list(targets) * len(names)  # the targets of each image of the stacked batch
+        if indices is None:
+            match = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, every)
+        else:
+            match = [pair for n in names for pair in indices[n]]
+        num_pos = self.num_positives(targets, logits.device)
+        batch_idx, pred_idx, labels, tgt_boxes = _matched_pairs(match, every, logits.device)
+        tgt_boxes = tgt_boxes.to(boxes)
 
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, pred_idx, labels.to(logits.device)] = 1.0
-        focal = (
-            sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_pos
-        )
-
+        onehot[batch_idx, pred_idx, labels] = 1.0
+        focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
+        focal = focal.view(len(names), -1).sum(dim=1)
         matched = boxes[batch_idx, pred_idx]
         # With no targets the sums below are zero but still depend on `boxes`, so every parameter gets a
         # (zero) gradient, which DistributedDataParallel expects.
-        l1 = (matched - tgt_boxes).abs().sum() / num_pos
-        giou = generalized_box_iou_loss(matched, tgt_boxes, reduction="sum") / num_pos
-
-        raw = {"focal": focal, "l1": l1, "giou": giou}
-        out = dict(raw)
-        for name, value in raw.items():
-            out[f"loss_{name}"] = self.weights[name] * value
-        out["loss"] = out["loss_focal"] + out["loss_l1"] + out["loss_giou"]
+        branch_of = torch.div(batch_idx, len(targets), rounding_mode="floor")
+        per_pair = torch.stack(
+            [(matched - tgt_boxes).abs().sum(dim=-1), generalized_box_iou_loss(matched, tgt_boxes)], dim=-1
+        )
+        l1, giou = per_pair.new_zeros(len(names), 2).index_add(0, branch_of, per_pair).unbind(-1)
+        terms = torch.stack([focal, l1, giou], dim=-1) / num_pos  # [K, 3]
+        weighted = terms * terms.new_tensor([self.weights[k] for k in _TERMS])
+        total = weighted.sum(dim=-1)
+        out = {}
+        for i, name in enumerate(names):
+            raw, scaled = terms[i].unbind(), weighted[i].unbind()
+            out[name] = {
+                **dict(zip(_TERMS, raw, strict=True)),
+                **{f"loss_{k}": v for k, v in zip(_TERMS, scaled, strict=True)},
+                "loss": total[i],
+            }
         return out
+
+    def _repeated(self, targets: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+        """The targets as matched: each image's repeated ``one_to_many`` times."""
+        k = self.one_to_many
+        if k == 1:
+            return targets
+        return [
+            {**t, "labels": t["labels"].repeat(k), "boxes_normalized": t["boxes_normalized"].repeat(k, 1)}
+            for t in targets
+        ]
+
+
+_TERMS = ("focal", "l1", "giou")
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _matched_pairs(
+    indices: Sequence[tuple[Tensor, Tensor]], targets: Sequence[Mapping[str, Any]], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Image index, prediction index, target label and target box of every matched pair of a batch."""
+    batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
+    pred_idx = torch.cat([src for src, _ in indices]).to(device)
+    pairs = list(zip(targets, indices, strict=True))
+    labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in pairs]).to(device)
+    boxes = torch.cat([t["boxes_normalized"][tgt.to(t["boxes_normalized"].device)] for t, (_, tgt) in pairs])
+    return batch_idx, pred_idx, labels, boxes

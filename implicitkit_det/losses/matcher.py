@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -109,19 +110,31 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, tgt_boxes)
         cost = cost.view(bsz, n, -1).cpu()
 
+        if not torch.isfinite(cost).all():  # one check for the batch; then which image, if one of its own
+            error = _non_finite_cost(cost, sizes, logits, boxes, targets)
+            if error is not None:
+                raise error
+        blocks = np.split(cost.numpy(), np.cumsum(sizes)[:-1], axis=-1)  # image b's columns: block b
         indices = []
-        for b, block in enumerate(cost.split(sizes, dim=-1)):
-            c = block[b]
-            if not torch.isfinite(c).all():
-                raise FloatingPointError(
-                    f"matching cost of image {b} (image_id {targets[b].get('image_id')}) is NaN or infinite: "
-                    f"pred_logits finite: {bool(torch.isfinite(logits[b]).all())}, pred_boxes finite: "
-                    f"{bool(torch.isfinite(boxes[b]).all())}, target boxes finite: "
-                    f"{bool(torch.isfinite(targets[b]['boxes_normalized']).all())}. The model has likely "
-                    "diverged: lower the learning rate or check the inputs."
-                )
-            rows, cols = linear_sum_assignment(c.numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+        for b, block in enumerate(blocks):
+            rows, cols = linear_sum_assignment(block[b])
+            indices.append((torch.from_numpy(rows).long(), torch.from_numpy(cols).long()))
         return indices
+
+
+def _non_finite_cost(
+    cost: Tensor, sizes: list[int], logits: Tensor, boxes: Tensor, targets: Sequence[Mapping[str, Any]]
+) -> FloatingPointError | None:
+    """The error for a NaN or infinite matching cost of an image's own predictions and targets, naming the
+    first such image and why; None when only pairs across images (never matched) are not finite."""
+    blocks = cost.split(sizes, dim=-1)
+    b = next((b for b, block in enumerate(blocks) if not torch.isfinite(block[b]).all()), None)
+    if b is None:
+        return None
+    return FloatingPointError(
+        f"matching cost of image {b} (image_id {targets[b].get('image_id')}) is NaN or infinite: "
+        f"pred_logits finite: {bool(torch.isfinite(logits[b]).all())}, pred_boxes finite: "
+        f"{bool(torch.isfinite(boxes[b]).all())}, target boxes finite: "
+        f"{bool(torch.isfinite(targets[b]['boxes_normalized']).all())}. The model has likely "
+        "diverged: lower the learning rate or check the inputs."
+    )

@@ -45,9 +45,11 @@ def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
     Returns:
         ``[..., 4]`` as ``(x0, y0, x1, y1)``.
     """
-    z, r = xyzr[..., 2:3], xyzr[..., 3:4]
-    wh = torch.cat([torch.exp2(z - 0.5 * r), torch.exp2(z + 0.5 * r)], dim=-1)
-    return box_convert(torch.cat([xyzr[..., :2], wh], dim=-1), "cxcywh", "xyxy")
+    # The layers call this at every refinement step: few operator calls, the same numbers as box_convert's
+    # cx -+ w / 2.
+    centre, z, half_r = xyzr[..., :2], xyzr[..., 2:3], 0.5 * xyzr[..., 3:4]
+    half = 0.5 * torch.exp2(torch.cat([z - half_r, z + half_r], dim=-1))
+    return torch.cat([centre - half, centre + half], dim=-1)
 
 
 def position_encoding(xyzr: Tensor, num_feats: int = 64, temperature: float = 10000.0) -> Tensor:
@@ -93,9 +95,9 @@ def box_iof(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         ``[..., N, M]`` in ``[0, 1]``.
     """
-    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (bottom_right - top_left).clamp_min(0)
-    inter = wh[..., 0] * wh[..., 1]
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    return inter / area1[..., :, None].clamp_min(torch.finfo(inter.dtype).tiny)
+    first, second = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    top_left = torch.maximum(first[..., :2], second[..., :2])
+    bottom_right = torch.minimum(first[..., 2:], second[..., 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(dim=-1)
+    area1 = (first[..., 2:] - first[..., :2]).prod(dim=-1)
+    return inter / area1.clamp_min(torch.finfo(inter.dtype).tiny)

@@ -310,13 +310,14 @@ class QueryDetector(nn.Module, ABC):
         self, outputs: Mapping[str, Outputs], targets: Sequence[Mapping[str, Any]]
     ) -> dict[str, Tensor]:
         """Each branch's criterion terms as ``"{branch}_{term}"`` and their total ``loss`` (equal weights)."""
+        if not outputs:
+            raise ValueError("a detector must supervise at least one branch")
         result: dict[str, Tensor] = {}
         total = None
-        for name, branch in outputs.items():
-            terms = self.criterion(branch, targets)
+        # One batched criterion call for all branches: one match, one reduction per term.
+        for name, terms in self.criterion.branch_losses(outputs, targets).items():
             result.update({f"{name}_{k}": v for k, v in terms.items()})
             total = terms["loss"] if total is None else total + terms["loss"]
-        assert total is not None, "a detector must supervise at least one branch"
         result["loss"] = total
         return result
 
@@ -378,4 +379,5 @@ class _DeliverGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grads, ctx.grads = ctx.grads, None
-        return (None, *(g * grad_output for g in grads))
+        # One multi-tensor multiply (as torch's optimisers use), not one call per parameter.
+        return (None, *torch._foreach_mul(grads, grad_output))

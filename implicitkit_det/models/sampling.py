@@ -35,16 +35,20 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
     xy, z = points[..., :2], points[..., 2]
     log_strides = torch.tensor([math.log2(s) for s in strides], dtype=z.dtype, device=z.device)
     level_weights = torch.softmax(-0.5 * (z[..., None] - log_strides) ** 2, dim=-1)  # [B, N, G, P, L]
+    # Every level's grid in one expression (the decoder samples at each of its many steps, so operator
+    # calls count): grid_sample wants [-1, 1] over the map's outer edges (align_corners=False), i.e.
+    # 2 x / (W s) - 1, for each level's padded extent (W s, H s).
+    extents = points.new_tensor(
+        [[f.shape[-1] * s, f.shape[-2] * s] for f, s in zip(features, strides, strict=True)]
+    )
+    grids = (2.0 * xy.transpose(1, 2)[None]) / extents[:, None, None, None, None] - 1.0  # [L, B, G, N, P, 2]
+    grids = grids.reshape(len(strides), b * groups, n, p, 2)
     out = None
-    for level, (feature, stride) in enumerate(zip(features, strides, strict=True)):
+    for feature, grid, weight in zip(features, grids, level_weights[..., None].unbind(-2), strict=True):
         _, channels, h, w = feature.shape
-        extent = xy.new_tensor([w * stride, h * stride])
-        # grid_sample wants [-1, 1] over the map's outer edges (align_corners=False): x / (W s) * 2 - 1.
-        grid = (2.0 * xy / extent - 1.0).transpose(1, 2).reshape(b * groups, n, p, 2)
         value = feature.reshape(b * groups, channels // groups, h, w)
         sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        sampled = sampled.view(b, groups, -1, n, p).permute(0, 3, 1, 4, 2)  # [B, N, G, P, C/G]
-        weighted = sampled * level_weights[..., level, None]
+        weighted = sampled.view(b, groups, -1, n, p).permute(0, 3, 1, 4, 2) * weight  # [B, N, G, P, C/G]
         out = weighted if out is None else out + weighted
     assert out is not None, "an empty feature pyramid"
     return out
@@ -99,10 +103,10 @@ class AdaptiveSampling3D(nn.Module):
         """The sampling points ``[B, N, G, P, 3]`` of ``content`` [B, N, dim] around ``xyzr`` [B, N, 4]."""
         b, n, _ = content.shape
         offsets = self.offsets(content).view(b, n, self.num_groups, self.num_points, 3)
-        z, r = xyzr[..., 2:3], xyzr[..., 3:4]
-        wh = torch.cat([torch.exp2(z - 0.5 * r), torch.exp2(z + 0.5 * r)], dim=-1)
-        xy = xyzr[:, :, None, None, :2] + offsets[..., :2] * wh[:, :, None, None, :]
-        return torch.cat([xy, z[:, :, None, None, :] + offsets[..., 2:]], dim=-1)
+        # (x, y, z) + (dx, dy, dz) * (w, h, 1), as one broadcast product and sum: few operator calls.
+        z, half_r = xyzr[..., 2:3], 0.5 * xyzr[..., 3:4]
+        scale = torch.cat([torch.exp2(z - half_r), torch.exp2(z + half_r), torch.ones_like(z)], dim=-1)
+        return xyzr[:, :, None, None, :3] + offsets * scale[:, :, None, None, :]
 
     def forward(self, content: Tensor, xyzr: Tensor, features: Sequence[Tensor]) -> Tensor:
         """Sampled features ``[B, N, G, P, C / G]``."""

@@ -127,3 +127,48 @@ def test_num_positives_single_process():
     assert SetCriterion.num_positives(TARGETS, torch.device("cpu")).item() == 3.0
     empty = {"labels": torch.zeros(0, dtype=torch.int64)}
     assert SetCriterion.num_positives([empty], torch.device("cpu")).item() == 1.0
+
+
+@pytest.mark.parametrize("one_to_many", [1, 2])
+def test_branches_in_one_batch_equal_branch_by_branch(one_to_many):
+    # Three branches of the same images (the second image without targets), matched here: the batched call
+    # is one cost matrix and one reduction per term, and must give each branch forward()'s numbers and
+    # gradients (forward() itself is checked against the hand computation above).
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor(LOGITS, dtype=torch.float64) + torch.randn(
+        3, 2, 3, 2, generator=gen, dtype=torch.float64
+    )
+    boxes = torch.tensor(BOXES, dtype=torch.float64) + 0.05 * torch.rand(
+        3, 2, 3, 4, generator=gen, dtype=torch.float64
+    )
+    empty = {
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "boxes_normalized": torch.zeros(0, 4, dtype=torch.float64),
+    }
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in TARGETS[0].items()}, empty]
+    crit = SetCriterion(one_to_many=one_to_many)
+
+    def branches(lg, bx):
+        return {f"b{i}": {"pred_logits": lg[i], "pred_boxes": bx[i]} for i in range(3)}
+
+    one_by_one = {}
+    grads = []
+    for batched in (False, True):
+        lg, bx = logits.clone().requires_grad_(), boxes.clone().requires_grad_()
+        if batched:
+            out = crit.branch_losses(branches(lg, bx), targets)
+        else:
+            out = {name: crit(o, targets) for name, o in branches(lg, bx).items()}
+        sum(terms["loss"] for terms in out.values()).backward()
+        grads.append((lg.grad, bx.grad))
+        if not batched:
+            one_by_one = out
+    assert out.keys() == one_by_one.keys()
+    for name, terms in out.items():
+        assert terms.keys() == one_by_one[name].keys()
+        for key, value in terms.items():
+            torch.testing.assert_close(value, one_by_one[name][key], rtol=1e-12, atol=1e-12)
+    assert len({round(t["loss"].item(), 6) for t in out.values()}) == 3  # three different branches
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(grads[1][1][:, 0]) > 0  # the matched boxes of image 0 get a gradient

@@ -2,7 +2,8 @@
 
 Everything runs in one process with one intra-op thread, on the same batches of the demo's own data
 (its command line: ``deqdet_tiny``, 10 queries, 16 points, 6 no-grad steps, RAG branches after 1, 3, 6,
-batch 4, 128-192 px), through the engine's ``train_step``:
+batch 4, 128-192 px; ``--config`` picks another tiny detector with its own demo recipe), through the
+engine's ``train_step``:
 
 1. **Parts** of the plain float32 step (branch-wise, as the engine trains): backbone and neck forward and
    backward, the init group, the no-grad solve, the RAG branches, matching and criterion, the optimizer;
@@ -11,21 +12,32 @@ batch 4, 128-192 px), through the engine's ``train_step``:
    batches): RAG branches stacked along the batch (``stack_rag_branches``), bfloat16 autocast for the backbone
    and neck (``--amp``) or the whole forward (``--amp --amp-decoder``); the median step time, the speed-up
    over float32, and the ATen operator calls of one step (forward and backward, counted below autograd).
-3. **Memory** of stacked RAG branches at paper shape (``deqdet_r50_1x`` on a ResNet-18, 320 px, batch 2):
+3. **Against another version** (``--baseline DIR``, a checkout of another commit): the config's recipe in
+   float32 and in its own precision, timed by this file's code in fresh one-thread processes that import
+   the library from this checkout and from ``DIR`` in turn (rounds in alternating order); the median step
+   time and the ATen calls of each.
+4. **Memory** of stacked RAG branches at paper shape (``deqdet_r50_1x`` on a ResNet-18, 320 px, batch 2):
    the peak RSS of a fresh process per row, branches one at a time (the default) against stacked.
 
-Run: ``.venv/bin/python benchmarks/train_step_profile.py [--steps 40] [--quick]``
+Run: ``.venv/bin/python benchmarks/train_step_profile.py [--config NAME] [--steps 40] [--baseline DIR]
+[--quick]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +53,11 @@ from implicitkit_det.engine import train_step
 from implicitkit_det.engine.optim import adamw, param_groups
 from implicitkit_det.engine.run_config import build_run_config
 from implicitkit_det.engine.run_setup import build_run_model, load_data, make_train_loader
+from implicitkit_det.models import CONFIGS, architecture_of
 from implicitkit_det.recipes import digits_recipe
 
 CPU = torch.device("cpu")
+DEMO_CONFIGS = ("deqdet_tiny", "adamixer_tiny", "sparse_rcnn_tiny", "deq_sparse_rcnn_tiny")
 #: name -> (model overrides, amp, amp for the decoder too)
 VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
     "float32": ({"stack_rag_branches": False}, False, False),
@@ -55,11 +69,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
 }
 
 
-def demo_batches(count: int) -> tuple[Any, list[DetectionBatch]]:
-    """The demo's run config and its first `count` training batches (no workers, the epoch-0 order)."""
+def demo_batches(count: int, config: str = "deqdet_tiny") -> tuple[Any, list[DetectionBatch]]:
+    """The demo's run config for `config` (its recipe) and its first `count` training batches (no workers,
+    the epoch-0 order)."""
     # The demo starts from a pre-trained backbone, whose stem and first stage are frozen; the weights do not
     # change the cost, so the same freezing stands in for them without pre-training one here.
-    argv = [*digits_recipe(pretrained=False), "--workers", "0", "--skip-image-check"]
+    argv = [*digits_recipe(config, pretrained=False), "--workers", "0", "--skip-image-check"]
     argv += ["--model-arg", "frozen_stages=1"]
     parser = cli.build_parser()
     cfg = build_run_config(vars(parser.parse_args(argv)), cli.given_options(parser, argv))
@@ -114,6 +129,10 @@ class PartClock:
         finally:
             self.steps[-1][name] += 1e3 * (time.thread_time() - start)
 
+    def rename(self, old: str, new: str) -> None:
+        """Move the time of part `old` of this step to `new` (named once its work is known)."""
+        self.steps[-1][new] += self.steps[-1].pop(old)
+
     def timed(self, name: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             with self.part(name):
@@ -149,10 +168,14 @@ def profiled_step(
     shared = ik.SharedInputs(list(features))
     (copies,) = shared.inputs
     groups = model.training_branches(copies, sizes)
-    for index in range(1 + len(model.supervise_steps)):
-        name = "init group (G, F(G), F(F(G)))" if index == 0 else "RAG branches"
-        with clock.part(f"{name} forward"):
-            group = next(groups)
+    while True:
+        with clock.part("decoder group forward"):
+            group = next(groups, None)
+        if group is None:
+            clock.steps[-1].pop("decoder group forward")
+            break
+        name = group_label(group)
+        clock.rename("decoder group forward", f"{name} forward")
         with clock.part("matching + criterion"):
             loss = model.losses(group, targets)["loss"]
         if nodes is not None:
@@ -169,19 +192,33 @@ def profiled_step(
         optimizer.step()
 
 
+def group_label(group: dict[str, Any]) -> str:
+    """A row name for a group of supervised branches, by what the detector calls them."""
+    names = list(group)
+    if names[0] == "init":
+        return "init group (G, F(G), F(F(G)))"
+    if all(name.startswith("rag") for name in names):
+        return "RAG branches"
+    return f"decoder stages ({len(names)})"
+
+
 def parts_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
     model, optimizer = build(cfg, data, {"stack_rag_branches": False}, False)
     clock = PartClock()
-    model.solve = clock.timed("no-grad refinement steps (+ RAP)", model.solve)
+    solve = "no-grad refinement steps (+ RAP)"
+    if hasattr(model, "solve"):  # a DEQ detector: its no-grad solve runs inside the RAG group's forward
+        model.solve = clock.timed(solve, model.solve)
     for batch in batches:
         profiled_step(model, optimizer, batch, clock)
     steps = clock.steps[1:]  # the first step warms up
     totals = [sum(step.values()) for step in steps]
     names = list(steps[0])
     medians = {name: statistics.median(step[name] for step in steps) for name in names}
-    # The solve and the matcher run inside the group forwards / the criterion: shown on their own rows.
-    medians["RAG branches forward"] -= medians["no-grad refinement steps (+ RAP)"]
-    whole = statistics.median(totals) - medians["no-grad refinement steps (+ RAP)"]
+    # The solve runs inside the RAG group's forward: shown on its own row.
+    whole = statistics.median(totals)
+    if solve in medians:
+        medians["RAG branches forward"] -= medians[solve]
+        whole -= medians[solve]
     rows = [[name, f"{ms:.1f}", f"{100 * ms / whole:.0f}%"] for name, ms in medians.items()]
     rows.append(["**step**", f"{whole:.1f}", "100%"])
     table = markdown_table(["part", "ms (thread CPU)", "share"], rows)
@@ -211,9 +248,11 @@ def work_summary(
 
 # -- 2. levers ----------------------------------------------------------------------------------------------
 def levers_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
+    deq = architecture_of(CONFIGS[cfg.config].arch).deq  # stacked RAG branches need a DEQ path
     runs = {
         name: build(cfg, data, overrides, amp_decoder)
         for name, (overrides, _, amp_decoder) in VARIANTS.items()
+        if deq or not overrides["stack_rag_branches"]
     }
     calls = {}
     for name, (model, optimizer) in runs.items():
@@ -250,7 +289,84 @@ def one_step(name: str, model: Any, optimizer: Any, batch: DetectionBatch) -> No
     train_step(model, batch, optimizer, device=CPU, epoch=0, iteration=0, amp=amp, clip_max_norm=1.0)
 
 
-# -- 3. memory at paper shape ---------------------------------------------------------------------------------
+# -- 3. against another version ------------------------------------------------------------------------------
+HERE = Path(__file__).resolve().parent
+
+
+def version_timings(config: str, steps: int) -> dict[str, dict[str, float]]:
+    """This process's library: median thread-CPU ms and ATen calls of the recipe's step, float32 and in the
+    recipe's own precision (what :func:`versions_table` runs in each version's process)."""
+    torch.set_num_threads(1)
+    (cfg, data), batches = demo_batches(steps + 1, config)
+    out = {}
+    for label, amp in [("float32", False), *([("the recipe's precision", True)] if cfg.amp else [])]:
+        torch.manual_seed(0)
+        model = build_run_model(cfg, data.val.num_classes, CPU).train()
+        groups = param_groups(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, decoder_lr_mult=cfg.decoder_lr_mult,
+            decoder_wd_mult=cfg.decoder_wd_mult,
+        )  # fmt: skip
+        optimizer = adamw(groups, lr=cfg.lr)
+
+        step = functools.partial(
+            train_step,
+            model,
+            optimizer=optimizer,
+            device=CPU,
+            epoch=0,
+            iteration=0,
+            amp=amp,
+            clip_max_norm=1.0,
+        )
+        counter = OpCounter()
+        with counter:
+            step(batches[0])
+        times = []
+        for batch in batches[1:]:
+            start = time.thread_time()
+            step(batch)
+            times.append(1e3 * (time.thread_time() - start))
+        out[label] = {"ms": statistics.median(times), "calls": counter.calls}
+    return out
+
+
+def _timings_of(root: Path, config: str, steps: int) -> dict[str, dict[str, float]]:
+    """:func:`version_timings` in a fresh process whose library comes from the checkout `root`."""
+    code = (
+        f"import sys; sys.path[:0] = [{str(root)!r}, {str(HERE)!r}]; import json, implicitkit_det; "
+        f"assert implicitkit_det.__file__.startswith({str(root)!r}), implicitkit_det.__file__; "
+        f"import train_step_profile as t; print(json.dumps(t.version_timings({config!r}, {steps})))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing the checkout {root} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def versions_table(config: str, baseline: Path, steps: int, rounds: int = 3) -> str:
+    """This checkout against `baseline`, `rounds` processes each in alternating order."""
+    trees = [("this checkout", HERE.parent), (f"baseline ({baseline})", baseline.resolve())]
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name, _ in trees}
+    for r in range(rounds):
+        for name, root in trees if r % 2 == 0 else trees[::-1]:
+            runs[name].append(_timings_of(root, config, steps))
+    (this, _), (base, _) = trees
+    rows = []
+    for variant in runs[this][0]:
+        ms = {name: statistics.median(run[variant]["ms"] for run in runs[name]) for name in runs}
+        calls = {name: runs[name][0][variant]["calls"] for name in runs}
+        rows.append(
+            [variant, f"{ms[base]:.1f}", f"{ms[this]:.1f}", f"x{ms[base] / ms[this]:.2f}", int(calls[base]),
+             int(calls[this])]
+        )  # fmt: skip
+    headers = ["precision", "baseline ms", "this ms", "speed-up", "baseline ATen calls", "this ATen calls"]
+    return markdown_table(headers, rows) + (
+        f"\n\nMedian thread-CPU ms of {steps} steps per process, median over {rounds} processes per version."
+    )
+
+
+# -- 4. memory at paper shape ---------------------------------------------------------------------------------
 def memory_table(quick: bool) -> str:
     """Peak RSS of one paper-shape DEQDet step (ResNet-18 backbone, 100 queries, 20 no-grad steps, 6 RAG
     branches), branches one at a time against stacked, each in a fresh process."""
@@ -276,16 +392,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant (one more warms up)")
     parser.add_argument("--no-memory", action="store_true", help="skip the paper-shape memory rows")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="a checkout of another version, timed side by side"
+    )
+    parser.add_argument(
+        "--config",
+        default="deqdet_tiny",
+        choices=DEMO_CONFIGS,
+        help="the tiny detector, with its demo recipe",
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     setup(args.threads, args.seed)
     steps = 3 if args.quick else args.steps
-    (cfg, data), batches = demo_batches(steps + 1)
-    report = Report(
-        args.out, "train_step_profile", f"# Training step profile\n\n{machine()}\n\n`{command_line()}`\n"
-    )
+    (cfg, data), batches = demo_batches(steps + 1, args.config)
+    name = "train_step_profile" + ("" if args.config == "deqdet_tiny" else f"_{args.config}")
+    title = f"# Training step profile: {args.config}, its demo recipe"
+    report = Report(args.out, name, f"{title}\n\n{machine()}\n\n`{command_line()}`\n")
     report.add("Parts of the float32 step (branch-wise)", parts_table(cfg, data, batches))
     report.add("Levers, side by side", levers_table(cfg, data, batches))
-    if not args.no_memory:
+    if args.baseline is not None:
+        report.add(
+            f"Against {args.baseline}",
+            versions_table(args.config, args.baseline, steps, 1 if args.quick else 3),
+        )
+    if not args.no_memory and args.config == "deqdet_tiny":
         report.add(
             "Stacked RAG branches: memory at paper shape (fresh process per row)", memory_table(args.quick)
         )

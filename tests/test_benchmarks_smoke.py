@@ -118,6 +118,31 @@ def test_train_step_profile_quick(tmp_path):
     assert calls["stacked RAG branches"] < calls["float32"]  # one forward and backward for three branches
 
 
+def test_train_step_profile_against_a_checkout(tmp_path):
+    import train_step_profile
+
+    # This checkout against itself: each version's step in its own process, the library imported from the
+    # folder given; the same code must dispatch the same ATen calls.
+    root = str(Path(train_step_profile.__file__).resolve().parents[1])
+    train_step_profile.main(["--quick", "--out", str(tmp_path), "--no-memory", "--baseline", root])
+    text = (tmp_path / "train_step_profile.md").read_text()
+    rows = [
+        line.split("|") for line in text.split(f"### Against {root}")[1].splitlines() if line.startswith("| ")
+    ]
+    assert [row[1].strip() for row in rows[1:]] == ["float32", "the recipe's precision"]
+    for row in rows[1:]:
+        assert row[-3].strip() == row[-2].strip() and int(row[-2]) > 1000  # ATen calls: baseline, this
+
+
+def test_train_step_profile_of_a_stack_of_stages(tmp_path):
+    import train_step_profile
+
+    train_step_profile.main(["--quick", "--out", str(tmp_path), "--config", "adamixer_tiny"])
+    text = (tmp_path / "train_step_profile_adamixer_tiny.md").read_text()
+    assert "| decoder stages (6) forward |" in text and "| **step** |" in text
+    assert "stacked RAG" not in text and "paper shape" not in text  # DEQ-only rows left out
+
+
 def test_reproduction_verdicts_refuse_to_judge_models_that_learned_nothing():
     import reproduction
 

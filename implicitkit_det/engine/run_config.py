@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..models import ARCHITECTURES, CONFIGS, architecture_of
 from ..models.configs import parse_model_args
-from .optim import SCHEDULES, Schedule, parse_drops, recipe_for
+from .optim import SCHEDULES, parse_drops, recipe_for
+from .run_settings import (
+    COCO_MAX_SIZE,
+    COCO_SIZE,
+    DATA_OPTIONS,
+    DEFAULT_CONFIG,
+    DIGITS_MAX_SIZE,
+    DIGITS_SIZE,
+    PER_INVOCATION,
+    RunConfig,
+    uses_digits,
+)
 
 __all__ = [
     "CHANGEABLE_ON_RESUME",
@@ -30,13 +40,8 @@ __all__ = [
     "RunConfig",
     "RunConfigError",
     "build_run_config",
+    "uses_digits",
 ]
-
-DEFAULT_CONFIG = "deqdet_tiny"
-# Shorter side / longer-side cap of the network input: COCO's standard sizes, and the digits set's native
-# scale (its canvases are 128-192 pixels).
-COCO_SIZE, COCO_MAX_SIZE = 800, 1333
-DIGITS_SIZE, DIGITS_MAX_SIZE = 160, 256
 
 #: Settings a resumed run may change: the length and learning rate of the schedule, and everything that
 #: does not touch the training state (how often to evaluate and save, logging, loading, the test-time
@@ -53,114 +58,19 @@ CHANGEABLE_ON_RESUME = frozenset(
 _CHANGEABLE_IN_EVAL = frozenset(
     {"val_ann", "val_images", "data_root", "image_size", "max_size", "max_iters", "output_dir"}
 )
-# Per invocation, never taken from a checkpoint.
-_PER_INVOCATION = ("resume", "eval_only", "overwrite")
 
 
 class RunConfigError(ValueError):
     """An option, or a combination of options, that the run cannot use; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a run, resolved (see the options of :mod:`implicitkit_det.cli` for their meaning).
-
-    ``drops`` are the resolved learning-rate drops; ``overrides`` the typed model-config changes;
-    ``resumed_from`` the checkpoint file of a resumed run and ``changed`` the options a resume changed
-    (``{name: (old, new)}``).
-    """
-
-    config: str = DEFAULT_CONFIG
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    data_root: Path | None = None
-    train_ann: Path | None = None
-    val_ann: Path | None = None
-    train_images: Path | None = None
-    val_images: Path | None = None
-    digits_train: int = 1000
-    digits_val: int = 200
-    image_size: int = DIGITS_SIZE
-    max_size: int = DIGITS_MAX_SIZE
-    workers: int = 2
-    keep_empty_images: bool = False
-    no_aspect_grouping: bool = False
-    skip_image_check: bool = False
-    schedule: str = "1x"
-    epochs: int = 12
-    drops: tuple[int, ...] = (8, 11)
-    warmup_iters: int = 500
-    batch_size: int = 2
-    eval_batch_size: int | None = None
-    lr: float = 2.5e-5
-    weight_decay: float = 0.01
-    decoder_lr_mult: float = 4.0
-    decoder_wd_mult: float = 10.0
-    no_decay_norm_bias: bool = False
-    clip_max_norm: float = 1.0
-    amp: bool = False
-    amp_decoder: bool = False
-    one_graph_backward: bool = False
-    device: str | None = None
-    seed: int = 0
-    output_dir: Path = Path("outputs") / DEFAULT_CONFIG
-    overwrite: bool = False
-    eval_only: bool = False
-    eval_every: int = 1
-    checkpoint_every: int = 0
-    keep_every: int = 0
-    max_iters: int | None = None
-    print_freq: int = 20
-    log_steps: bool = False
-    deq_steps: int | None = None
-    deq_tol: float | None = None
-    deq_solver: str | None = None
-    refinement_curve: int | None = None
-    save_predictions: int = 0
-    find_unused_parameters: bool = False
-    resumed_from: Path | None = None
-    changed: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
-
-    @property
-    def on_digits(self) -> bool:
-        """Whether the run uses the bundled digits set (no data option given)."""
-        return uses_digits({k: getattr(self, k) for k in DATA_OPTIONS})
-
-    def lr_schedule(self) -> Schedule:
-        """The learning-rate :class:`~.optim.Schedule` in force."""
-        return Schedule(self.epochs, self.drops, warmup_iters=self.warmup_iters)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (paths as strings, tuples as lists): what ``config.json`` and checkpoints hold."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("resumed_from", "changed", *_PER_INVOCATION):
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value.resolve())  # a resumed run may start from another folder
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, Mapping):
-                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
-            out[f.name] = value
-        return out
-
-
-#: The options that name a dataset: with none of them a run uses the bundled digits set.
-DATA_OPTIONS = ("data_root", "train_ann", "val_ann", "train_images", "val_images")
 _PATHS = (*DATA_OPTIONS, "output_dir")
-
-
-def uses_digits(values: Mapping[str, Any]) -> bool:
-    """Whether settings (the command line's values, keyed like :class:`RunConfig`'s fields) name no dataset,
-    so that the run uses the bundled digits set: the one answer to that question."""
-    return all(values.get(k) is None for k in DATA_OPTIONS)
 
 
 def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's ``args`` back to :class:`RunConfig` values (unknown entries dropped)."""
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    out = {k: v for k, v in saved.items() if k in names and k not in _PER_INVOCATION}
+    out = {k: v for k, v in saved.items() if k in names and k not in PER_INVOCATION}
     for k in _PATHS:
         if out.get(k) is not None:
             out[k] = Path(out[k])
@@ -278,7 +188,7 @@ def _merge_resumed(
     if "output_dir" not in new or not eval_only:
         merged["output_dir"] = run_dir
     for name, value in new.items():
-        if name in _PER_INVOCATION or name == "lr_drops":
+        if name in PER_INVOCATION or name == "lr_drops":
             continue
         old = merged.get(name)
         if name == "overrides":
@@ -383,7 +293,7 @@ def build_run_config(
             saved = _fill_defaults({**base, **new, **saved})
         values = _merge_resumed(saved, new, eval_only, run_dir)
         values["resumed_from"] = Path(options["resume"])
-    for k in _PER_INVOCATION[1:]:
+    for k in PER_INVOCATION[1:]:
         values[k] = bool(options.get(k))
     values.pop("resume", None)
     names = {f.name for f in dataclasses.fields(RunConfig)}

@@ -220,3 +220,23 @@ def test_test_time_settings_have_one_path_into_the_model(tmp_path):
     checkpoint = {"args": _resolve(["--deq-steps", "2"]).to_dict()}
     resumed = _resolve(["--resume", str(tmp_path), "--eval-only", "--model-arg", "test_steps=3"], checkpoint)
     assert resumed.deq_steps == 3 and resumed.changed == {"deq_steps": (2, 3)}
+
+
+def test_the_parser_is_built_from_the_run_settings():
+    # One default and one help text per setting: RunConfig's field. Every option-carrying field is an option
+    # with that help; options that RunConfig leaves to build_run_config (resolved) default to None.
+    import dataclasses
+
+    from implicitkit_det.engine.run_settings import RunConfig
+
+    actions = {a.dest: a for a in cli.build_parser()._actions}
+    for f in dataclasses.fields(RunConfig):
+        if "help" not in f.metadata:
+            continue
+        dest = f.metadata.get("flag", "--" + f.name).lstrip("-").replace("-", "_")
+        assert actions[dest].help == f.metadata["help"], f.name
+        if f.metadata["resolved"]:
+            assert actions[dest].default is None, f.name
+        elif f.metadata.get("action") != "append":
+            assert actions[dest].default == f.default, f.name
+    assert _resolve([]).digits_train == RunConfig().digits_train == 1000

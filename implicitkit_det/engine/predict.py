@@ -20,9 +20,9 @@ from .checkpoint import load_checkpoint, read_checkpoint
 
 __all__ = [
     "Detector",
+    "detect",
     "draw_detections",
     "load_detector",
-    "predict",
     "predict_files",
     "save_grid",
     "save_prediction_grid",
@@ -83,7 +83,7 @@ def load_detector(
 
 
 @torch.no_grad()
-def predict(detector: Detector, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+def detect(detector: Detector, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Detections for each ``uint8`` image ``[3, H, W]``, boxes in that image's pixels (xyxy).
 
     Each image is resized and normalised like the evaluation data, run alone (no padding), and its boxes
@@ -94,7 +94,7 @@ def predict(detector: Detector, images: Sequence[Tensor]) -> list[dict[str, Tens
     for image in images:
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(
-                f"predict takes uint8 RGB images [3, H, W], got {image.dtype} {tuple(image.shape)}"
+                f"detect takes uint8 RGB images [3, H, W], got {image.dtype} {tuple(image.shape)}"
             )
         x = transform(image).to(detector.device)
         (det,) = detector.model(x[None])
@@ -192,7 +192,7 @@ def predict_files(
     results = []
     for file in image_files(inputs):
         image = read_rgb(file)
-        (det,) = predict(detector, [image])
+        (det,) = detect(detector, [image])
         drawn = draw_detections(image, det, class_names=detector.class_names, score_threshold=score_threshold)
         output = out_dir / f"{file.stem}.png"
         write_png(drawn, output)
@@ -232,7 +232,7 @@ def save_prediction_grid(
             "boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1),
             "labels": torch.tensor([category_ids.index(a["category_id"]) for a in anns], dtype=torch.long),
         }
-        (det,) = predict(detector, [image])
+        (det,) = detect(detector, [image])
         if score_threshold is None:  # as many of the best detections as there are objects
             top = det["scores"].argsort(descending=True)[: max(len(anns), 1)]
             det = {k: v[top] for k, v in det.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from implicitkit_det import cli
-from implicitkit_det.engine.predict import Detector, draw_detections, predict, read_rgb, save_grid
+from implicitkit_det.engine.predict import Detector, detect, draw_detections, read_rgb, save_grid
 from implicitkit_det.engine.refinement import refinement_curve
 from implicitkit_det.predict import main as predict_main
 
@@ -123,5 +123,5 @@ def test_predict_rescales_boxes_to_the_image_given():
             ]
 
     detector = Detector(Fixed(), image_size=32, max_size=64, class_names=None, device=torch.device("cpu"))
-    (det,) = predict(detector, [torch.zeros(3, 100, 150, dtype=torch.uint8)])
+    (det,) = detect(detector, [torch.zeros(3, 100, 150, dtype=torch.uint8)])
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 150.0, 100.0]]), atol=1.0, rtol=0)

@@ -170,3 +170,14 @@ def test_refinement_duplicates_statistics_on_a_fresh_detector():
     for row in stats:
         assert all(0.0 <= row[k] <= 1.0 for k in ("found", "best IoU", "best score", "duplicates"))
         assert row["best IoU"] > 0.0  # random targets overlap some of the spread-out initial boxes
+
+
+def test_reproduction_compares_convergence_over_the_epochs_both_train_at_the_full_rate():
+    import reproduction
+
+    # DEQDet's demo drops the rate before its 7th epoch, AdaMixer's before its 12th: the mean compares 6.
+    assert reproduction.full_rate_epochs(["--epochs", "7", "--lr-drops", "6"]) == 6
+    assert reproduction.full_rate_epochs(["--epochs", "12", "--lr-drops", "11", "--epochs", "3"]) == 3
+    assert reproduction.full_rate_epochs(["--epochs", "1", "--lr-drops", ""]) == 1
+    run = {"AP": 0.5, "AP50": 0.7, "AP75": 0.5, "AP_per_epoch": [{"AP": a} for a in (0.1, 0.3, 0.9)]}
+    assert reproduction.metrics_of(run, 6, 2)[reproduction.FULL_RATE_MEAN] == pytest.approx(0.2)

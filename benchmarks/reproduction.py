@@ -10,7 +10,7 @@ same seeds (0, 1, 2 by default); a row is the mean ± sample std over seeds.
 | ``rag``: RAG trains better than JFB | ``deqdet_tiny`` with ``rag_steps`` 2 (RAG, the default), 1 (JFB), 3 | final AP |
 | ``rap``: RAP helps | RAP on (default), off, content only, box only | final AP |
 | ``refinement``: AP rises with test steps and holds past the training depth | the refinement curve (``--refinement-curve``, 0 .. 2x the training depth) of the RAG and JFB runs | AP after 0, depth, 2x depth steps |
-| ``convergence``: faster than AdaMixer | ``deqdet_tiny`` against ``adamixer_tiny``, AP after every epoch | first-epoch AP, AP averaged over the epochs both train at the full rate |
+| ``convergence``: faster than AdaMixer | ``deqdet_tiny`` against ``adamixer_tiny``, AP after every epoch | AP halfway through and averaged over the epochs both train at the full rate |
 | ``memory``: less memory at equal depth | read from ``benchmarks/results/deqdet_vs_adamixer_*.json`` (not re-measured) | training step's memory against depth |
 | ``sparse``: equilibrium training improves Sparse R-CNN | ``deq_sparse_rcnn_tiny`` against ``sparse_rcnn_tiny`` | final AP |
 | ``early_exit``: early exit keeps AP with fewer steps | the RAG checkpoints evaluated (``--eval-only``) with ``--deq-tol`` against the fixed step count | AP, mean steps per image |
@@ -73,6 +73,7 @@ QUICK_ARGS = (
 )  # fmt: skip
 CLAIM_KEYS = ("rag", "rap", "refinement", "convergence", "memory", "sparse", "early_exit")
 FULL_RATE_MEAN = "AP averaged over the full-rate epochs"
+HALFWAY = "AP halfway through the full-rate epochs"
 ADAMIXER_CURVE_NOTE = (
     "AdaMixer's curve: step n is stage n's output (stages 0..5), and past its last stage that stage is "
     "applied again, the one way an explicit stack can refine further."
@@ -261,7 +262,7 @@ def refinement_claim(depth: int) -> Claim:
 def convergence_claim() -> Claim:
     """AP after every epoch, DEQDet against the 6-stage AdaMixer."""
     deq, ada = Variant("DEQDet"), ADAMIXER
-    first, mean = "AP after epoch 1", FULL_RATE_MEAN
+    first, mean = HALFWAY, FULL_RATE_MEAN
     return Claim(
         "convergence",
         "Faster convergence than AdaMixer",
@@ -269,7 +270,9 @@ def convergence_claim() -> Claim:
         [deq, ada],
         [first, mean, "AP"],
         [
-            _vs(deq.label, ada.label, first, label="DEQDet vs AdaMixer, after epoch 1"),
+            _vs(
+                deq.label, ada.label, first, label="DEQDet vs AdaMixer, halfway through the full-rate epochs"
+            ),
             _vs(deq.label, ada.label, mean, label="DEQDet vs AdaMixer, averaged over the full-rate epochs"),
         ],
     )
@@ -463,6 +466,8 @@ def metrics_of(result: dict[str, Any], depth: int, full_rate_epochs: int | None 
         "AP50": result["AP50"],
         "AP75": result["AP75"],
         "AP after epoch 1": per_epoch[0],
+        # Halfway, not after epoch 1: a set-prediction detector scores near 0 after its first epoch here.
+        HALFWAY: per_epoch[min(len(per_epoch), max(1, (full_rate_epochs or len(per_epoch)) // 2)) - 1],
         FULL_RATE_MEAN: statistics.fmean(per_epoch[:full_rate_epochs]),
     }
     if result.get("mean_steps") is not None:

@@ -181,3 +181,5 @@ def test_reproduction_compares_convergence_over_the_epochs_both_train_at_the_ful
     assert reproduction.full_rate_epochs(["--epochs", "1", "--lr-drops", ""]) == 1
     run = {"AP": 0.5, "AP50": 0.7, "AP75": 0.5, "AP_per_epoch": [{"AP": a} for a in (0.1, 0.3, 0.9)]}
     assert reproduction.metrics_of(run, 6, 2)[reproduction.FULL_RATE_MEAN] == pytest.approx(0.2)
+    assert reproduction.metrics_of(run, 6, 2)[reproduction.HALFWAY] == 0.1  # after epoch 1 of 2
+    assert reproduction.metrics_of(run, 6, 6)[reproduction.HALFWAY] == 0.9  # epoch 3 of 6

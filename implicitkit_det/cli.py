@@ -31,6 +31,7 @@ from .engine.interrupt import TrainingInterrupted
 from .engine.process_group import cleanup_distributed
 from .engine.run import evaluate_checkpoint, fit
 from .engine.run_config import RunConfig, RunConfigError, build_run_config, uses_digits
+from .engine.run_settings import option_flag
 
 __all__ = ["COMMANDS", "build_parser", "given_options", "main", "names_data"]
 
@@ -61,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         if "help" in f.metadata:
-            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-            groups[f.metadata["group"]].add_argument(flag, **_argument(f, hints[f.name]))
+            groups[f.metadata["group"]].add_argument(option_flag(f.name), **_argument(f, hints[f.name]))
     groups["run"].add_argument(
         "--resume",
         type=Path,

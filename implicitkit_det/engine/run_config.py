@@ -27,6 +27,7 @@ from .run_settings import (
     DIGITS_SIZE,
     PER_INVOCATION,
     RunConfig,
+    option_flag,
     uses_digits,
 )
 
@@ -166,15 +167,9 @@ def _fold_test_settings(new: dict[str, Any], checkpoint: Mapping[str, Any] | Non
         value = overrides.pop(key)
         if new.get(option) is not None and new[option] != value:
             raise RunConfigError(
-                f"--model-arg {key}={value} and {_option(option)} {new[option]} set the same thing; give one"
+                f"--model-arg {key}={value} and {option_flag(option)} {new[option]} set the same thing; give one"
             )
         new[option] = value
-
-
-def _option(name: str) -> str:
-    return {"drops": "--lr-drops", "overrides": "--model-arg", "config": "--config"}.get(
-        name, "--" + name.replace("_", "-")
-    )
 
 
 def _merge_resumed(
@@ -200,8 +195,8 @@ def _merge_resumed(
             continue
         if name not in allowed:
             raise RunConfigError(
-                f"{_option(name)} {_show(value)} differs from the run being resumed ({_show(old)}); a resumed "
-                f"run keeps it. Drop {_option(name)}, or start a new run without --resume"
+                f"{option_flag(name)} {_show(value)} differs from the run being resumed ({_show(old)}); a resumed "
+                f"run keeps it. Drop {option_flag(name)}, or start a new run without --resume"
                 + (" (a resumed run continues in its own folder)" if name == "output_dir" else "")
             )
         changed[name] = (old, value)

@@ -27,6 +27,7 @@ __all__ = [
     "PER_INVOCATION",
     "RunConfig",
     "option",
+    "option_flag",
     "uses_digits",
 ]
 
@@ -55,6 +56,12 @@ def option(default: Any, group: str, help: str, *, resolved: bool = False, **arg
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def option_flag(name: str) -> str:
+    """The command-line option that sets :class:`RunConfig` field `name` (``--lr-drops`` for ``drops``)."""
+    field_ = RunConfig.__dataclass_fields__.get(name)
+    return (field_.metadata if field_ else {}).get("flag", "--" + name.replace("_", "-"))
 
 
 @dataclass(frozen=True)

@@ -227,13 +227,13 @@ def test_the_parser_is_built_from_the_run_settings():
     # with that help; options that RunConfig leaves to build_run_config (resolved) default to None.
     import dataclasses
 
-    from implicitkit_det.engine.run_settings import RunConfig
+    from implicitkit_det.engine.run_settings import RunConfig, option_flag
 
     actions = {a.dest: a for a in cli.build_parser()._actions}
     for f in dataclasses.fields(RunConfig):
         if "help" not in f.metadata:
             continue
-        dest = f.metadata.get("flag", "--" + f.name).lstrip("-").replace("-", "_")
+        dest = option_flag(f.name).lstrip("-").replace("-", "_")
         assert actions[dest].help == f.metadata["help"], f.name
         if f.metadata["resolved"]:
             assert actions[dest].default is None, f.name

@@ -57,6 +57,7 @@ from typing import Any
 from _common import DEFAULT_OUT as RESULTS
 from _common import command_line, machine, markdown_table
 
+from implicitkit_det.engine.optim import parse_drops
 from implicitkit_det.models import CONFIGS
 from implicitkit_det.recipes import digits_recipe
 
@@ -170,8 +171,7 @@ def full_rate_epochs(recipe: Sequence[str]) -> int:
     """The epochs a recipe trains before its first learning-rate drop (its last ``--epochs`` /
     ``--lr-drops`` given)."""
     options = dict(itertools.pairwise(recipe))  # later options win, as on the command line
-    drops = [int(d) for d in options.get("--lr-drops", "").split(",") if d.strip()]
-    return min([*drops, int(options["--epochs"])])
+    return min([*parse_drops(options.get("--lr-drops", "")), int(options["--epochs"])])
 
 
 def recipe_value(recipe: Sequence[str], key: str, config: str) -> Any:
@@ -465,7 +465,6 @@ def metrics_of(result: dict[str, Any], depth: int, full_rate_epochs: int | None 
         "AP": result["AP"],
         "AP50": result["AP50"],
         "AP75": result["AP75"],
-        "AP after epoch 1": per_epoch[0],
         # Halfway, not after epoch 1: a set-prediction detector scores near 0 after its first epoch here.
         HALFWAY: per_epoch[min(len(per_epoch), max(1, (full_rate_epochs or len(per_epoch)) // 2)) - 1],
         FULL_RATE_MEAN: statistics.fmean(per_epoch[:full_rate_epochs]),

@@ -300,14 +300,7 @@ def version_timings(config: str, steps: int) -> dict[str, dict[str, float]]:
     (cfg, data), batches = demo_batches(steps + 1, config)
     out = {}
     for label, amp in [("float32", False), *([("the recipe's precision", True)] if cfg.amp else [])]:
-        torch.manual_seed(0)
-        model = build_run_model(cfg, data.val.num_classes, CPU).train()
-        groups = param_groups(
-            model, lr=cfg.lr, weight_decay=cfg.weight_decay, decoder_lr_mult=cfg.decoder_lr_mult,
-            decoder_wd_mult=cfg.decoder_wd_mult,
-        )  # fmt: skip
-        optimizer = adamw(groups, lr=cfg.lr)
-
+        model, optimizer = build(cfg, data, {}, cfg.amp_decoder)  # the recipe's model, from seed 0
         step = functools.partial(
             train_step,
             model,

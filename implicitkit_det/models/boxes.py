@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-__all__ = ["box_iof", "position_encoding", "xyxy_to_xyzr", "xyzr_to_xyxy"]
+__all__ = ["box_iof", "position_encoding", "xyxy_to_xyzr", "xyzr_size", "xyzr_to_xyxy"]
 
 
 def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-6) -> Tensor:
@@ -36,8 +36,14 @@ def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-6) -> Tensor:
     return torch.cat([cxcywh[..., :2], z, r], dim=-1)
 
 
+def xyzr_size(xyzr: Tensor) -> Tensor:
+    """The width and height of ``(x, y, z, r)`` boxes: ``w = 2^(z - r/2)``, ``h = 2^(z + r/2)``, ``[..., 2]``."""
+    z, half_r = xyzr[..., 2:3], 0.5 * xyzr[..., 3:4]
+    return torch.exp2(torch.cat([z - half_r, z + half_r], dim=-1))
+
+
 def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
-    """``(x, y, z, r)`` to corner boxes: ``w = 2^(z - r/2)``, ``h = 2^(z + r/2)``.
+    """``(x, y, z, r)`` to corner boxes ``(x -+ w/2, y -+ h/2)`` (:func:`xyzr_size`).
 
     Arguments:
         xyzr: ``[..., 4]``.
@@ -47,8 +53,7 @@ def xyzr_to_xyxy(xyzr: Tensor) -> Tensor:
     """
     # The layers call this at every refinement step: few operator calls, the same numbers as box_convert's
     # cx -+ w / 2.
-    centre, z, half_r = xyzr[..., :2], xyzr[..., 2:3], 0.5 * xyzr[..., 3:4]
-    half = 0.5 * torch.exp2(torch.cat([z - half_r, z + half_r], dim=-1))
+    centre, half = xyzr[..., :2], 0.5 * xyzr_size(xyzr)
     return torch.cat([centre - half, centre + half], dim=-1)
 
 

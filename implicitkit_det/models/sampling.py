@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .boxes import xyzr_size
+
 __all__ = ["AdaptiveSampling3D", "sample_pyramid"]
 
 
@@ -104,8 +106,7 @@ class AdaptiveSampling3D(nn.Module):
         b, n, _ = content.shape
         offsets = self.offsets(content).view(b, n, self.num_groups, self.num_points, 3)
         # (x, y, z) + (dx, dy, dz) * (w, h, 1), as one broadcast product and sum: few operator calls.
-        z, half_r = xyzr[..., 2:3], 0.5 * xyzr[..., 3:4]
-        scale = torch.cat([torch.exp2(z - half_r), torch.exp2(z + half_r), torch.ones_like(z)], dim=-1)
+        scale = torch.cat([xyzr_size(xyzr), torch.ones_like(xyzr[..., :1])], dim=-1)
         return xyzr[:, :, None, None, :3] + offsets * scale[:, :, None, None, :]
 
     def forward(self, content: Tensor, xyzr: Tensor, features: Sequence[Tensor]) -> Tensor:

@@ -52,6 +52,8 @@ class ModelConfig:
             off in the published design.
         dim: channels of the features and of the query content.
         num_queries: ``N`` (queries, or Sparse R-CNN's learned proposals).
+        query_boxes: where DEQDet's and AdaMixer's queries start (:class:`~.queries.InitialQueries`):
+            ``"image"`` (the published design) or ``"grid"`` (one cell of a grid each).
         num_heads, ffn_dim: of every decoder layer.
         num_points, out_points, num_groups: of each :class:`~.adamixer_stage.AdaMixerStage`
             (``P`` = `num_points`).
@@ -86,6 +88,7 @@ class ModelConfig:
     fpn_norm: bool = False
     dim: int = 256
     num_queries: int = 100
+    query_boxes: Literal["image", "grid"] = "image"
     num_heads: int = 8
     num_points: int = 64
     out_points: int = 128
@@ -148,7 +151,7 @@ def _adamixer_parts(
     neck = ChannelMapper(
         backbone.channels, cfg.dim, cfg.neck_kernel, cfg.neck_relu, cfg.gn_groups, init=cfg.neck_init
     )
-    queries = InitialQueries(cfg.num_queries, cfg.dim)
+    queries = InitialQueries(cfg.num_queries, cfg.dim, cfg.query_boxes)
 
     def layer() -> AdaMixerStage:
         return AdaMixerStage(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+import math
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from .boxes import xyxy_to_xyzr
 
-__all__ = ["InitialQueries", "QueryState"]
+__all__ = ["InitialQueries", "QueryBoxes", "QueryState", "grid_cells"]
 
 
 class QueryState(TypedDict):
@@ -26,29 +27,54 @@ class QueryState(TypedDict):
     xyzr: Tensor
 
 
+QueryBoxes = Literal["image", "grid"]
+
+
+def grid_cells(num_queries: int) -> Tensor:
+    """``[N, 4]`` boxes ``(x0, y0, x1, y1)`` in image fractions: the cells of a ``rows x cols`` grid, row by
+    row, with ``rows`` the divisor of ``N`` closest to ``sqrt(N)`` from below (10 queries: 2 x 5)."""
+    rows = max(r for r in range(1, math.isqrt(num_queries) + 1) if num_queries % r == 0)
+    cols = num_queries // rows
+    row, col = (
+        torch.div(torch.arange(num_queries), cols, rounding_mode="floor"),
+        torch.arange(num_queries) % cols,
+    )
+    return torch.stack([col / cols, row / rows, (col + 1) / cols, (row + 1) / rows], dim=-1)
+
+
 class InitialQueries(nn.Module):
-    """``N`` learned content vectors, each starting on the whole image.
+    """``N`` learned content vectors, each with a fixed starting box.
 
         content_i = LN(e_i)   (LayerNorm without affine of a learned embedding e_i)
-        box_i     = (0, 0, w, h)   the image's real (unpadded) extent, fixed
+        box_i     = (0, 0, w, h)   the image's real (unpadded) extent: ``boxes="image"``, the published design
+        box_i     = cell i of a grid over (0, 0, w, h)   ``boxes="grid"`` (:func:`grid_cells`)
 
-    Every query starts equal in position, so only its content tells it apart; the decoder's layers move the
-    boxes.
+    With ``"image"`` every query starts equal in position, so only its content tells it apart; with
+    ``"grid"`` each starts on its own part of the image (an anchor, as in Anchor DETR), which tells the
+    queries apart from the first step. Either way the decoder's layers move the boxes.
 
     Arguments:
         num_queries: ``N``.
         dim: content channels.
+        boxes: ``"image"`` or ``"grid"``.
     """
 
-    def __init__(self, num_queries: int = 100, dim: int = 256) -> None:
+    def __init__(self, num_queries: int = 100, dim: int = 256, boxes: QueryBoxes = "image") -> None:
         super().__init__()
+        if boxes not in ("image", "grid"):
+            raise ValueError(f"boxes must be 'image' or 'grid', got {boxes!r}")
         self.embedding = nn.Embedding(num_queries, dim)
+        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(num_queries, 4)
+        # A buffer outside the state dict: checkpoints of either kind load into the other.
+        self.register_buffer(
+            "fractions", grid_cells(num_queries) if boxes == "grid" else whole, persistent=False
+        )
 
     def forward(self, image_sizes: Tensor) -> QueryState:
         """The starting state for images of real sizes ``image_sizes`` [B, 2] as ``(h, w)``."""
         content = F.layer_norm(self.embedding.weight, self.embedding.weight.shape[-1:])
-        batch, n = image_sizes.shape[0], content.shape[0]
+        batch = image_sizes.shape[0]
         h, w = image_sizes.to(content).unbind(-1)
-        zeros = torch.zeros_like(h)
-        boxes = torch.stack([zeros, zeros, w, h], dim=-1)[:, None].expand(batch, n, 4)
+        scale = torch.stack([w, h, w, h], dim=-1)[:, None]  # [B, 1, 4]
+        boxes = self.fractions.to(content) * scale
         return {"content": content.expand(batch, -1, -1), "xyzr": xyxy_to_xyzr(boxes)}

@@ -64,8 +64,9 @@ class InitialQueries(nn.Module):
         if boxes not in ("image", "grid"):
             raise ValueError(f"boxes must be 'image' or 'grid', got {boxes!r}")
         self.embedding = nn.Embedding(num_queries, dim)
-        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(num_queries, 4)
-        # A buffer outside the state dict: checkpoints of either kind load into the other.
+        whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_queries, 1)
+        # A buffer outside the state dict (checkpoints of either kind load into the other), in memory of its
+        # own: DDP broadcasts buffers in place.
         self.register_buffer(
             "fractions", grid_cells(num_queries) if boxes == "grid" else whole, persistent=False
         )

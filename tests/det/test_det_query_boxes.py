@@ -51,3 +51,4 @@ def test_the_config_option_reaches_the_detector():
     assert image.queries(SIZES)["xyzr"][0, :, :2].unique(dim=0).shape[0] == 1  # all at the image centre
     assert grid.queries(SIZES)["xyzr"][0, :, :2].unique(dim=0).shape[0] == 10
     assert image.state_dict().keys() == grid.state_dict().keys()  # checkpoints load into either
+    assert all(q.queries.fractions.is_contiguous() for q in (image, grid))  # DDP broadcasts it in place

@@ -20,7 +20,7 @@ from .deqdet import DEQDet
 from .fpn import FPN
 from .neck import ChannelMapper
 from .proposals import LearnedProposals
-from .queries import InitialQueries
+from .queries import InitialQueries, QueryBoxes
 from .rap import RAP, SparseRCNNRAP
 from .sparse_rcnn import SparseRCNN
 from .sparse_rcnn_stage import SparseRCNNStage
@@ -88,7 +88,7 @@ class ModelConfig:
     fpn_norm: bool = False
     dim: int = 256
     num_queries: int = 100
-    query_boxes: Literal["image", "grid"] = "image"
+    query_boxes: QueryBoxes = "image"
     num_heads: int = 8
     num_points: int = 64
     out_points: int = 128

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal, TypedDict
 
 import torch
@@ -35,10 +36,8 @@ def grid_cells(num_queries: int) -> Tensor:
     row, with ``rows`` the divisor of ``N`` closest to ``sqrt(N)`` from below (10 queries: 2 x 5)."""
     rows = max(r for r in range(1, math.isqrt(num_queries) + 1) if num_queries % r == 0)
     cols = num_queries // rows
-    row, col = (
-        torch.div(torch.arange(num_queries), cols, rounding_mode="floor"),
-        torch.arange(num_queries) % cols,
-    )
+    index = torch.arange(num_queries)
+    row, col = index // cols, index % cols
     return torch.stack([col / cols, row / rows, (col + 1) / cols, (row + 1) / rows], dim=-1)
 
 
@@ -61,7 +60,7 @@ class InitialQueries(nn.Module):
 
     def __init__(self, num_queries: int = 100, dim: int = 256, boxes: QueryBoxes = "image") -> None:
         super().__init__()
-        if boxes not in ("image", "grid"):
+        if boxes not in typing.get_args(QueryBoxes):
             raise ValueError(f"boxes must be 'image' or 'grid', got {boxes!r}")
         self.embedding = nn.Embedding(num_queries, dim)
         whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_queries, 1)
@@ -77,5 +76,5 @@ class InitialQueries(nn.Module):
         batch = image_sizes.shape[0]
         h, w = image_sizes.to(content).unbind(-1)
         scale = torch.stack([w, h, w, h], dim=-1)[:, None]  # [B, 1, 4]
-        boxes = self.fractions.to(content) * scale
+        boxes = self.fractions * scale
         return {"content": content.expand(batch, -1, -1), "xyzr": xyxy_to_xyzr(boxes)}

@@ -14,8 +14,9 @@ engine's ``train_step``:
    over float32, and the ATen operator calls of one step (forward and backward, counted below autograd).
 3. **Against another version** (``--baseline DIR``, a checkout of another commit): the config's recipe in
    float32 and in its own precision, timed by this file's code in fresh one-thread processes that import
-   the library from this checkout and from ``DIR`` in turn (rounds in alternating order); the median step
-   time and the ATen calls of each.
+   the library from this checkout and from ``DIR`` in turn (rounds in alternating order), each with the
+   host-memory settings its training runs use (:mod:`implicitkit_det.engine.host_memory`, where the
+   version has it); the median step time and the ATen calls of each.
 4. **Memory** of stacked RAG branches at paper shape (``deqdet_r50_1x`` on a ResNet-18, 320 px, batch 2):
    the peak RSS of a fresh process per row, branches one at a time (the default) against stacked.
 
@@ -26,6 +27,7 @@ Run: ``.venv/bin/python benchmarks/train_step_profile.py [--config NAME] [--step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -297,6 +299,10 @@ def version_timings(config: str, steps: int) -> dict[str, dict[str, float]]:
     """This process's library: median thread-CPU ms and ATen calls of the recipe's step, float32 and in the
     recipe's own precision (what :func:`versions_table` runs in each version's process)."""
     torch.set_num_threads(1)
+    with contextlib.suppress(ImportError):  # what the version's `fit` does before its first step
+        from implicitkit_det.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     (cfg, data), batches = demo_batches(steps + 1, config)
     out = {}
     for label, amp in [("float32", False), *([("the recipe's precision", True)] if cfg.amp else [])]:

@@ -39,6 +39,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .evaluate import EvaluationStopped, evaluate
+from .host_memory import keep_freed_host_memory
 from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
@@ -121,6 +122,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
         The COCO stats (with ``images``: the distinct images scored over all processes, and the
         test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
     """
+    keep_freed_host_memory()  # the steps' large tensors reuse memory instead of faulting in new pages
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
     checkpoint = read_checkpoint(cfg.resumed_from)  # type: ignore[arg-type]
@@ -144,6 +146,7 @@ def fit(cfg: RunConfig, *, checkpoint: dict[str, Any] | None = None) -> dict[str
     Raises:
         :class:`~.interrupt.TrainingInterrupted` after saving a checkpoint when stopped by Ctrl-C / SIGTERM.
     """
+    keep_freed_host_memory()  # the steps' large tensors reuse memory instead of faulting in new pages
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
     seed_everything(cfg.seed + info.rank)

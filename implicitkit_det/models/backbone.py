@@ -118,7 +118,10 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images`` [B, 3, H, W] (H, W multiples of 32) -> ``[B, channels_j, H / s_j, W / s_j]`` per stage."""
-        x = self.stem(images)
+        # The stem runs channels-last: PyTorch's CPU max pooling is vectorised over channels only in that
+        # layout (about 10x faster than NCHW at a 64-channel stem, the stem 2.5x). Its output goes back to
+        # NCHW, where the stages' convolutions (and the decoder's sampling of their features) are fastest.
+        x = self.stem(images.contiguous(memory_format=torch.channels_last)).contiguous()
         features = []
         for stage in self.stages:
             x = stage(x)

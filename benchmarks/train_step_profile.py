@@ -101,6 +101,14 @@ def build(cfg: Any, data: Any, overrides: dict[str, Any], amp_decoder: bool) -> 
     return model, adamw(groups, lr=cfg.lr)
 
 
+def keep_host_memory_as_training_does() -> None:
+    """What the library's `fit` does before its first step (nothing for a version without it)."""
+    with contextlib.suppress(ImportError):
+        from implicitkit_det.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operator calls dispatched below autograd (forward and backward)."""
 
@@ -299,10 +307,7 @@ def version_timings(config: str, steps: int) -> dict[str, dict[str, float]]:
     """This process's library: median thread-CPU ms and ATen calls of the recipe's step, float32 and in the
     recipe's own precision (what :func:`versions_table` runs in each version's process)."""
     torch.set_num_threads(1)
-    with contextlib.suppress(ImportError):  # what the version's `fit` does before its first step
-        from implicitkit_det.engine.host_memory import keep_freed_host_memory
-
-        keep_freed_host_memory()
+    keep_host_memory_as_training_does()
     (cfg, data), batches = demo_batches(steps + 1, config)
     out = {}
     for label, amp in [("float32", False), *([("the recipe's precision", True)] if cfg.amp else [])]:
@@ -402,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args: argparse.Namespace = parser.parse_args(argv)
     setup(args.threads, args.seed)
+    keep_host_memory_as_training_does()
     steps = 3 if args.quick else args.steps
     (cfg, data), batches = demo_batches(steps + 1, args.config)
     name = "train_step_profile" + ("" if args.config == "deqdet_tiny" else f"_{args.config}")

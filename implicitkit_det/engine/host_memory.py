@@ -63,4 +63,6 @@ def keep_freed_host_memory() -> bool:
 
 def _user_tunes_malloc() -> bool:
     env = os.environ
-    return any(key.startswith("MALLOC_") for key in env) or "GLIBC_TUNABLES" in env or "LD_PRELOAD" in env
+    return any(key.startswith("MALLOC_") for key in env) or bool(
+        env.get("GLIBC_TUNABLES") or env.get("LD_PRELOAD")
+    )

@@ -41,16 +41,24 @@ def _rounds(mode: str, **env: str) -> tuple[str, float]:
 
 @glibc_only
 def test_freed_memory_is_reused_without_new_page_faults():
-    # 64 MiB freed at the heap's top each round: glibc by default returns it to the kernel, and the next
-    # round faults every page in again (16,384 pages of 4 KiB).
-    _, default_faults = _rounds("default")
-    kept, kept_faults = _rounds("keep")
-    assert kept == "True"
-    assert default_faults > 8000
-    assert kept_faults < 100
+    # 64 MiB freed each round: with the settings every round reuses the same pages.
+    for _ in range(2):
+        kept, faults = _rounds("keep")
+        assert kept == "True" and faults < 1000
+    # glibc's default returns the memory to the kernel when the freed blocks sit at the heap's top, and the
+    # next round faults every page in again (16,384 pages of 4 KiB); where they land depends on the
+    # process's earlier allocations, so the default faults in most processes, not in every one.
+    assert any(_rounds("default")[1] > 8000 for _ in range(4))
 
 
 @glibc_only
-def test_a_user_tuned_malloc_is_left_alone():
-    kept, faults = _rounds("keep", MALLOC_ARENA_MAX="2")
-    assert kept == "False" and faults > 8000
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_ARENA_MAX": "2"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+        {"LD_PRELOAD": "libc.so.6"},
+    ],
+)
+def test_a_user_tuned_malloc_is_left_alone(env):
+    assert _rounds("keep", **env)[0] == "False"

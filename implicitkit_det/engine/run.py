@@ -122,7 +122,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
         The COCO stats (with ``images``: the distinct images scored over all processes, and the
         test-time settings used); appends ``{"epoch", "eval"}`` to ``metrics.jsonl`` in the output folder.
     """
-    keep_freed_host_memory()  # the steps' large tensors reuse memory instead of faulting in new pages
+    keep_freed_host_memory()  # the evaluation's large tensors reuse memory, as training's do
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
     checkpoint = read_checkpoint(cfg.resumed_from)  # type: ignore[arg-type]

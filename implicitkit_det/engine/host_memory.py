@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -29,9 +30,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper bound on 64-bit systems (HEAP_MAX_SIZE / 2)
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: trim only once 2 GiB at the heap's top are free
-_done = False
 
 
+@functools.cache
 def keep_freed_host_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (see the module's docstring); once per process.
 
@@ -41,9 +42,6 @@ def keep_freed_host_memory() -> bool:
     Returns:
         Whether the settings are in force.
     """
-    global _done
-    if _done:
-        return True
     if not sys.platform.startswith("linux") or _user_tunes_malloc():
         return False
     try:
@@ -54,10 +52,9 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     )
-    return _done
 
 
 def _user_tunes_malloc() -> bool:

@@ -27,8 +27,8 @@ print(kept, (faults() - start) / 10)
 
 
 def _rounds(mode: str, **env: str) -> tuple[str, float]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    clean.pop("GLIBC_TUNABLES", None)
+    user_tuning = ("LD_PRELOAD", "GLIBC_TUNABLES")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in user_tuning}
     out = subprocess.run(
         [sys.executable, "-c", _ROUNDS, mode],
         env={**clean, **env},

@@ -5,20 +5,21 @@ Everything runs in one process with one intra-op thread, on the same batches of 
 batch 4, 128-192 px; ``--config`` picks another tiny detector with its own demo recipe), through the
 engine's ``train_step``:
 
-1. **Parts** of the plain float32 step (branch-wise, as the engine trains): backbone and neck forward and
-   backward, the init group, the no-grad solve, the RAG branches, matching and criterion, the optimizer;
-   thread-CPU milliseconds, medians over the steps.
+1. **Parts** of the plain float32 step as the engine trains it on CPU (a DEQ detector's branches stacked):
+   backbone and neck forward and backward, the decoder's groups, the no-grad solve, matching and criterion,
+   the optimizer; thread-CPU milliseconds, medians over the steps.
 2. **Levers**, side by side in rotating order (one model per variant, the same initial weights and
-   batches): RAG branches stacked along the batch (``stack_rag_branches``), bfloat16 autocast for the backbone
-   and neck (``--amp``) or the whole forward (``--amp --amp-decoder``); the median step time, the speed-up
-   over float32, and the ATen operator calls of one step (forward and backward, counted below autograd).
+   batches): a DEQ detector's branches one group at a time or stacked along the batch (``stack_branches``),
+   bfloat16 autocast for the backbone and neck (``--amp``) or the whole forward (``--amp --amp-decoder``);
+   the median step time, the speed-up over float32 with one group per branch, and the ATen operator calls
+   of one step (forward and backward, counted below autograd).
 3. **Against another version** (``--baseline DIR``, a checkout of another commit): the config's recipe in
    float32 and in its own precision, timed by this file's code in fresh one-thread processes that import
    the library from this checkout and from ``DIR`` in turn (rounds in alternating order), each with the
    host-memory settings its training runs use (:mod:`implicitkit_det.engine.host_memory`, where the
    version has it); the median step time and the ATen calls of each.
-4. **Memory** of stacked RAG branches at paper shape (``deqdet_r50_1x`` on a ResNet-18, 320 px, batch 2):
-   the peak RSS of a fresh process per row, branches one at a time (the default) against stacked.
+4. **Memory** of stacked branches at paper shape (``deqdet_r50_1x`` on a ResNet-18, 320 px, batch 2):
+   the peak RSS of a fresh process per row, one group per branch (the default off CPU) against stacked.
 
 Run: ``.venv/bin/python benchmarks/train_step_profile.py [--config NAME] [--steps 40] [--baseline DIR]
 [--quick]``
@@ -62,12 +63,12 @@ CPU = torch.device("cpu")
 DEMO_CONFIGS = ("deqdet_tiny", "adamixer_tiny", "sparse_rcnn_tiny", "deq_sparse_rcnn_tiny")
 #: name -> (model overrides, amp, amp for the decoder too)
 VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
-    "float32": ({"stack_rag_branches": False}, False, False),
-    "stacked RAG branches": ({"stack_rag_branches": True}, False, False),
-    "bf16 backbone + neck": ({"stack_rag_branches": False}, True, False),
-    "bf16 backbone + neck, stacked RAG": ({"stack_rag_branches": True}, True, False),
-    "bf16 whole forward": ({"stack_rag_branches": False}, True, True),
-    "bf16 whole forward, stacked RAG": ({"stack_rag_branches": True}, True, True),
+    "float32": ({"stack_branches": False}, False, False),
+    "float32, stacked branches": ({"stack_branches": True}, False, False),
+    "bf16 backbone + neck": ({"stack_branches": False}, True, False),
+    "bf16 backbone + neck, stacked branches": ({"stack_branches": True}, True, False),
+    "bf16 whole forward": ({"stack_branches": False}, True, True),
+    "bf16 whole forward, stacked branches": ({"stack_branches": True}, True, True),
 }
 
 
@@ -205,6 +206,8 @@ def profiled_step(
 def group_label(group: dict[str, Any]) -> str:
     """A row name for a group of supervised branches, by what the detector calls them."""
     names = list(group)
+    if names[0] == "init" and any(name.startswith("rag") for name in names):
+        return "every branch, stacked (G, then F on the stacked rows)"
     if names[0] == "init":
         return "init group (G, F(G), F(F(G)))"
     if all(name.startswith("rag") for name in names):
@@ -213,10 +216,10 @@ def group_label(group: dict[str, Any]) -> str:
 
 
 def parts_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
-    model, optimizer = build(cfg, data, {"stack_rag_branches": False}, False)
+    model, optimizer = build(cfg, data, {}, False)
     clock = PartClock()
     solve = "no-grad refinement steps (+ RAP)"
-    if hasattr(model, "solve"):  # a DEQ detector: its no-grad solve runs inside the RAG group's forward
+    if hasattr(model, "solve"):  # a DEQ detector: its no-grad solve runs inside a group's forward
         model.solve = clock.timed(solve, model.solve)
     for batch in batches:
         profiled_step(model, optimizer, batch, clock)
@@ -224,10 +227,11 @@ def parts_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
     totals = [sum(step.values()) for step in steps]
     names = list(steps[0])
     medians = {name: statistics.median(step[name] for step in steps) for name in names}
-    # The solve runs inside the RAG group's forward: shown on its own row.
+    # The solve runs inside the forward of the group that holds the RAG branches: shown on its own row.
     whole = statistics.median(totals)
     if solve in medians:
-        medians["RAG branches forward"] -= medians[solve]
+        outer = next(n for n in names if n.endswith(" forward") and ("RAG" in n or "stacked" in n))
+        medians[outer] -= medians[solve]
         whole -= medians[solve]
     rows = [[name, f"{ms:.1f}", f"{100 * ms / whole:.0f}%"] for name, ms in medians.items()]
     rows.append(["**step**", f"{whole:.1f}", "100%"])
@@ -258,11 +262,11 @@ def work_summary(
 
 # -- 2. levers ----------------------------------------------------------------------------------------------
 def levers_table(cfg: Any, data: Any, batches: list[DetectionBatch]) -> str:
-    deq = architecture_of(CONFIGS[cfg.config].arch).deq  # stacked RAG branches need a DEQ path
+    deq = architecture_of(CONFIGS[cfg.config].arch).deq  # stacked branches need a DEQ path
     runs = {
         name: build(cfg, data, overrides, amp_decoder)
         for name, (overrides, _, amp_decoder) in VARIANTS.items()
-        if deq or not overrides["stack_rag_branches"]
+        if deq or not overrides["stack_branches"]
     }
     calls = {}
     for name, (model, optimizer) in runs.items():
@@ -373,7 +377,7 @@ def versions_table(config: str, baseline: Path, steps: int, rounds: int = 3) -> 
 # -- 4. memory at paper shape ---------------------------------------------------------------------------------
 def memory_table(quick: bool) -> str:
     """Peak RSS of one paper-shape DEQDet step (ResNet-18 backbone, 100 queries, 20 no-grad steps, 6 RAG
-    branches), branches one at a time against stacked, each in a fresh process."""
+    branches), one group per branch against every branch stacked, each in a fresh process."""
     size, overrides = (
         (64, {"num_queries": 10, "train_steps": 4, "supervise_steps": [1, 4]}) if quick else (320, {})
     )
@@ -381,15 +385,17 @@ def memory_table(quick: bool) -> str:
     for stacked in (False, True):
         spec = {
             "config": "deqdet_r50_1x",
-            "overrides": {"backbone": "resnet18", "stack_rag_branches": stacked, **overrides},
+            "overrides": {"backbone": "resnet18", "stack_branches": stacked, **overrides},
             "batch": 2, "size": size, "iters": 1, "branchwise": True, "inference": False,
         }  # fmt: skip
         result = run_child(spec)
-        name = "stacked (one group of all branches)" if stacked else "one branch at a time (default)"
+        name = (
+            "stacked (one group of every branch)" if stacked else "one group per branch (the paper presets)"
+        )
         rows.append(
             [name, f"{result['peak_rss_mib']:.0f}", f"{result['step_mib']:.0f}", f"{result['step_s']:.1f}"]
         )
-    return markdown_table(["RAG branches", "peak RSS MiB", "step's share MiB", "step s (wall)"], rows)
+    return markdown_table(["branches", "peak RSS MiB", "step's share MiB", "step s (wall)"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "train_step_profile" + ("" if args.config == "deqdet_tiny" else f"_{args.config}")
     title = f"# Training step profile: {args.config}, its demo recipe"
     report = Report(args.out, name, f"{title}\n\n{machine()}\n\n`{command_line()}`\n")
-    report.add("Parts of the float32 step (branch-wise)", parts_table(cfg, data, batches))
+    report.add("Parts of the float32 step (as the engine trains on CPU)", parts_table(cfg, data, batches))
     report.add("Levers, side by side", levers_table(cfg, data, batches))
     if args.baseline is not None:
         report.add(
@@ -422,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not args.no_memory and args.config == "deqdet_tiny":
         report.add(
-            "Stacked RAG branches: memory at paper shape (fresh process per row)", memory_table(args.quick)
+            "Stacked branches: memory at paper shape (fresh process per row)", memory_table(args.quick)
         )
     report.write()
 

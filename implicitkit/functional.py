@@ -99,6 +99,7 @@ def fixed_point(
         torch.compiler.disable(attach),
         shared_graph=shared_graph,
         make_stacked=torch.compiler.disable(attach_stacked) if stackable else None,
+        make_states=lambda: [unflatten(result.captured[s], spec) for s in sorted(result.captured)],
     )
     return Solution(
         result.stats,
@@ -202,4 +203,6 @@ def _empty_solution(
     )
     steps = sorted({int(k) for k in capture})
     aux = None if f_aux is None else f_aux(z0)[1]
-    return Solution(stats, z0, Path(steps, lambda k: z0), _value=z0, _aux=aux)
+    return Solution(
+        stats, z0, Path(steps, lambda k: z0, make_states=lambda: [z0] * len(steps)), _value=z0, _aux=aux
+    )

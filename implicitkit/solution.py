@@ -41,11 +41,13 @@ class Path(Sequence):
         *,
         shared_graph: bool = False,
         make_stacked: Callable[[Callable[[State], State]], State] | None = None,
+        make_states: Callable[[], list[State]] | None = None,
     ) -> None:
         self.steps = tuple(steps)
         self.shared_graph = shared_graph
         self._make_branch = make_branch
         self._make_stacked = make_stacked
+        self._make_states = make_states
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -80,6 +82,17 @@ class Path(Sequence):
                 "as Reversible does); index the path one branch at a time instead"
             )
         return self._make_stacked(f_stacked)
+
+    def states(self) -> list[State]:
+        """The captured states ``z_{s_1}, ..., z_{s_n}`` themselves, as the solver left them: no estimator applied.
+
+        For a caller that builds the branches itself, e.g. RAG's ``f^k(sg(z_{s_i}))`` stacked with other
+        states that ``f`` refines in the same evaluations. With a solve that ran without autograd they carry
+        no graph; with :attr:`shared_graph` they carry the solve's.
+        """
+        if self._make_states is None:
+            raise NotImplementedError("this path does not keep its captured states")
+        return self._make_states()
 
     def backward(self, loss_fn: Callable[[State], Tensor], weights: Sequence[float] | None = None) -> Tensor:
         """Back-propagate ``weights[i] * loss_fn(branch_i)`` one branch at a time; return the losses.

@@ -92,3 +92,38 @@ def test_reversible_and_empty_paths_are_refused():
     empty = solve(w, x, ik.RAG()).path.__class__((), lambda step: None)
     with pytest.raises(ValueError, match="capture="):
         empty.stacked(lambda z: z)
+
+
+def iterates(w, x, steps: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The explicit iteration of the problem's map from zero, without the library."""
+    z, s = torch.zeros(B, D, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    out = {}
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            z, s = torch.tanh(z @ w.T + x), 0.5 * s + z.sum(-1)
+            out[step] = (z, s)
+    return out
+
+
+@pytest.mark.parametrize("gradient", [ik.RAG(k=2), ik.Unrolled()], ids=repr)
+def test_path_states_are_the_captured_iterates_without_the_estimator(gradient):
+    w, x, _ = problem(2)
+    sol = solve(w, x, gradient)
+    want = iterates(w, x, 6)
+    states = sol.path.states()
+    assert len(states) == len(STEPS)
+    for state, step in zip(states, STEPS, strict=True):
+        torch.testing.assert_close(state["z"], want[step][0], rtol=0, atol=1e-14)
+        torch.testing.assert_close(state["s"], want[step][1], rtol=0, atol=1e-14)
+    # A solve without autograd leaves plain tensors; an unrolled one leaves its graph on them.
+    assert state["z"].requires_grad == isinstance(gradient, ik.Unrolled)
+
+
+def test_path_states_of_an_empty_batch_and_of_a_path_without_them():
+    w = torch.eye(D, dtype=torch.float64)
+    z0 = torch.zeros(0, D, dtype=torch.float64)
+    sol = ik.fixed_point(lambda z: z @ w, z0, solver=ik.FixedPointIteration(max_iter=4), capture=(1, 2))
+    states = sol.path.states()
+    assert len(states) == 2 and all(state.shape == (0, D) for state in states)
+    with pytest.raises(NotImplementedError, match="captured states"):
+        ik.Path((1,), lambda step: None).states()

@@ -79,6 +79,10 @@ class AdaMixerStage(nn.Module):
         prior_prob: the classifier's starting probability.
     """
 
+    #: A state of ``r B`` rows (``r`` blocks of the batch stacked, as DEQDet's stacked branches) may come with
+    #: the ``B`` images' features: row ``j B + i`` reads image ``i``, and the maps are not copied ``r`` times.
+    reads_stacked_rows = True
+
     def __init__(
         self,
         num_classes: int,
@@ -123,7 +127,8 @@ class AdaMixerStage(nn.Module):
 
         Arguments:
             state: the queries.
-            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
+            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides`` (of the ``B``
+                images of a stacked state, see ``reads_stacked_rows``).
             image_sizes: ``[B, 2]`` real ``(h, w)``; unused here, part of the cell signature the detectors
                 share (``cell(state, features, image_sizes)``).
         """

@@ -78,11 +78,12 @@ def position_encoding(xyzr: Tensor, num_feats: int = 64, temperature: float = 10
     if num_feats % 2:
         raise ValueError(f"num_feats must be even, got {num_feats}")
     scale = xyzr.new_tensor([1000.0, 1000.0, 1.0, 1.0])
-    k = torch.arange(num_feats, device=xyzr.device, dtype=xyzr.dtype)
-    periods = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / num_feats)
-    angles = (xyzr / scale)[..., None] / periods  # [..., 4, num_feats]
-    features = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1)
-    return features.flatten(-3)  # (sin, cos) pairs interleaved, then the four coordinates
+    # Features 2j and 2j + 1 share the period t_2j = T^(2j / num_feats): one angle for both, its sin and cos.
+    even = torch.arange(0, num_feats, 2, device=xyzr.device, dtype=xyzr.dtype)
+    angles = (xyzr / scale)[..., None] / temperature ** (even / num_feats)  # [..., 4, num_feats / 2]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(
+        -3
+    )  # (sin, cos) pairs, coordinate by coordinate
 
 
 def box_iof(boxes1: Tensor, boxes2: Tensor) -> Tensor:

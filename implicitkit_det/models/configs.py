@@ -62,8 +62,9 @@ class ModelConfig:
         num_stages: AdaMixer's and Sparse R-CNN's stage count.
         train_steps, test_steps, supervise_steps, init_refinements, rag_steps: the DEQ schedule
             (DEQDet, DEQ Sparse R-CNN).
-        stack_rag_branches: the DEQ models build their RAG branches in one stacked graph
-            (:class:`~.deqdet.DEQDet`): fewer operator calls, the memory of every branch at once.
+        stack_branches: the DEQ models refine every branch after ``y_0`` in one stacked graph
+            (:class:`~.deqdet.DEQDet`): fewer operator calls, the memory of every branch at once (on in the
+            tiny presets, off in the paper ones).
         test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
             the fixed `test_steps` applications.
         rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
@@ -103,7 +104,7 @@ class ModelConfig:
     supervise_steps: tuple[int, ...] = (1, 3, 6, 9, 12, 20)
     init_refinements: int = 2
     rag_steps: int = 2
-    stack_rag_branches: bool = False
+    stack_branches: bool = False
     test_tol: float | None = None
     test_solver: Literal["fixed", "anderson"] = "fixed"
     rap_content_prob: float = 0.2
@@ -123,6 +124,9 @@ DEQ_SPARSE_RCNN_R50 = ModelConfig(arch="deq_sparse_rcnn")
 # CPU-sized (a training step well under a second on 2 cores at 128-192 px): ResNet-10, 64 channels, 20
 # queries, 4 points per group; the DEQ schedule is the paper's. Box noise is scaled like the images
 # (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights="IMAGENET1K_V1".
+# The DEQ models stack their branches: at this size a decoder op costs its call, not its arithmetic
+# (docs/benchmarks.md: x1.2 per step of the float32 digits run; at paper shape stacking is slower on the CPU
+# and costs 1.6-2.1x the step's memory, so the paper presets keep one group per branch).
 TINY = dict(
     backbone="resnet10",
     dim=64,
@@ -132,9 +136,12 @@ TINY = dict(
     num_points=4,
     out_points=16,
     ffn_dim=256,
+    stack_branches=True,
 )
 # The tiny Sparse R-CNNs: the backbone and widths of the tiny DEQDet, a 16-wide dynamic interaction.
-SPARSE_TINY = dict(backbone="resnet10", dim=64, num_queries=20, num_heads=4, ffn_dim=256, dynamic_dim=16)
+SPARSE_TINY = dict(
+    backbone="resnet10", dim=64, num_queries=20, num_heads=4, ffn_dim=256, dynamic_dim=16, stack_branches=True
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
         "supervise_steps": cfg.supervise_steps,
         "init_refinements": cfg.init_refinements,
         "rag_steps": cfg.rag_steps,
-        "stack_rag_branches": cfg.stack_rag_branches,
+        "stack_branches": cfg.stack_branches,
         "test_tol": cfg.test_tol,
         "test_solver": cfg.test_solver,
         "num_select": cfg.num_select,
@@ -257,6 +264,9 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 # ``KEY=VALUE`` overrides from the command line, read by the field's type.
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+#: fields under their earlier names, as saved runs and older commands spell them.
+RENAMED_FIELDS = {"stack_rag_branches": "stack_branches"}
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -273,7 +283,7 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip()
+        key = RENAMED_FIELDS.get(key.strip(), key.strip())
         if not sep or not key:
             raise ValueError(f"--model-arg {item!r} is not KEY=VALUE")
         if key not in hints:

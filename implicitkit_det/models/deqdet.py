@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,19 @@ from .queries import InitialQueries, QueryState
 from .rap import RAP
 
 __all__ = ["DEQDet"]
+
+
+class _Block(NamedTuple):
+    """Rows of a stacked refinement: their starting state, how often ``F`` refines them, the branch they feed
+    (``name`` formatted with the step ``t``) and whether it is read after every step or after the last."""
+
+    name: str
+    state: QueryState
+    steps: int
+    every_step: bool
+
+    def read_at(self, t: int) -> bool:
+        return t == self.steps or (self.every_step and t < self.steps)
 
 
 class DEQDet(QueryDetector):
@@ -64,10 +77,12 @@ class DEQDet(QueryDetector):
         test_solver: with `test_tol`, ``"fixed"`` (plain iteration of ``F``) or ``"anderson"``
             (:class:`implicitkit.Anderson` on the scaled state).
         test_stop_mode: with `test_tol`, ``"abs"`` (the change itself) or ``"rel"`` (over the state's norm).
-        stack_rag_branches: build the ``rag_s{i}`` branches in one graph, their states stacked along the
-            batch axis (:meth:`implicitkit.Path.stacked`): one forward and one backward of ``F`` on
-            ``len(supervise_steps) x B`` images instead of one per branch (fewer, larger operator calls;
-            the same losses and gradients), at the memory of all RAG branches at once instead of one.
+        stack_branches: compute every branch after ``y_0`` in one graph: the rows ``[y_0, sg(y_{i_1}), ...,
+            sg(y_{i_n})]`` stacked along the batch axis and refined together, one application of ``F``
+            per step on ``(1 + n) B`` images for ``init_f{t}`` and every ``rag_s{i}`` (fewer, larger operator
+            calls; the same losses and gradients), with the memory of all branches at once instead of one
+            group at a time. Faster where the decoder's time is per-operator overhead (the CPU-sized
+            presets turn it on); off, peak memory stays that of one branch.
         supervise_steps: solver steps whose states get a RAG branch; each in ``1 .. train_steps``.
         init_refinements: supervised grad-attached applications of ``F`` to ``y_0`` (2).
         rag_steps: ``k`` of :class:`implicitkit.RAG`.
@@ -97,7 +112,7 @@ class DEQDet(QueryDetector):
         test_tol: float | None = None,
         test_solver: Literal["fixed", "anderson"] = "fixed",
         test_stop_mode: Literal["abs", "rel"] = "abs",
-        stack_rag_branches: bool = False,
+        stack_branches: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(backbone, neck, queries, **kwargs)
@@ -116,7 +131,7 @@ class DEQDet(QueryDetector):
         self.test_tol = test_tol
         self.test_solver = test_solver
         self.test_stop_mode = test_stop_mode
-        self.stack_rag_branches = stack_rag_branches
+        self.stack_branches = stack_branches
         self.last_steps: Tensor | None = None
 
     def refinement_layers(self) -> Iterator[nn.Module]:
@@ -159,33 +174,67 @@ class DEQDet(QueryDetector):
     def training_branches(
         self, features: Sequence[Tensor], image_sizes: Tensor
     ) -> Iterator[dict[str, Outputs]]:
-        """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch (or
-        one group of them all, with ``stack_rag_branches``)."""
+        """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch; or,
+        stacked (``stack_branches``), one group of every branch."""
         y0 = self.init_layer(self.queries(image_sizes), features, image_sizes)
-        group = {"init": self.init_layer.predict(y0, image_sizes)}
-        y = y0
+        init = {"init": self.init_layer.predict(y0, image_sizes)}
+        if self.stack_branches:
+            sol = self.solve(y0, features, image_sizes, self.train_steps, self.supervise_steps)
+            yield {**init, **self._stacked_branches(y0, sol.path, features, image_sizes)}
+            return
+        group, y = init, y0
         for k in range(1, self.init_refinements + 1):
             y = self.refine_layer(y, features, image_sizes)
             group[f"init_f{k}"] = self.refine_layer.predict(y, image_sizes)
         yield group
         sol = self.solve(y0, features, image_sizes, self.train_steps, self.supervise_steps)
-        if self.stack_rag_branches:
-            yield self._stacked_rag_group(sol.path, features, image_sizes)
-            return
         for step, state in zip(sol.path.steps, sol.path, strict=True):
             yield {f"rag_s{step}": self.refine_layer.predict(state, image_sizes)}
 
-    def _stacked_rag_group(
-        self, path: ik.Path, features: Sequence[Tensor], image_sizes: Tensor
+    def _stacked_branches(
+        self, y0: QueryState, path: ik.Path, features: Sequence[Tensor], image_sizes: Tensor
     ) -> dict[str, Outputs]:
-        """Every ``rag_s{i}`` branch from one stacked evaluation of ``F`` and of its heads."""
-        n = len(path)
-        repeated = [level.repeat(n, 1, 1, 1) for level in features]
-        sizes = image_sizes.repeat(n, 1)
-        state = path.stacked(lambda y: self.refine_layer(y, repeated, sizes))
-        outputs = self.refine_layer.predict(state, sizes)
-        parts = {key: value.chunk(n) for key, value in outputs.items()}
-        return {f"rag_s{step}": {key: parts[key][i] for key in parts} for i, step in enumerate(path.steps)}
+        """``init_f{t}`` and every ``rag_s{i}`` from one evaluation of ``F`` per step on stacked rows.
+
+        Each block of ``B`` rows starts from its own state (``y_0``, or RAG's ``sg(y_i)``) and is refined as
+        many times as its branch needs (``init_refinements``, ``rag_steps``); the blocks that refine longest
+        come first, so the rows still refining at any step are a prefix of the stack.
+        """
+        blocks = self._stack_blocks(y0, path)
+        if not blocks:
+            return {}
+        b, count = image_sizes.shape[0], len(blocks)
+        state = {key: torch.cat([block.state[key] for block in blocks]) for key in y0}
+        # A layer that reads stacked rows from the images' own maps is given them; any other, a copy per block.
+        shared = getattr(self.refine_layer, "reads_stacked_rows", False)
+        maps = list(features) if shared else [level.repeat(count, 1, 1, 1) for level in features]
+        sizes = image_sizes.repeat(count, 1)
+        outputs: dict[str, Outputs] = {}
+        for t in range(1, blocks[0].steps + 1):
+            rows = b * sum(block.steps >= t for block in blocks)
+            if rows < len(sizes):  # only once blocks are done: a slice's backward writes a zero-filled copy
+                state, sizes = {key: value[:rows] for key, value in state.items()}, sizes[:rows]
+                maps = maps if shared else [level[:rows] for level in maps]
+            state = self.refine_layer(state, maps, sizes)
+            read = [j for j, block in enumerate(blocks) if block.read_at(t)]
+            if read:  # adjacent blocks: one prediction for all of them
+                lo, hi = b * read[0], b * (read[-1] + 1)
+                predicted = self.refine_layer.predict({k: v[lo:hi] for k, v in state.items()}, sizes[lo:hi])
+                for j in read:
+                    rows_j = slice(b * j - lo, b * (j + 1) - lo)
+                    outputs[blocks[j].name.format(t=t)] = {k: v[rows_j] for k, v in predicted.items()}
+        order = [f"init_f{t}" for t in range(1, self.init_refinements + 1)]
+        order += [f"rag_s{i}" for i in path.steps]
+        return {name: outputs[name] for name in order}
+
+    def _stack_blocks(self, y0: QueryState, path: ik.Path) -> list[_Block]:
+        """``y_0`` (refined ``init_refinements`` times) and each captured ``sg(y_i)`` (``rag_steps`` times),
+        longest first."""
+        blocks = [_Block("init_f{t}", y0, self.init_refinements, True)] if self.init_refinements else []
+        for step, state in zip(path.steps, path.states(), strict=True):
+            detached = {key: value.detach() for key, value in state.items()}  # RAG's sg(y_i)
+            blocks.append(_Block(f"rag_s{step}", detached, self.gradient.k, False))
+        return sorted(blocks, key=lambda block: -block.steps)
 
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The prediction from ``F^test_steps(G(q_0))``, or from each image's converged state with `test_tol`."""

@@ -19,6 +19,7 @@ from .configs import (
     ADAMIXER_R50,
     DEQ_SPARSE_RCNN_R50,
     DEQDET_R50,
+    RENAMED_FIELDS,
     SPARSE_RCNN_R50,
     SPARSE_TINY,
     TINY,
@@ -120,8 +121,8 @@ class Architecture:
 _UNIFORM_RECIPE = OptimizerRecipe(weight_decay=1e-4, decoder_lr_mult=1.0, decoder_wd_mult=1.0)
 _R300 = {"num_queries": 300, "num_select": 300}
 
-# The digits demo of DEQDet (docs/training.md, "What it reaches"): bf16 backbone and neck and stacked RAG
-# branches (x1.32 per step) buy 7 epochs in about the time 5 took; NMS removes the duplicates that a 5-minute
+# The digits demo of DEQDet (docs/training.md, "What it reaches"): bf16 backbone and neck and (in the tiny
+# preset) stacked branches buy 7 epochs in about the time 5 took; NMS removes the duplicates that a 5-minute
 # training leaves (AP 0.26 -> 0.46 on the same checkpoint, and a refinement curve that no longer falls).
 # RAP perturbs the content only: at this scale its box noise costs AP (docs/reproduction.md, 3 seeds:
 # 58.3 +- 0.8 with content noise only against 52.0 +- 3.2 with both), at the same cost per step. The
@@ -134,7 +135,7 @@ _DEQDET_DEMO = DemoRecipe(
     epochs=8,
     lr_drops=(7,),
     amp=True,
-    model_args=("stack_rag_branches=true", "nms_iou=0.7", "rap_box_prob=0", "query_boxes=grid"),
+    model_args=("nms_iou=0.7", "rap_box_prob=0", "query_boxes=grid"),
 )
 
 # AdaMixer's: the same, in 12 epochs (about 9 minutes on two cores: AP 0.615, docs/training.md).
@@ -258,7 +259,7 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
         if config not in CONFIGS:
             raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
         config = CONFIGS[config]
-    cfg = dataclasses.replace(config, **overrides)
+    cfg = dataclasses.replace(config, **{RENAMED_FIELDS.get(k, k): v for k, v in overrides.items()})
     try:
         row = architecture_of(cfg.arch)
     except KeyError as err:

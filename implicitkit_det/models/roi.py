@@ -70,13 +70,19 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
         """``features`` ``[B, C, H_j, W_j]`` per level and ``boxes`` ``[B, N, 4]`` xyxy pixels -> ``[B N, C, S, S]``.
 
-        Row ``b N + i`` holds box ``i`` of image ``b``.
+        Row ``b N + i`` holds box ``i`` of image ``b``. ``boxes`` may stack ``r`` blocks of the ``B`` images'
+        boxes (``[r B, N, 4]``, row ``j B + b`` on image ``b``), read from the ``B`` maps.
         """
         if len(features) != len(self.strides):
             raise ValueError(f"{len(features)} feature levels but {len(self.strides)} strides {self.strides}")
         batch, n = boxes.shape[:2]
+        images = features[0].shape[0]
+        if batch % images:
+            raise ValueError(
+                f"{batch} rows of boxes for {images} images: rows must be a multiple of the images"
+            )
         flat = boxes.reshape(-1, 4).detach()  # roi_align has no gradient for the boxes
-        index = torch.arange(batch, device=boxes.device, dtype=flat.dtype).repeat_interleave(n)
+        index = (torch.arange(batch, device=boxes.device) % images).to(flat.dtype).repeat_interleave(n)
         rois = torch.cat([index[:, None], flat], dim=1).to(features[0].dtype)
         levels = roi_levels(flat, len(self.strides), self.canonical_scale)
         out = features[0].new_zeros(batch * n, features[0].shape[1], self.output_size, self.output_size)

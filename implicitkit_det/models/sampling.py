@@ -27,16 +27,28 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
 
     Arguments:
         features: levels ``[B, C, H_j, W_j]``, with ``H_j s_j`` and ``W_j s_j`` the padded image size.
-        points: ``[B, N, G, P, 3]``: ``G`` groups of ``P`` points per query, as (x, y) pixels and ``z``.
+        points: ``[B, N, G, P, 3]``: ``G`` groups of ``P`` points per query, as (x, y) pixels and ``z``; or
+            ``[r B, N, G, P, 3]``, ``r`` blocks of the ``B`` images' queries stacked (row ``j B + i`` on
+            image ``i``), sampled from the ``B`` maps as ``r N`` queries per image, without copying them.
         strides: ``s_j`` of each level.
 
     Returns:
-        ``[B, N, G, P, C / G]``.
+        ``[B, N, G, P, C / G]`` (``[r B, ...]`` for stacked points).
     """
-    b, n, groups, p, _ = points.shape
+    rows, n, groups, p, _ = points.shape
+    b = features[0].shape[0]
+    if rows % b:
+        raise ValueError(f"{rows} rows of points for {b} images: rows must be a multiple of the images")
+    blocks = rows // b
+    if blocks > 1:  # each image's blocks side by side: [r B, N, ...] -> [B, r N, ...]
+        points = points.view(blocks, b, n, groups, p, 3).transpose(0, 1).reshape(b, blocks * n, groups, p, 3)
+        n = blocks * n
     xy, z = points[..., :2], points[..., 2]
-    log_strides = torch.tensor([math.log2(s) for s in strides], dtype=z.dtype, device=z.device)
-    level_weights = torch.softmax(-0.5 * (z[..., None] - log_strides) ** 2, dim=-1)  # [B, N, G, P, L]
+    # Levels first: PyTorch's CPU softmax over a last dim of 4 is ~10x slower than over the first.
+    log_strides = torch.tensor([math.log2(s) for s in strides], dtype=z.dtype, device=z.device).view(
+        -1, 1, 1, 1, 1
+    )
+    level_weights = torch.softmax(-0.5 * (z - log_strides) ** 2, dim=0)  # [L, B, N, G, P]
     # Every level's grid in one expression (the decoder samples at each of its many steps, so operator
     # calls count): grid_sample wants [-1, 1] over the map's outer edges (align_corners=False), i.e.
     # 2 x / (W s) - 1, for each level's padded extent (W s, H s).
@@ -46,13 +58,19 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
     grids = (2.0 * xy.transpose(1, 2)[None]) / extents[:, None, None, None, None] - 1.0  # [L, B, G, N, P, 2]
     grids = grids.reshape(len(strides), b * groups, n, p, 2)
     out = None
-    for feature, grid, weight in zip(features, grids, level_weights[..., None].unbind(-2), strict=True):
+    for feature, grid, weight in zip(features, grids, level_weights[..., None].unbind(0), strict=True):
         _, channels, h, w = feature.shape
         value = feature.reshape(b * groups, channels // groups, h, w)
         sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         weighted = sampled.view(b, groups, -1, n, p).permute(0, 3, 1, 4, 2) * weight  # [B, N, G, P, C/G]
         out = weighted if out is None else out + weighted
     assert out is not None, "an empty feature pyramid"
+    if blocks > 1:
+        out = (
+            out.view(b, blocks, n // blocks, groups, p, -1)
+            .transpose(0, 1)
+            .reshape(rows, n // blocks, groups, p, -1)
+        )
     return out
 
 

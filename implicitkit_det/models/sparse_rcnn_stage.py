@@ -76,6 +76,10 @@ class SparseRCNNStage(nn.Module):
         prior_prob: the classifier's starting probability.
     """
 
+    #: A state of ``r B`` rows (``r`` blocks of the batch stacked, as DEQDet's stacked branches) may come with
+    #: the ``B`` images' features: row ``j B + i`` reads image ``i``, and the maps are not copied ``r`` times.
+    reads_stacked_rows = True
+
     def __init__(
         self,
         num_classes: int,
@@ -127,7 +131,8 @@ class SparseRCNNStage(nn.Module):
 
         Arguments:
             state: the proposals.
-            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides``.
+            features: the pyramid levels ``[B, dim, H_j, W_j]``, in the order of ``strides`` (of the ``B``
+                images of a stacked state, see ``reads_stacked_rows``).
             image_sizes: ``[B, 2]`` real ``(h, w)``, for clipping when `clip_boxes`.
         """
         boxes = state["xyxy"].detach() if self.detach_boxes else state["xyxy"]

@@ -163,13 +163,15 @@ class CountingScaler(torch.amp.GradScaler):
         return super().scale(outputs)
 
 
-def test_grad_scaler_scales_every_branch_and_unscales_before_clipping():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_grad_scaler_scales_every_branch_and_unscales_before_clipping(stacked):
     data = batches(1)
-    _, want = train(tiny(), data, clip_max_norm=0.5)
+    _, want = train(tiny(stack_branches=stacked), data, clip_max_norm=0.5)
     scaler = CountingScaler("cpu", init_scale=2.0**10)
     assert scaler.is_enabled()
-    stats, got = train(tiny(), data, clip_max_norm=0.5, scaler=scaler)
-    assert scaler.scaled == 1 + 6  # the init group, then each of the six RAG branches
+    stats, got = train(tiny(stack_branches=stacked), data, clip_max_norm=0.5, scaler=scaler)
+    # The init group, then each of the six RAG branches; stacked, one group of them all.
+    assert scaler.scaled == (1 if stacked else 1 + 6)
     assert scaler.get_scale() == 2.0**10  # no overflow: the step was taken, the scale kept
     # Scaling by a power of two commutes with the backward: the unscaled, clipped gradients are the same.
     assert_grads_close(got[0], want[0], 1e-5, "scaled")

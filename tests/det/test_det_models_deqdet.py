@@ -114,15 +114,17 @@ def test_training_losses_and_gradients_reach_every_part():
     assert model.queries(model.image_sizes(images, targets))["xyzr"].shape == (2, 6, 4)
 
 
-def test_branches_are_what_the_design_says():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_branches_are_what_the_design_says(stacked):
     """init = G(q0); init_f{k} = F^k(G(q0)); rag_s{i} = F(F(y_i)) with y_i the i-th no-grad iterate."""
-    model = tiny()
+    model = tiny(stack_branches=stacked)
     model.perturbation = None
     images, _, targets = batch()
     sizes = model.image_sizes(images, targets)
     features = model.features(images)
     groups = list(model.training_branches(features, sizes))
-    assert [set(g) for g in groups] == [{"init", "init_f1", "init_f2"}, *({f"rag_s{i}"} for i in SUPERVISED)]
+    init, rag = ["init", "init_f1", "init_f2"], [f"rag_s{i}" for i in SUPERVISED]
+    assert [list(g) for g in groups] == ([init + rag] if stacked else [init, *([name] for name in rag)])
     outputs = {k: v for g in groups for k, v in g.items()}
     F, G = model.refine_layer, model.init_layer
     with torch.no_grad():
@@ -141,20 +143,22 @@ def test_branches_are_what_the_design_says():
             torch.testing.assert_close(outputs[name][key], out[key], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_gradient_routes_of_the_branches():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gradient_routes_of_the_branches(stacked):
     """F(G) trains G; a RAG branch trains F (and the features) but never G: it starts from sg(y_i)."""
-    model = tiny()
+    model = tiny(stack_branches=stacked)
     images, _, targets = batch()
     sizes = model.image_sizes(images, targets)
     groups = model.training_branches(model.features(images), sizes)
     init_group = next(groups)
     model.criterion(init_group["init_f2"], targets)["loss"].backward(retain_graph=True)
-    assert model.init_layer.attention.in_proj.weight.grad is not None
+    assert model.init_layer.attention.in_proj.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
-    rag = next(groups)["rag_s1"]
+    rag = (init_group if stacked else next(groups))["rag_s1"]
     model.criterion(rag, targets)["loss"].backward()
-    assert all(p.grad is None for p in model.init_layer.parameters())
-    assert model.queries.embedding.weight.grad is None
+    # Stacked with y_0's rows, a RAG branch sends G exact zeros (the rows do not mix); alone, nothing.
+    unreached = [*model.init_layer.parameters(), model.queries.embedding.weight]
+    assert all(p.grad is None or not p.grad.any() for p in unreached)
     assert model.refine_layer.mixing.generator.weight.grad.abs().sum() > 0
     assert model.neck.convs[0].weight.grad.abs().sum() > 0
 

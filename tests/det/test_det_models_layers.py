@@ -98,6 +98,22 @@ def test_sample_pyramid_reads_pixel_centres_and_blends_levels():
     assert sample_pyramid([f0, f1], far, strides).abs().max() == 0
 
 
+def test_sample_pyramid_reads_stacked_rows_from_their_images():
+    """Points of r stacked blocks of the batch read image i for row j B + i, as with a copy of the maps per block."""
+    gen = torch.Generator().manual_seed(0)
+    strides, blocks, batch = (4, 8), 3, 2
+    features = [torch.randn(batch, 8, 16, 16, generator=gen), torch.randn(batch, 8, 8, 8, generator=gen)]
+    points = torch.rand(blocks * batch, 5, 2, 3, 3, generator=gen) * torch.tensor([64.0, 64.0, 2.0]) + 1.5
+    out = sample_pyramid(features, points, strides)
+    copied = [level.repeat(blocks, 1, 1, 1) for level in features]
+    torch.testing.assert_close(out, sample_pyramid(copied, points, strides), rtol=0, atol=0)
+    for row in range(blocks * batch):  # and each row alone on its own image
+        image = [level[row % batch : row % batch + 1] for level in features]
+        torch.testing.assert_close(out[row : row + 1], sample_pyramid(image, points[row : row + 1], strides))
+    with pytest.raises(ValueError, match="multiple of the images"):
+        sample_pyramid(features, points[:3], strides)
+
+
 def test_mixing_generator_starts_at_zero_weight():
     mixing = AdaptiveMixing(dim=32, feature_dim=32, num_points=4, out_points=8, num_groups=4)
     assert torch.count_nonzero(mixing.generator.weight) == 0

@@ -208,6 +208,19 @@ def test_multi_level_roi_align_reads_each_box_from_its_level():
         torch.testing.assert_close(out[row : row + 1], want)
 
 
+def test_roi_align_reads_stacked_rows_from_their_images():
+    gen = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 3, 512 // s, 512 // s, generator=gen) for s in (4, 8, 16, 32)]
+    corners = torch.rand(3 * 2, 4, 2, 2, generator=gen) * 500
+    boxes = torch.cat([corners.amin(2), corners.amax(2) + 1], dim=-1)  # [r B, N, 4], r = 3
+    out = MultiLevelRoIAlign()(features, boxes)
+    assert len(roi_levels(boxes.view(-1, 4)).unique()) > 1
+    copied = [level.repeat(3, 1, 1, 1) for level in features]
+    torch.testing.assert_close(out, MultiLevelRoIAlign()(copied, boxes), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of the images"):
+        MultiLevelRoIAlign()(features, boxes[:3])
+
+
 # -- the stage and the explicit detector -------------------------------------------------------------------
 def test_stage_update_is_the_decoded_regression():
     torch.manual_seed(0)

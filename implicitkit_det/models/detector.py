@@ -44,7 +44,9 @@ class RefinementStage(Protocol):
     """A decoder layer the detectors refine queries with (:class:`~.adamixer_stage.AdaMixerStage`,
     :class:`~.sparse_rcnn_stage.SparseRCNNStage`, or a new detector's own): ``stage(state, features,
     image_sizes)`` returns the next query state, ``stage.predict(state, image_sizes)`` its outputs
-    ``{"pred_logits", "pred_boxes"}``."""
+    ``{"pred_logits", "pred_boxes"}``. A class attribute ``reads_stacked_rows = True`` says that the stage
+    also takes a state of ``r B`` rows (``r`` blocks of the batch, row ``j B + i`` on image ``i``) with the
+    ``B`` images' own features."""
 
     def __call__(self, state: Any, features: Sequence[Tensor], image_sizes: Tensor) -> Any: ...
 

@@ -81,9 +81,8 @@ def position_encoding(xyzr: Tensor, num_feats: int = 64, temperature: float = 10
     # Features 2j and 2j + 1 share the period t_2j = T^(2j / num_feats): one angle for both, its sin and cos.
     even = torch.arange(0, num_feats, 2, device=xyzr.device, dtype=xyzr.dtype)
     angles = (xyzr / scale)[..., None] / temperature ** (even / num_feats)  # [..., 4, num_feats / 2]
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(
-        -3
-    )  # (sin, cos) pairs, coordinate by coordinate
+    features = torch.stack([angles.sin(), angles.cos()], dim=-1)
+    return features.flatten(-3)  # (sin, cos) pairs interleaved, then the four coordinates
 
 
 def box_iof(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -125,7 +125,7 @@ DEQ_SPARSE_RCNN_R50 = ModelConfig(arch="deq_sparse_rcnn")
 # queries, 4 points per group; the DEQ schedule is the paper's. Box noise is scaled like the images
 # (25 px at ~800 px is ~4 px at ~150 px). For pretrained weights use backbone="resnet18", backbone_weights="IMAGENET1K_V1".
 # The DEQ models stack their branches: at this size a decoder op costs its call, not its arithmetic
-# (docs/benchmarks.md: x1.2 per step of the float32 digits run; at paper shape stacking is slower on the CPU
+# (docs/benchmarks.md: x1.1-1.2 per float32 step of the digits runs; at paper shape stacking is slower on the CPU
 # and costs 1.6-2.1x the step's memory, so the paper presets keep one group per branch).
 TINY = dict(
     backbone="resnet10",

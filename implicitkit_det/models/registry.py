@@ -129,7 +129,8 @@ _R300 = {"num_queries": 300, "num_select": 300}
 # queries start on a grid of cells instead of all on the whole image: told apart from the first step, they
 # learn faster (docs/training.md, 3 seeds: AP 0.636 +- 0.012 against 0.583 +- 0.008). The channels-last
 # stem and reused host memory (x1.11 per step) buy an 8th epoch in the same 5 minutes (3 seeds: 0.671 +-
-# 0.016 against 0.636 +- 0.012 after 7).
+# 0.016 against 0.636 +- 0.012 after 7). Every branch stacked (x1.11 again) left the AP within the seeds'
+# spread (0.662 +- 0.014); a 9th epoch in the time saved did not pay (docs/training.md).
 _DEQDET_DEMO = DemoRecipe(
     lr=6e-4,
     epochs=8,

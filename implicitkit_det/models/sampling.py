@@ -35,20 +35,20 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
     Returns:
         ``[B, N, G, P, C / G]`` (``[r B, ...]`` for stacked points).
     """
-    rows, n, groups, p, _ = points.shape
+    rows, queries, groups, p, _ = points.shape
     b = features[0].shape[0]
     if rows % b:
         raise ValueError(f"{rows} rows of points for {b} images: rows must be a multiple of the images")
     blocks = rows // b
+    n = blocks * queries  # the queries each image's maps are read for
     if blocks > 1:  # each image's blocks side by side: [r B, N, ...] -> [B, r N, ...]
-        points = points.view(blocks, b, n, groups, p, 3).transpose(0, 1).reshape(b, blocks * n, groups, p, 3)
-        n = blocks * n
+        points = points.view(blocks, b, queries, groups, p, 3).transpose(0, 1).reshape(b, n, groups, p, 3)
     xy, z = points[..., :2], points[..., 2]
+    log_strides = torch.tensor([math.log2(s) for s in strides], dtype=z.dtype, device=z.device)
     # Levels first: PyTorch's CPU softmax over a last dim of 4 is ~10x slower than over the first.
-    log_strides = torch.tensor([math.log2(s) for s in strides], dtype=z.dtype, device=z.device).view(
-        -1, 1, 1, 1, 1
-    )
-    level_weights = torch.softmax(-0.5 * (z - log_strides) ** 2, dim=0)  # [L, B, N, G, P]
+    level_weights = torch.softmax(
+        -0.5 * (z - log_strides.view(-1, 1, 1, 1, 1)) ** 2, dim=0
+    )  # [L, B, N, G, P]
     # Every level's grid in one expression (the decoder samples at each of its many steps, so operator
     # calls count): grid_sample wants [-1, 1] over the map's outer edges (align_corners=False), i.e.
     # 2 x / (W s) - 1, for each level's padded extent (W s, H s).
@@ -67,9 +67,7 @@ def sample_pyramid(features: Sequence[Tensor], points: Tensor, strides: Sequence
     assert out is not None, "an empty feature pyramid"
     if blocks > 1:
         out = (
-            out.view(b, blocks, n // blocks, groups, p, -1)
-            .transpose(0, 1)
-            .reshape(rows, n // blocks, groups, p, -1)
+            out.view(b, blocks, queries, groups, p, -1).transpose(0, 1).reshape(rows, queries, groups, p, -1)
         )
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -132,6 +133,21 @@ def test_train_step_profile_against_a_checkout(tmp_path):
     assert [row[1].strip() for row in rows[1:]] == ["float32", "the recipe's precision"]
     for row in rows[1:]:
         assert row[-3].strip() == row[-2].strip() and int(row[-2]) > 1000  # ATen calls: baseline, this
+
+
+def test_train_command_against_a_checkout(tmp_path):
+    import train_command
+
+    # This checkout against itself through the CLI, each run a fresh process importing the library from the
+    # folder given: the same code trains to the same loss.
+    root = str(Path(train_command.__file__).resolve().parents[1])
+    train_command.main(["--quick", "--out", str(tmp_path), "--baseline", root])
+    text = (tmp_path / "train_command.md").read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| round") or "median" in line]
+    assert [row[1].strip() for row in rows] == ["round 1", "**median**"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    losses = re.search(r"baseline ([0-9.]+), this ([0-9.]+)", text)
+    assert losses is not None and losses[1] == losses[2] and float(losses[1]) > 0
 
 
 def test_train_step_profile_of_a_stack_of_stages(tmp_path):

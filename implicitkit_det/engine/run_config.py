@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ARCHITECTURES, CONFIGS, architecture_of
-from ..models.configs import parse_model_args
+from ..models.configs import current_field_names, parse_model_args
 from .optim import SCHEDULES, parse_drops, recipe_for
 from .run_settings import (
     COCO_MAX_SIZE,
@@ -78,8 +78,14 @@ def _from_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
     if "drops" in out:
         out["drops"] = tuple(out["drops"])
     if "overrides" in out:
-        out["overrides"] = {k: tuple(v) if isinstance(v, list) else v for k, v in out["overrides"].items()}
+        out["overrides"] = _saved_overrides(out["overrides"])
     return out
+
+
+def _saved_overrides(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved model overrides as the options read them: tuples for JSON's lists, fields by their current names
+    (a run saved before a rename merges with the new spelling instead of differing from it)."""
+    return current_field_names({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 _AT_LEAST_ONE = (
@@ -279,7 +285,7 @@ def build_run_config(
         saved = _from_saved(args) if "overrides" in args else {}
         model = checkpoint.get("config") or {}
         saved.setdefault("config", model.get("name", DEFAULT_CONFIG))
-        saved.setdefault("overrides", dict(model.get("overrides") or {}))
+        saved.setdefault("overrides", _saved_overrides(model.get("overrides") or {}))
         if "input_size" in model:
             saved.setdefault("image_size", model["input_size"][0])
             saved.setdefault("max_size", model["input_size"][1])

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ __all__ = [
     "build_deq_sparse_rcnn",
     "build_deqdet",
     "build_sparse_rcnn",
+    "current_field_names",
     "make_backbone",
     "parse_model_args",
 ]
@@ -267,6 +268,24 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 #: fields under their earlier names, as saved runs and older commands spell them.
 RENAMED_FIELDS = {"stack_rag_branches": "stack_branches"}
+
+
+def current_field_names(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` with every field under its current name (:data:`RENAMED_FIELDS`), in the same order.
+
+    Raises:
+        ``ValueError`` when a field is given under both names with different values.
+    """
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # the key each field was given under
+    for key, value in overrides.items():
+        name = RENAMED_FIELDS.get(key, key)
+        if name in out and out[name] != value:
+            raise ValueError(
+                f"{spelled[name]}={out[name]!r} and {key}={value!r} set the same field {name!r}: give it once"
+            )
+        out[name], spelled[name] = value, key
+    return out
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from .configs import (
     ADAMIXER_R50,
     DEQ_SPARSE_RCNN_R50,
     DEQDET_R50,
-    RENAMED_FIELDS,
     SPARSE_RCNN_R50,
     SPARSE_TINY,
     TINY,
@@ -28,6 +27,7 @@ from .configs import (
     build_deq_sparse_rcnn,
     build_deqdet,
     build_sparse_rcnn,
+    current_field_names,
 )
 from .detector import QueryDetector
 
@@ -260,7 +260,7 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
         if config not in CONFIGS:
             raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
         config = CONFIGS[config]
-    cfg = dataclasses.replace(config, **{RENAMED_FIELDS.get(k, k): v for k, v in overrides.items()})
+    cfg = dataclasses.replace(config, **current_field_names(overrides))
     try:
         row = architecture_of(cfg.arch)
     except KeyError as err:

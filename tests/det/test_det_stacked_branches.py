@@ -75,3 +75,35 @@ def test_tiny_presets_stack_their_branches_and_paper_presets_do_not(config):
         # The earlier name of the field, as saved runs and older commands spell it.
         assert build_model(config, CLASSES, stack_rag_branches=False).stack_branches is False
     assert parse_model_args(["stack_rag_branches=true"]) == {"stack_branches": True}
+
+
+def test_a_run_saved_under_the_earlier_field_name_resumes_with_the_new_one(tmp_path):
+    from implicitkit_det import cli
+    from implicitkit_det.engine.run_config import RunConfigError, build_run_config
+
+    def resolve(argv, checkpoint=None):
+        parser = cli.build_parser()
+        return build_run_config(vars(parser.parse_args(argv)), cli.given_options(parser, argv), checkpoint)
+
+    saved = resolve(["--model-arg", "num_queries=4"]).to_dict()
+    # as a run of the field's earlier name saved it
+    saved["overrides"] = {"num_queries": 4, "stack_rag_branches": True}
+    checkpoint = {"args": saved, "config": {"name": "deqdet_tiny", "overrides": saved["overrides"]}}
+    # The same setting under its new name is the same run, not a change...
+    resumed = resolve(["--resume", str(tmp_path), "--model-arg", "stack_branches=true"], checkpoint)
+    assert resumed.overrides == {"num_queries": 4, "stack_branches": True} and resumed.changed == {}
+    # ...and another value under either name is refused like any other model change on resume.
+    for name in ("stack_branches", "stack_rag_branches"):
+        with pytest.raises(RunConfigError, match="differs from the run being resumed"):
+            resolve(["--resume", str(tmp_path), "--model-arg", f"{name}=false"], checkpoint)
+    # A checkpoint of the oldest layout (no saved settings) reads the model config's overrides the same way.
+    oldest = resolve(["--resume", str(tmp_path)], {"config": checkpoint["config"]})
+    assert oldest.overrides == {"num_queries": 4, "stack_branches": True}
+
+
+def test_a_field_given_under_both_names_must_agree():
+    with torch.device("meta"):
+        model = build_model("deqdet_tiny", CLASSES, stack_rag_branches=False, stack_branches=False)
+        assert model.stack_branches is False
+        with pytest.raises(ValueError, match="stack_rag_branches=True and stack_branches=False set the same"):
+            build_model("deqdet_tiny", CLASSES, stack_rag_branches=True, stack_branches=False)

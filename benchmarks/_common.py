@@ -317,6 +317,16 @@ def machine() -> str:
     )
 
 
+def checkout_prelude(root: Path, *extra_paths: Path) -> str:
+    """Python source that makes a fresh process import the library from the checkout `root` (then
+    `extra_paths`), and fails there if another copy is imported instead."""
+    paths = [str(root), *map(str, extra_paths)]
+    return (
+        f"import sys; sys.path[:0] = {paths!r}; import implicitkit_det; "
+        f"assert implicitkit_det.__file__.startswith({str(root)!r}), implicitkit_det.__file__; "
+    )
+
+
 def command_line() -> str:
     """The command that produced this run, for the record."""
     return ".venv/bin/python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Report, base_parser, command_line, machine, markdown_table
+from _common import Report, base_parser, checkout_prelude, command_line, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
 #: the goal's command line, after ``python -m implicitkit_det.cli``
@@ -39,10 +39,9 @@ def run_command(root: Path, argv: list[str], out_dir: Path) -> tuple[float, floa
     """The CLI with `argv`, its library imported from the checkout `root`: ``(epoch seconds, epoch loss)``."""
     argv = ["implicitkit_det.cli", *argv, "--output-dir", str(out_dir)]
     code = (
-        f"import sys, runpy; sys.path[:0] = [{str(root)!r}]; import implicitkit_det; "
-        f"assert implicitkit_det.__file__.startswith({str(root)!r}), implicitkit_det.__file__; "
-        f"sys.argv = {argv!r}; "
-        "runpy.run_module('implicitkit_det.cli', run_name='__main__')"
+        checkout_prelude(root)
+        + f"import runpy; sys.argv = {argv!r}; "
+        + "runpy.run_module('implicitkit_det.cli', run_name='__main__')"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)

@@ -44,7 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import Report, Timing, base_parser, command_line, machine, markdown_table, setup
+from _common import (
+    Report,
+    Timing,
+    base_parser,
+    checkout_prelude,
+    command_line,
+    machine,
+    markdown_table,
+    setup,
+)
 from deqdet_vs_adamixer import run_child
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -341,9 +350,8 @@ def version_timings(config: str, steps: int) -> dict[str, dict[str, float]]:
 def _timings_of(root: Path, config: str, steps: int) -> dict[str, dict[str, float]]:
     """:func:`version_timings` in a fresh process whose library comes from the checkout `root`."""
     code = (
-        f"import sys; sys.path[:0] = [{str(root)!r}, {str(HERE)!r}]; import json, implicitkit_det; "
-        f"assert implicitkit_det.__file__.startswith({str(root)!r}), implicitkit_det.__file__; "
-        f"import train_step_profile as t; print(json.dumps(t.version_timings({config!r}, {steps})))"
+        checkout_prelude(root, HERE)
+        + f"import json, train_step_profile as t; print(json.dumps(t.version_timings({config!r}, {steps})))"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)

@@ -146,7 +146,8 @@ def object_crops(
     crops, labels = [], []
     for info in data["images"]:
         anns = by_image.get(info["id"], [])
-        image = TF.pil_to_tensor(Image.open(Path(image_dir) / info["file_name"]).convert("RGB"))
+        with Image.open(Path(image_dir) / info["file_name"]) as picture:
+            image = TF.pil_to_tensor(picture.convert("RGB"))
         boxes = _clipped_xywh(anns, image.shape[2], image.shape[1])
         for ann, window in zip(np.repeat(anns, config.views), _object_windows(boxes, config, rng)):
             crops.append(_cut(image, window, config.crop_size))

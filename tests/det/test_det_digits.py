@@ -75,7 +75,8 @@ def test_coco_files_are_well_formed(tiny_digits):
         assert len(set(ann_ids)) == len(ann_ids) and min(ann_ids) >= 1
         per_image = {img["id"]: 0 for img in coco["images"]}
         for img in coco["images"]:
-            w, h = Image.open(tiny_digits.images(split) / img["file_name"]).size
+            with Image.open(tiny_digits.images(split) / img["file_name"]) as picture:
+                w, h = picture.size
             assert (w, h) == (img["width"], img["height"])
             assert cfg["image_size"][0] <= min(w, h) and max(w, h) <= cfg["image_size"][1]
         for a in coco["annotations"]:
@@ -92,7 +93,8 @@ def test_boxes_frame_ink(tiny_digits):
     # far more than pixel noise does.
     coco = json.loads(tiny_digits.annotations("train").read_text())
     img = coco["images"][0]
-    pixels = np.asarray(Image.open(tiny_digits.images("train") / img["file_name"]), dtype=np.float32)
+    with Image.open(tiny_digits.images("train") / img["file_name"]) as picture:
+        pixels = np.asarray(picture, dtype=np.float32)
     for a in (a for a in coco["annotations"] if a["image_id"] == img["id"]):
         x, y, w, h = a["bbox"]
         patch = pixels[y : y + h, x : x + w]

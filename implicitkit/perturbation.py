@@ -64,6 +64,15 @@ class GaussianPerturbation:
             raise ValueError(f"scale must lie in [0, 1], got {scale}.")
         if leaves is not None and (isinstance(leaves, (str, int)) or not isinstance(leaves, Collection)):
             leaves = [leaves]
+        if leaves is not None and len(leaves) == 0:
+            raise ValueError(
+                "leaves=[] perturbs nothing; pass None for every leaf, or prob=0 to turn it off."
+            )
+        if 0 in ((dim,) if isinstance(dim, int) else tuple(dim)):
+            raise ValueError(
+                f"dim={dim} includes the batch dimension 0, so one sample's noise would scale with the others; "
+                "take the norm over feature dimensions only (negative indices count from the last)."
+            )
         self.prob, self.scale, self.dim, self.generator = float(prob), float(scale), dim, generator
         self.leaves = None if leaves is None else [s if isinstance(s, tuple) else (s,) for s in leaves]
 
@@ -85,6 +94,12 @@ class GaussianPerturbation:
             raise ValueError(
                 f"GaussianPerturbation needs leaves with a feature dimension after the batch, got shape "
                 f"{tuple(q.shape)}; exclude this leaf with leaves=... ."
+            )
+        dims = (self.dim,) if isinstance(self.dim, int) else tuple(self.dim)
+        if any(d % q.dim() == 0 for d in dims):
+            raise ValueError(
+                f"dim={self.dim} reaches the batch dimension of a leaf of shape {tuple(q.shape)}, so one sample's "
+                "noise would scale with the others; take the norm over feature dimensions only."
             )
         device = self.generator.device if self.generator is not None else q.device
         eps = torch.randn(q.shape, generator=self.generator, device=device, dtype=q.dtype).to(q.device)

@@ -190,6 +190,14 @@ def test_normalised_weights_refuse_a_backward_after_an_in_place_update():
         (c * sol.value).sum().backward()
 
 
+@pytest.mark.parametrize("normalise", [ik.weight_norm, ik.spectral_norm])
+def test_a_dim_out_of_range_is_refused_not_wrapped(normalise):
+    # dim % weight.dim() once picked another axis: dim=5 of a conv weight normalised dim 1.
+    with pytest.raises(IndexError, match=r"dim 5 is out of range .* \(expected -4..3\)"):
+        normalise(nn.Conv2d(3, 8, 3), dim=5)
+    assert normalise(nn.Conv2d(3, 8, 3), dim=-4) is not None  # in range: as PyTorch's own
+
+
 # -- spectral norm -----------------------------------------------------------------------------------------
 def test_spectral_norm_advances_once_per_solve_with_exact_gradient(monkeypatch):
     calls = count_calls(monkeypatch, SpectralNorm)

@@ -160,10 +160,26 @@ def test_a_leaf_without_feature_dimension_is_refused():
         ik.GaussianPerturbation(prob=1.0)(torch.ones(4), 1)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"prob": 1.5}, "prob"), ({"scale": -0.1}, "scale")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prob": 1.5}, "prob"),
+        ({"scale": -0.1}, "scale"),
+        ({"leaves": []}, r"leaves=\[\] perturbs nothing"),  # was a silent no-op at prob 1
+        ({"dim": 0}, "batch dimension"),  # one sample's noise scaled with the others'
+        ({"dim": (0, -1)}, "batch dimension"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ik.GaussianPerturbation(**kwargs)
+
+
+def test_a_norm_that_reaches_the_batch_dimension_of_a_leaf_is_refused():
+    perturb = ik.GaussianPerturbation(prob=1.0, dim=-2)  # the queries of [B, N, C], the batch of [B, C]
+    assert perturb(torch.ones(2, 5, 4), 1).shape == (2, 5, 4)
+    with pytest.raises(ValueError, match=r"batch dimension of a leaf of shape \(2, 4\)"):
+        perturb(torch.ones(2, 4), 1)
 
 
 def test_perturbed_path_is_kept_and_training_still_gets_gradients():

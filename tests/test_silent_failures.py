@@ -148,6 +148,33 @@ def test_solver_settings_cannot_be_changed_silently(name):
         ik.fixed_point(slow_cell(torch.ones(2, 1)), torch.zeros(2, 1), solver=strict)
     with pytest.raises(TypeError, match="no setting"):
         solver.replace(tolerance=1.0)
+    # throw=False cannot say what a raising solver should do instead; with on_failure it can.
+    with pytest.raises(ValueError, match="on_failure='warn' or 'report'"):
+        strict.replace(throw=False)
+    assert strict.replace(throw=False, on_failure="report").on_failure == "report"
+    assert solver.replace(throw=False).on_failure == "warn"
+
+
+# -- settings that would make a solve silently wrong are refused ---------------------------------------------
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("factor", [float("nan"), 1.0, 0.5])
+def test_divergence_factor_must_exceed_one(name, factor):
+    # NaN fails every comparison: each sample stopped after one step, reported as out of iterations.
+    with pytest.raises(ValueError, match="divergence_factor must be above 1"):
+        SOLVERS[name](divergence_factor=factor)
+    never = SOLVERS[name](tol=1e-8, divergence_factor=float("inf"))  # inf: divergence never declared
+    value, stats = ik.fixed_point(
+        lambda z: 0.5 * z + 1.0, torch.zeros(2, 3, dtype=torch.float64), solver=never
+    )
+    assert stats.all_converged and torch.allclose(value, torch.full_like(value, 2.0))
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), -1.0])
+def test_anderson_regularisation_must_be_finite_and_not_negative(lam):
+    # NaN made every step the plain one, inf reported every sample as non-finite, -1 made the system indefinite.
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+        ik.Anderson(lam=lam)
+    assert ik.Anderson(lam=0.0).lam == 0.0
 
 
 def test_continues_is_true_for_the_samples_that_go_on():

@@ -56,6 +56,11 @@ class SpectralNorm(OncePerSolve):
             )
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}.")
+        if not -weight.dim() <= dim < weight.dim():
+            raise IndexError(
+                f"dim {dim} is out of range for a weight of shape {tuple(weight.shape)} "
+                f"(expected -{weight.dim()}..{weight.dim() - 1})."
+            )
         self.dim = dim % weight.dim()
         self.n_power_iterations = int(n_power_iterations)
         self.eps = eps

@@ -87,5 +87,11 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
 
     Reference: Salimans & Kingma, "Weight normalization", NeurIPS 2016.
     """
+    weight = getattr(module, name)
+    if not -weight.dim() <= dim < weight.dim():
+        raise IndexError(
+            f"dim {dim} is out of range for {name} of shape {tuple(weight.shape)} "
+            f"(expected -{weight.dim()}..{weight.dim() - 1})."
+        )
     parametrize.register_parametrization(module, name, WeightNorm(dim), unsafe=True)
     return module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class Anderson(Solver):
     Arguments:
         m: history size.
         beta: mixing (1 takes the images only).
-        lam: Tikhonov regularisation of the least-squares problem, relative to its scale.
+        lam: Tikhonov regularisation of the least-squares problem, relative to its scale (finite, >= 0).
         **kwargs: ``tol``, ``max_iter``, ``stop_mode``, ``on_failure``, ``divergence_factor`` of :class:`Solver`.
 
     Reference: Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
@@ -47,6 +48,10 @@ class Anderson(Solver):
             raise ValueError(f"history size m must be at least 1, got {m}.")
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must lie in (0, 1], got {beta}.")
+        if (
+            not 0.0 <= lam < math.inf
+        ):  # NaN or inf empties the least-squares step; a negative one is indefinite
+            raise ValueError(f"lam must be a finite number >= 0 (the default 1e-4), got {lam}.")
         self.m, self.beta, self.lam = int(m), float(beta), float(lam)
 
     def init(self, z0: Tensor) -> _AndersonMemory:

@@ -91,8 +91,12 @@ class Solver(ABC, metaclass=_Frozen):
             raise ValueError(f"tol must be non-negative, or None for a fixed step count, got {tol}.")
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}.")
-        if divergence_factor <= 1:
-            raise ValueError(f"divergence_factor must be above 1, got {divergence_factor}.")
+        if (
+            not divergence_factor > 1
+        ):  # NaN too: every comparison with it fails, each solve would stop at once
+            raise ValueError(
+                f"divergence_factor must be above 1 (inf: never diverged), got {divergence_factor}."
+            )
         self.tol = None if tol is None else float(tol)
         self.max_iter = int(max_iter)
         self.stop_mode = stop_mode
@@ -117,6 +121,10 @@ class Solver(ABC, metaclass=_Frozen):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} has no setting {sorted(unknown)}; it has {sorted(self.settings())}."
+            )
+        if changes.get("throw") is False and "on_failure" not in changes and self.on_failure == "raise":
+            raise ValueError(
+                "throw=False does not say what to do instead of raising: pass on_failure='warn' or 'report'."
             )
         return type(self)(**{**self.settings(), **changes})
 

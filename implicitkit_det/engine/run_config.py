@@ -11,6 +11,7 @@ is a :class:`RunConfigError` whose message names the option and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ _AT_LEAST_ONE = (
     "eval_every",
     "image_size",
     "max_size",
+    "digits_train",
+    "digits_val",
 )
 _AT_LEAST_ZERO = (
     "workers",
@@ -104,7 +107,13 @@ _AT_LEAST_ZERO = (
     "checkpoint_every",
     "keep_every",
     "save_predictions",
+    "refinement_curve",
+    "print_freq",
 )
+# Finite floats, each with what it must exceed or reach: a negative multiplier or clipping norm would turn
+# the optimisation around (a negative learning rate ascends, a negative norm flips every gradient).
+_ABOVE_ZERO = ("lr", "decoder_lr_mult")
+_NOT_NEGATIVE = ("weight_decay", "decoder_wd_mult", "clip_max_norm", "deq_tol")
 
 
 def _check_values(o: Mapping[str, Any]) -> None:
@@ -113,10 +122,16 @@ def _check_values(o: Mapping[str, Any]) -> None:
             value = o.get(name)
             if value is not None and value < low:
                 raise RunConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if o.get("deq_tol") is not None and not o["deq_tol"] >= 0:
-        raise RunConfigError(f"--deq-tol must be >= 0, got {o['deq_tol']}")
-    if o.get("lr") is not None and not o["lr"] > 0:
-        raise RunConfigError(f"--lr must be > 0, got {o['lr']}")
+    for names, bound, holds in (
+        (_ABOVE_ZERO, "> 0", lambda v: v > 0),
+        (_NOT_NEGATIVE, ">= 0", lambda v: v >= 0),
+    ):
+        for name in names:
+            value = o.get(name)
+            if value is not None and not (holds(value) and math.isfinite(value)):  # NaN fails both
+                raise RunConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}"
+                )
     if o.get("eval_only") and o.get("resume") is None:
         raise RunConfigError(
             "--eval-only evaluates a trained model: pass its run folder or checkpoint with --resume"

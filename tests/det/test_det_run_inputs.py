@@ -118,6 +118,23 @@ CASES = {
         lambda r: [*_coco(r), "--amp-decoder"],
         "--amp-decoder widens --amp to the decoder: give --amp too",
     ),
+    # Values that would turn the optimisation around (gradient ascent, flipped gradients, growing weights).
+    "negative decoder lr multiplier": (
+        lambda r: [*_coco(r), "--decoder-lr-mult", "-4"],
+        "--decoder-lr-mult must be a finite number > 0, got -4.0",
+    ),
+    "negative weight decay": (
+        lambda r: [*_coco(r), "--weight-decay", "-0.5"],
+        "--weight-decay must be a finite number >= 0, got -0.5",
+    ),
+    "clipping norm NaN": (
+        lambda r: [*_coco(r), "--clip-max-norm", "nan"],
+        "--clip-max-norm must be a finite number >= 0, got nan",
+    ),
+    "negative refinement curve": (
+        lambda r: [*_coco(r), "--refinement-curve", "-1"],
+        "--refinement-curve must be at least 0, got -1",
+    ),
     "deq steps on a non-DEQ model": (
         lambda r: [*_coco(r), "--config", "adamixer_tiny", "--deq-steps", "3"],
         "--deq-steps: adamixer_tiny (adamixer) has no test-time step count",

@@ -121,11 +121,17 @@ def check_same_structure(
     """
     if treespec != spec.treespec:
         leaves = _leaves_in_order_of(spec, state)
-    for i, (leaf, shape) in enumerate(zip(leaves, spec.shapes)):
+    for i, (leaf, shape, dtype) in enumerate(zip(leaves, spec.shapes, spec.dtypes)):
         if leaf.shape != shape:
             raise ValueError(
                 f"The cell changed the shape of state leaf {i}: input {tuple(shape)}, output "
                 f"{tuple(leaf.shape)}. A fixed-point cell must return every tensor with its input's shape."
+            )
+        # A narrower output is autocast at work; a wider one would be rounded to the state's dtype every step.
+        if leaf.dtype != dtype and torch.promote_types(leaf.dtype, dtype) == leaf.dtype:
+            raise TypeError(
+                f"The cell returned state leaf {i} in {leaf.dtype} for a {dtype} state, so every step would be "
+                f"rounded to {dtype}: start from a {leaf.dtype} state (z0.to({leaf.dtype})) or return {dtype}."
             )
     return leaves
 

@@ -169,6 +169,24 @@ def test_divergence_factor_must_exceed_one(name, factor):
     assert stats.all_converged and torch.allclose(value, torch.full_like(value, 2.0))
 
 
+def test_a_cell_wider_than_its_state_is_refused_a_narrower_one_accepted():
+    # A float64 cell on a float32 state was rounded to float32 every step, and a tol float32 cannot reach
+    # then failed as "raise max_iter".
+    wide = lambda z: torch.tanh(0.5 * z.double() + 1.0)  # noqa: E731
+    with pytest.raises(TypeError, match=r"leaf 0 in torch.float64 for a torch.float32 state.*z0.to"):
+        ik.fixed_point(wide, torch.zeros(2, 3), solver=ik.Anderson(tol=1e-12))
+    value, stats = ik.fixed_point(wide, torch.zeros(2, 3, dtype=torch.float64), solver=ik.Anderson(tol=1e-12))
+    assert stats.all_converged and value.dtype == torch.float64
+    # bfloat16 out of a float32 state is what autocast does: accepted, the state stays float32.
+    narrow = lambda z: (0.5 * z + 1.0).to(torch.bfloat16)  # noqa: E731
+    value, stats = ik.fixed_point(narrow, torch.zeros(2, 3), solver=ik.FixedPointIteration(tol=1e-2))
+    assert (
+        stats.all_converged
+        and value.dtype == torch.float32
+        and torch.allclose(value, torch.full_like(value, 2.0), atol=0.05)
+    )
+
+
 @pytest.mark.parametrize("lam", [float("nan"), float("inf"), -1.0])
 def test_anderson_regularisation_must_be_finite_and_not_negative(lam):
     # NaN made every step the plain one, inf reported every sample as non-finite, -1 made the system indefinite.

@@ -48,9 +48,8 @@ class Anderson(Solver):
             raise ValueError(f"history size m must be at least 1, got {m}.")
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must lie in (0, 1], got {beta}.")
-        if (
-            not 0.0 <= lam < math.inf
-        ):  # NaN or inf empties the least-squares step; a negative one is indefinite
+        # NaN or inf empties the least-squares step; a negative lam makes it indefinite.
+        if not 0.0 <= lam < math.inf:
             raise ValueError(f"lam must be a finite number >= 0 (the default 1e-4), got {lam}.")
         self.m, self.beta, self.lam = int(m), float(beta), float(lam)
 

@@ -91,9 +91,8 @@ class Solver(ABC, metaclass=_Frozen):
             raise ValueError(f"tol must be non-negative, or None for a fixed step count, got {tol}.")
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}.")
-        if (
-            not divergence_factor > 1
-        ):  # NaN too: every comparison with it fails, each solve would stop at once
+        # NaN too: every comparison with it fails, so each solve would stop after one step.
+        if not divergence_factor > 1:
             raise ValueError(
                 f"divergence_factor must be above 1 (inf: never diverged), got {divergence_factor}."
             )

@@ -68,7 +68,8 @@ class GaussianPerturbation:
             raise ValueError(
                 "leaves=[] perturbs nothing; pass None for every leaf, or prob=0 to turn it off."
             )
-        if 0 in ((dim,) if isinstance(dim, int) else tuple(dim)):
+        self._dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        if 0 in self._dims:
             raise ValueError(
                 f"dim={dim} includes the batch dimension 0, so one sample's noise would scale with the others; "
                 "take the norm over feature dimensions only (negative indices count from the last)."
@@ -95,8 +96,7 @@ class GaussianPerturbation:
                 f"GaussianPerturbation needs leaves with a feature dimension after the batch, got shape "
                 f"{tuple(q.shape)}; exclude this leaf with leaves=... ."
             )
-        dims = (self.dim,) if isinstance(self.dim, int) else tuple(self.dim)
-        if any(d % q.dim() == 0 for d in dims):
+        if any(d % q.dim() == 0 for d in self._dims):
             raise ValueError(
                 f"dim={self.dim} reaches the batch dimension of a leaf of shape {tuple(q.shape)}, so one sample's "
                 "noise would scale with the others; take the norm over feature dimensions only."

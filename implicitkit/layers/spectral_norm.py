@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .per_solve import OncePerSolve
-from .weight_norm import _check_unchanged
+from .weight_norm import _check_unchanged, _weight_dim
 
 
 def _as_matrix(weight: Tensor, dim: int) -> Tensor:
@@ -56,12 +56,7 @@ class SpectralNorm(OncePerSolve):
             )
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}.")
-        if not -weight.dim() <= dim < weight.dim():
-            raise IndexError(
-                f"dim {dim} is out of range for a weight of shape {tuple(weight.shape)} "
-                f"(expected -{weight.dim()}..{weight.dim() - 1})."
-            )
-        self.dim = dim % weight.dim()
+        self.dim = _weight_dim(weight, dim)
         self.n_power_iterations = int(n_power_iterations)
         self.eps = eps
         matrix = _as_matrix(weight.detach(), self.dim)

@@ -18,6 +18,16 @@ def _norm(v: Tensor, dim: int) -> Tensor:
     return torch.linalg.vector_norm(v, dim=_other_dims(v, dim), keepdim=True)
 
 
+def _weight_dim(weight: Tensor, dim: int) -> int:
+    """`dim` of `weight` as a non-negative index; an ``IndexError`` (as PyTorch's own) when out of range."""
+    if not -weight.dim() <= dim < weight.dim():
+        raise IndexError(
+            f"dim {dim} is out of range for a weight of shape {tuple(weight.shape)} "
+            f"(expected -{weight.dim()}..{weight.dim() - 1})."
+        )
+    return dim % weight.dim()
+
+
 def _check_unchanged(name: str, tensors: tuple[Tensor, ...], versions: tuple[int, ...]) -> None:
     if tuple(t._version for t in tensors) != versions:
         raise RuntimeError(
@@ -87,11 +97,6 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
 
     Reference: Salimans & Kingma, "Weight normalization", NeurIPS 2016.
     """
-    weight = getattr(module, name)
-    if not -weight.dim() <= dim < weight.dim():
-        raise IndexError(
-            f"dim {dim} is out of range for {name} of shape {tuple(weight.shape)} "
-            f"(expected -{weight.dim()}..{weight.dim() - 1})."
-        )
+    _weight_dim(getattr(module, name), dim)  # refused before the module is changed
     parametrize.register_parametrization(module, name, WeightNorm(dim), unsafe=True)
     return module

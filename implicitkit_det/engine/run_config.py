@@ -116,22 +116,20 @@ _ABOVE_ZERO = ("lr", "decoder_lr_mult")
 _NOT_NEGATIVE = ("weight_decay", "decoder_wd_mult", "clip_max_norm", "deq_tol")
 
 
+_BOUNDS = (  # (options, the test a given value must pass, what the message says it must be)
+    (_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
+    (_AT_LEAST_ZERO, lambda v: v >= 0, "at least 0"),
+    (_ABOVE_ZERO, lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),  # NaN fails every test
+    (_NOT_NEGATIVE, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+)
+
+
 def _check_values(o: Mapping[str, Any]) -> None:
-    for names, low in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0)):
+    for names, holds, bound in _BOUNDS:
         for name in names:
             value = o.get(name)
-            if value is not None and value < low:
-                raise RunConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for names, bound, holds in (
-        (_ABOVE_ZERO, "> 0", lambda v: v > 0),
-        (_NOT_NEGATIVE, ">= 0", lambda v: v >= 0),
-    ):
-        for name in names:
-            value = o.get(name)
-            if value is not None and not (holds(value) and math.isfinite(value)):  # NaN fails both
-                raise RunConfigError(
-                    f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}"
-                )
+            if value is not None and not holds(value):
+                raise RunConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
     if o.get("eval_only") and o.get("resume") is None:
         raise RunConfigError(
             "--eval-only evaluates a trained model: pass its run folder or checkpoint with --resume"

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
+from ..data.checks import DataError
 from ..evaluation import CocoEvaluator
 from ..models.detector import QueryDetector
 from .checkpoint import (
@@ -127,6 +128,13 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     cfg = prepare_output_dir(cfg)
     checkpoint = read_checkpoint(cfg.resumed_from)  # type: ignore[arg-type]
     data = load_data(cfg, train=False)
+    trained_on = (checkpoint.get("config") or {}).get("class_names")
+    if trained_on is not None and list(trained_on) != list(data.val.category_names):
+        raise DataError(
+            f"{cfg.resumed_from} was trained on the classes {list(trained_on)}, but {data.val.ann_file} lists "
+            f"{list(data.val.category_names)} (in category-id order): its labels would be scored as other "
+            "classes. Evaluate on annotations with the same categories"
+        )
     model = build_run_model(cfg, data.val.num_classes, info.device)
     load_checkpoint(checkpoint, model=model)
     say(evaluation_banner(cfg, data, model, info))
@@ -196,22 +204,30 @@ class _Trainer:
             scheduler=self.scheduler,
             scaler=self.scaler,
         )
-        if {"lr", "epochs", "drops", "warmup_iters"} & set(self.cfg.changed):
-            retarget_scheduler(self.scheduler, self.cfg.lr_schedule(), self.iters_per_epoch, self.base_lrs)
         progress = checkpoint.get("progress") or {
             "epoch": checkpoint["epoch"],
             "iteration": self.iters_per_epoch,
         }
-        self.epoch, self.iteration = progress["epoch"], progress["iteration"]
-        self.closed = progress.get("closed", True)
-        self.meter = EpochMeter(**progress["meter"]) if "meter" in progress else EpochMeter()
-        self.best_ap = progress.get("best_ap")
+        saved_per_epoch = progress.get("iters_per_epoch", self.iters_per_epoch)
+        at_epoch_end = progress["iteration"] >= saved_per_epoch
         saved_world = progress.get("world_size", 1)
-        if self.iteration < self.iters_per_epoch and saved_world != self.info.world_size:
+        resplit = saved_per_epoch != self.iters_per_epoch
+        if not at_epoch_end and (resplit or saved_world != self.info.world_size):
             raise RunConfigError(
                 f"{self.cfg.resumed_from} was saved mid-epoch by {saved_world} process(es); resume it with as "
                 f"many (this run has {self.info.world_size}), or from an epoch's end"
             )
+        self.epoch = progress["epoch"]
+        self.iteration = self.iters_per_epoch if at_epoch_end else progress["iteration"]
+        self.closed = progress.get("closed", True)
+        self.meter = EpochMeter(**progress["meter"]) if "meter" in progress else EpochMeter()
+        self.best_ap = progress.get("best_ap")
+        if resplit:
+            # Another number of processes splits an epoch into other iterations: the schedule's position is
+            # this epoch's end counted in this run's iterations, so the drops still fall on epochs.
+            self.scheduler.last_epoch = (self.epoch + 1) * self.iters_per_epoch
+        if resplit or {"lr", "epochs", "drops", "warmup_iters"} & set(self.cfg.changed):
+            retarget_scheduler(self.scheduler, self.cfg.lr_schedule(), self.iters_per_epoch, self.base_lrs)
         rng = checkpoint.get("rng")
         if isinstance(rng, list) and len(rng) == self.info.world_size:
             set_rng_state(rng[get_rank()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from implicitkit_det import cli
 
@@ -49,6 +50,50 @@ def test_train_resume_and_evaluate(tiny_digits, tmp_path, capsys):
     )  # fmt: skip
     assert "evaluation only" in capsys.readouterr().out and 0.0 <= stats["AP"] <= 1.0
     assert json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())["epoch"] == 1
+
+
+def test_eval_only_scores_every_val_image_and_refuses_renamed_classes(tiny_digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    cli.main([*FAST, *data_args(tiny_digits), "--epochs", "1", "--output-dir", str(run)])  # --max-iters 2
+    evaluate = ["eval", "--resume", str(run), *SIZES, "--output-dir", str(tmp_path / "eval")]
+    stats = cli.main([*evaluate, *data_args(tiny_digits)])
+    assert stats["images"] == 5  # the training run's cap of 2 batches is not the evaluation's
+    renamed = json.loads(tiny_digits.annotations("val").read_text())
+    for category in renamed["categories"]:
+        category["name"] = f"digit {category['name']}"
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    other_names = [
+        "--val-ann",
+        str(tmp_path / "renamed.json"),
+        "--val-images",
+        str(tiny_digits.images("val")),
+    ]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*evaluate, *other_names])
+    assert info.value.code == 2
+    assert "was trained on the classes ['0', '1'" in capsys.readouterr().err
+
+
+def _steps(folder) -> list[tuple[int, float]]:
+    return [(r["epoch"], r["lr"]) for r in map(json.loads, (folder / "steps.jsonl").read_text().splitlines())]
+
+
+def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tiny_digits, tmp_path):
+    """The lr drops stay on their epochs when an epoch splits into other iterations (another world size)."""
+    whole = tmp_path / "whole"
+    schedule = ["--epochs", "3", "--lr-drops", "2", "--eval-every", "3", "--log-steps"]
+    cli.main([*FAST, *data_args(tiny_digits), *schedule, "--keep-every", "1", "--output-dir", str(whole)])
+    # Epoch 0's checkpoint as two processes would have written it: one iteration an epoch each.
+    ckpt = torch.load(whole / "checkpoint_epoch0.pth", map_location="cpu", weights_only=True)
+    ckpt["progress"].update(iteration=1, iters_per_epoch=1, world_size=2)
+    ckpt["scheduler"]["last_epoch"] = 1
+    for lam in ckpt["scheduler"]["lr_lambdas"]:
+        lam["iters_per_epoch"] = 1
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    torch.save(ckpt, resumed / "checkpoint_last.pth")
+    cli.main([*FAST[2:], *data_args(tiny_digits), *schedule, "--resume", str(resumed)])
+    assert _steps(resumed) == [step for step in _steps(whole) if step[0] > 0]
 
 
 @pytest.mark.parametrize(

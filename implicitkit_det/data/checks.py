@@ -26,7 +26,8 @@ class DataError(ValueError):
 
 
 def check_splits(train: CocoDetectionDataset | None, val: CocoDetectionDataset) -> None:
-    """Refuse an empty validation file, a file without categories, and a training set with nothing to learn.
+    """Refuse an empty validation file or one without boxes, a file without categories, and a training set
+    with nothing to learn.
 
     Raises:
         :class:`DataError`.
@@ -53,6 +54,12 @@ def check_splits(train: CocoDetectionDataset | None, val: CocoDetectionDataset) 
             else "it lists no images (point --train-ann, or --data-root, at the training annotations)"
         )
         raise DataError(f"{train.ann_file}: {why}")
+    if val.num_boxes == 0:
+        raise DataError(
+            f"{val.ann_file} has no usable box (crowd regions aside) on any of its {len(val)} images, so every "
+            "AP would be undefined (an image-info file such as COCO's test-dev has none). Point --val-ann (or "
+            "--data-root) at annotated validation data"
+        )
 
 
 def _check_one(path: Path, width: int, height: int) -> str | None:

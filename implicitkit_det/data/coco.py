@@ -181,7 +181,14 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             _require(cat, ("id",), f"categories[{i}]", path)
             if cat["id"] in names:
                 raise CocoFormatError(f"{path}: category id {cat['id']} appears twice; ids must be unique.")
-            names[cat["id"]] = str(cat.get("name", cat["id"]))
+            name = str(cat.get("name", cat["id"]))
+            if name in names.values():
+                first = next(c for c, n in names.items() if n == name)
+                raise CocoFormatError(
+                    f"{path}: categories {first} and {cat['id']} are both named {name!r}; names must be unique "
+                    "(per-class AP is reported by name)."
+                )
+            names[cat["id"]] = name
             cat_ids.append(cat["id"])
         self.category_ids: list[int] = sorted(cat_ids)
         self.category_names: list[str] = [names[c] for c in self.category_ids]
@@ -275,6 +282,11 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     def num_classes(self) -> int:
         """Number of contiguous labels ``C``."""
         return len(self.category_ids)
+
+    @property
+    def num_boxes(self) -> int:
+        """The boxes the targets hold, over every image (crowd and unusable annotations excluded)."""
+        return sum(len(boxes) for boxes in self._boxes.values())
 
     @property
     def aspect_ratios(self) -> list[float]:

@@ -31,7 +31,7 @@ from ..data.seeding import EpochBatches, SeededSamples, ignore_sigint
 from ..models import build_model
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
 from .process_group import build_sampler
-from .run_config import COCO_SIZE, RunConfig
+from .run_config import COCO_SIZE, RunConfig, RunConfigError
 
 __all__ = [
     "RUN_FILES",
@@ -259,7 +259,10 @@ def make_eval_loader(
 # The model.
 def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The detector `cfg` names, with its test-time settings (``deq_steps``, ``deq_tol``, ``deq_solver``)."""
-    model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
+    try:
+        model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
+    except ValueError as err:  # a model option out of its range, named by the constructor that refused it
+        raise RunConfigError(f"--config {cfg.config} with --model-arg {cfg.overrides}: {err}") from err
     given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}
     model.configure_test(**{k: v for k, v in given.items() if v is not None})
     model.low_precision_decoder = cfg.amp_decoder

@@ -33,6 +33,10 @@ class PostProcess(nn.Module):
 
     def __init__(self, num_select: int = 100, nms_iou: float | None = None) -> None:
         super().__init__()
+        if isinstance(num_select, bool) or not isinstance(num_select, int) or num_select < 1:
+            raise ValueError(
+                f"num_select (detections kept per image) must be an integer >= 1, got {num_select!r}"
+            )
         if nms_iou is not None and not 0.0 < nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1] or None, got {nms_iou}")
         self.num_select = num_select

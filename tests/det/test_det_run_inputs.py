@@ -89,6 +89,20 @@ CASES = {
         lambda r: _separate_val(r, lambda d: d.update(categories=[], annotations=[])),
         "val.json lists no categories",
     ),
+    "val file without boxes": (
+        lambda r: _separate_val(r, lambda d: d.update(annotations=[])),
+        "val.json has no usable box (crowd regions aside) on any of its 3 images, so every AP would be",
+    ),
+    "two categories with one name": (
+        lambda r: _coco(
+            r, categories=[{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 12, "name": "cat"}]
+        ),
+        "categories 3 and 12 are both named 'cat'; names must be unique",
+    ),
+    "no detections kept": (
+        lambda r: [*_coco(r), "--model-arg", "num_select=0"],
+        "num_select (detections kept per image) must be an integer >= 1, got 0",
+    ),
     "empty train file": (_empty_train, "train.json: it lists no images (point --train-ann"),
     "no boxes to train on": (
         lambda r: _coco(r, annotations=[]),

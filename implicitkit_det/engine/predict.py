@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,11 @@ def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(p for p in item.iterdir() if not p.name.startswith("."))
+            images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            files += images
+            if left_out := sorted(set(entries) - set(images)):
+                warnings.warn(_left_out(item, left_out), stacklevel=2)
         elif item.is_file():
             files.append(item)
         else:
@@ -171,6 +176,15 @@ def image_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}")
     return files
+
+
+def _left_out(folder: Path, entries: list[Path]) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries]
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (
+        f"{folder}: left out {len(names)} entries that are not {'/'.join(IMAGE_SUFFIXES)} files (subfolders are "
+        f"not searched): {shown}; name such a file or folder itself to read it"
+    )
 
 
 def predict_files(
@@ -186,15 +200,23 @@ def predict_files(
     Returns:
         Per image: ``{"image", "output", "detections"}`` (the drawn file and the kept detections).
     """
-    detector = load_detector(checkpoint, device=device)
     out_dir = Path(out_dir)
+    files = image_files(inputs)
+    outputs = [out_dir / f"{file.stem}.png" for file in files]
+    first: dict[Path, Path] = {}
+    for file, output in zip(files, outputs, strict=True):
+        if (earlier := first.setdefault(output, file)) != file:
+            raise ValueError(
+                f"{earlier} and {file} would both be drawn to {output}; predict them into separate output "
+                "folders, or rename one"
+            )
+    detector = load_detector(checkpoint, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for file in image_files(inputs):
+    for file, output in zip(files, outputs, strict=True):
         image = read_rgb(file)
         (det,) = detect(detector, [image])
         drawn = draw_detections(image, det, class_names=detector.class_names, score_threshold=score_threshold)
-        output = out_dir / f"{file.stem}.png"
         write_png(drawn, output)
         keep = det["scores"] >= score_threshold
         results.append({"image": file, "output": output, "detections": {k: v[keep] for k, v in det.items()}})

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from implicitkit_det import cli
-from implicitkit_det.engine.predict import Detector, detect, draw_detections, read_rgb, save_grid
+from implicitkit_det.engine.predict import (
+    Detector,
+    detect,
+    draw_detections,
+    image_files,
+    predict_files,
+    read_rgb,
+    save_grid,
+)
 from implicitkit_det.engine.refinement import refinement_curve
 from implicitkit_det.predict import main as predict_main
 
@@ -125,3 +135,26 @@ def test_predict_rescales_boxes_to_the_image_given():
     detector = Detector(Fixed(), image_size=32, max_size=64, class_names=None, device=torch.device("cpu"))
     (det,) = detect(detector, [torch.zeros(3, 100, 150, dtype=torch.uint8)])
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 150.0, 100.0]]), atol=1.0, rtol=0)
+
+
+def _png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_folder_says_what_it_leaves_out(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.tif")
+    _png(tmp_path / "sub" / "c.png")
+    with pytest.warns(UserWarning, match=r"left out 2 entries .*: b.tif, sub/; name such a file or folder"):
+        assert image_files([tmp_path]) == [tmp_path / "a.png"]
+    assert image_files([tmp_path / "b.tif"]) == [tmp_path / "b.tif"]  # named, any format PIL reads
+
+
+def test_two_images_drawn_to_one_file_are_refused_before_any_work(tmp_path):
+    first, second = _png(tmp_path / "cam1" / "frame.png"), _png(tmp_path / "cam2" / "frame.jpg")
+    message = f"{first} and {second} would both be drawn to {tmp_path / 'out' / 'frame.png'}"
+    with pytest.raises(ValueError, match=message):  # before the checkpoint is read
+        predict_files(tmp_path / "no_checkpoint.pth", [first, second], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

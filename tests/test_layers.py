@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from problems import contraction
 from torch import nn
 from torch.autograd.functional import jacobian
@@ -240,3 +241,48 @@ def test_closed_form_backward_passes_pass_gradcheck_and_gradgradcheck():
     # dim=1: the weight [4, 3, 2] seen as a [3, 8] matrix.
     assert torch.autograd.gradcheck(lambda w: _SpectralNormalized.apply(w, u, vv, 1), (v,))
     assert torch.autograd.gradgradcheck(lambda w: _SpectralNormalized.apply(w, u, vv, 1), (v,))
+    # Forward mode: the closed-form tangents against finite differences.
+    assert torch.autograd.gradcheck(
+        lambda a, b: _WeightNormalized.apply(a, b, 0), (g, v), check_forward_ad=True, check_backward_ad=False
+    )
+    assert torch.autograd.gradcheck(
+        lambda w: _SpectralNormalized.apply(w, u, vv, 1), (v,), check_forward_ad=True, check_backward_ad=False
+    )
+
+
+@pytest.mark.parametrize("normalise", [ik.weight_norm, ik.spectral_norm])
+def test_forward_mode_tangents_through_normalised_weights_in_a_deq(normalise):
+    """Tangents in the weights' raw tensors reach ``z*`` (the solve's cached weight carries none)."""
+    torch.manual_seed(0)
+    deq = ik.DEQ(Cell(normalise(nn.Linear(D, D).double())), solver=ik.Anderson(**TIGHT)).eval()
+    deq.gradient = ik.IFT(ik.Anderson(**TIGHT))
+    x, _ = inputs()
+    params = {k: p.detach() for k, p in deq.named_parameters()}
+    tangents = {k: torch.randn_like(p) for k, p in params.items()}
+    run = lambda p: torch.func.functional_call(deq, p, (torch.zeros_like(x), x)).value  # noqa: E731
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()}
+        tangent = fwAD.unpack_dual(run(duals)).tangent
+    eps = 1e-6
+    shifted = [run({k: p + s * eps * tangents[k] for k, p in params.items()}) for s in (1, -1)]
+    assert tangent is not None
+    torch.testing.assert_close(tangent, (shifted[0] - shifted[1]) / (2 * eps), rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_with_grad_after_a_no_grad_solve_trains_the_normalised_weight():
+    """The manual JFB pattern: solve without grad, then one step of the cell with grad. The step uses the
+    solve's dropout mask and a weight computed afresh, whose gradient equals the weight's own."""
+    torch.manual_seed(0)
+    cell = Cell(nn.Sequential(ik.weight_norm(nn.Linear(D, D).double()), ik.VariationalDropout(0.2)))
+    x, c = inputs()
+    with torch.no_grad():
+        z = ik.DEQ(cell, solver=ik.Anderson(**TIGHT))(torch.zeros_like(x), x).value
+    mask = cell.extra[1].mask
+    (c * cell(z, x)).sum().backward()
+    raw = cell.extra[0].parametrizations.weight
+    g, v = raw.original0.detach().requires_grad_(), raw.original1.detach().requires_grad_()
+    weight = g * v / v.norm(dim=1, keepdim=True)
+    inner = torch.nn.functional.linear(z, weight, cell.extra[0].bias) * mask
+    (c * torch.tanh(0.5 * cell.lin(inner) + x)).sum().backward()
+    torch.testing.assert_close(raw.original0.grad, g.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(raw.original1.grad, v.grad, rtol=1e-12, atol=1e-14)

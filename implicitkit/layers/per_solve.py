@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 
@@ -92,6 +93,11 @@ def _is_per_solve(layer: nn.Module) -> bool:
     return hasattr(layer, "solve_state") and callable(getattr(layer, "new_solve_state", None))
 
 
+def _computes_tangents() -> bool:
+    """Forward-mode AD is on here: a ``dual_level`` or ``torch.func.jvp`` is open and not paused."""
+    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
+
+
 class _Cache:
     """A value computed at most once per solve, in the grad mode of the solve's start."""
 
@@ -106,8 +112,9 @@ class OncePerSolve(nn.Module):
 
     Within a solve, the first access computes :meth:`compute` in the grad mode the solve started in (so a
     first access inside the solver's no-grad loop still has the graph the estimator needs) and every later
-    access returns that tensor. Outside any solve, and after an in-place change of the raw tensors (an
-    optimiser step), it is computed afresh.
+    access returns that tensor. Outside any solve, after an in-place change of the raw tensors (an
+    optimiser step), with grad after a solve that started without, and wherever forward-mode AD computes
+    tangents, it is computed afresh.
     """
 
     def __init__(self) -> None:
@@ -123,7 +130,9 @@ class OncePerSolve(nn.Module):
 
     def forward(self, *originals: Tensor) -> Tensor:
         cache = self.solve_state
-        if cache is None:
+        # Afresh where the cached weight would lack what the caller needs: a graph (a call with grad after a
+        # no-grad solve, such as a manual JFB step) or a tangent (cached in the solve's primal-only loop).
+        if cache is None or (torch.is_grad_enabled() and not cache.grad_enabled) or _computes_tangents():
             return self.compute(*originals)
         versions = tuple(t._version for t in originals)
         if cache.value is None or cache.versions != versions:

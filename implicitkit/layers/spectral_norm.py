@@ -39,6 +39,16 @@ class _SpectralNormalized(torch.autograd.Function):
         grad_weight = grad / sigma - (torch.sum(grad * weight) / sigma.square()) * outer
         return grad_weight, None, None, None
 
+    @staticmethod
+    def jvp(ctx, weight_dot: Tensor | None, _u: None, _v: None, _dim: None) -> Tensor:
+        # d(W / sigma) = dW / sigma - W (u^T dW v) / sigma^2, with u and v held constant as in backward
+        weight, u, v, dim = ctx.weight, ctx.u, ctx.v, ctx.dim
+        if weight_dot is None:
+            return torch.zeros_like(weight)
+        sigma = torch.dot(u, _as_matrix(weight, dim) @ v)
+        sigma_dot = torch.dot(u, _as_matrix(weight_dot, dim) @ v)
+        return weight_dot / sigma - weight * (sigma_dot / sigma.square())
+
 
 class SpectralNorm(OncePerSolve):
     """The parametrization of :func:`spectral_norm`: ``w = W / sigma(W)``, ``sigma`` by power iteration.

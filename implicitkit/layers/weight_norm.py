@@ -61,6 +61,18 @@ class _WeightNormalized(torch.autograd.Function):
         grad_v = (g / norm) * (grad - (along / norm.square()) * v)
         return grad_g, grad_v, None
 
+    @staticmethod
+    def jvp(ctx, g_dot: Tensor | None, v_dot: Tensor | None, _dim: None) -> Tensor:
+        # dw = dg u + (g / ||v||) (dv - u <u, dv>),  u = v / ||v||
+        g, v, dim = ctx.g, ctx.v, ctx.dim
+        norm = _norm(v, dim)
+        unit = v / norm
+        out = torch.zeros_like(v) if g_dot is None else g_dot * unit
+        if v_dot is not None:
+            along = torch.sum(unit * v_dot, dim=_other_dims(v, dim), keepdim=True)
+            out = out + (g / norm) * (v_dot - along * unit)
+        return out
+
 
 class WeightNorm(OncePerSolve):
     """The parametrization of :func:`weight_norm`: ``w = g v / ||v||``, ``g`` one scale per slice of ``dim``.

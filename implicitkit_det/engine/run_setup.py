@@ -262,7 +262,7 @@ def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> n
     try:
         model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
     except ValueError as err:  # a model option out of its range, named by the constructor that refused it
-        raise RunConfigError(f"--config {cfg.config} with --model-arg {cfg.overrides}: {err}") from err
+        raise RunConfigError(f"--config {cfg.config} with its --model-arg options: {err}") from err
     given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}
     model.configure_test(**{k: v for k, v in given.items() if v is not None})
     model.low_precision_decoder = cfg.amp_decoder

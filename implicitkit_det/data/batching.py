@@ -60,6 +60,12 @@ def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> tuple[
     """
     if not images:
         raise ValueError("cannot batch an empty list of images")
+    kinds = sorted({(int(img.shape[0]), str(img.dtype)) for img in images})
+    if len(kinds) > 1:  # copying into one batch would cast (a uint8 image among normalised floats) or fail
+        raise ValueError(
+            f"images of one batch must share channels and dtype, got (channels, dtype) {kinds}: apply the same "
+            "transforms to every sample"
+        )
     h = max(int(img.shape[-2]) for img in images)
     w = max(int(img.shape[-1]) for img in images)
     h = -(-h // size_divisor) * size_divisor

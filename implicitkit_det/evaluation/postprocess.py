@@ -97,6 +97,14 @@ def to_coco_results(
         raise ValueError(f"{len(detections)} detections for {len(image_ids)} image ids")
     results = []
     for det, image_id in zip(detections, image_ids, strict=True):
+        labels = det["labels"]
+        if label_to_category_id is not None and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= len(label_to_category_id):
+                raise ValueError(
+                    f"image {image_id}: labels {low}..{high} outside the {len(label_to_category_id)} classes of "
+                    "label_to_category_id (contiguous labels 0..C-1 expected)"
+                )
         xywh = box_convert(det["boxes"].detach().float().cpu(), "xyxy", "xywh").tolist()
         for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist(), strict=True):
             category = label_to_category_id[label] if label_to_category_id is not None else int(label)

@@ -224,6 +224,10 @@ def test_postprocess_topk_and_scaling():
         {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]])
     )
     assert len(det["scores"]) == 6  # k is capped by N x C
+    for bad in ([-1], [2]):  # a negative label would read the last category, one past the end would fail
+        wrong = {**det, "labels": torch.tensor(bad * 6)}
+        with pytest.raises(ValueError, match=rf"image 7: labels {bad[0]}..{bad[0]} outside the 2 classes"):
+            to_coco_results([wrong], [7], label_to_category_id=[5, 9])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -164,6 +164,10 @@ def test_pad_images_and_mask():
     assert mask.logical_not().sum(dim=(1, 2)).tolist() == [50 * 70, 64 * 33]
     batch, _ = pad_images([torch.ones(3, 64, 64)], size_divisor=32)
     assert batch.shape == (1, 3, 64, 64)  # already a multiple: no padding
+    with pytest.raises(
+        ValueError, match=r"share channels and dtype, got \(channels, dtype\) \[\(3, 'torch.float32'\)"
+    ):
+        pad_images([a, torch.ones(3, 8, 8, dtype=torch.uint8)])  # the raw image would be cast, not refused
 
 
 def test_collate_keeps_targets_and_sizes(coco_files):

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+
+from ..gradients.tangent import forward_mode_active
 
 
 @runtime_checkable
@@ -93,11 +94,6 @@ def _is_per_solve(layer: nn.Module) -> bool:
     return hasattr(layer, "solve_state") and callable(getattr(layer, "new_solve_state", None))
 
 
-def _computes_tangents() -> bool:
-    """Forward-mode AD is on here: a ``dual_level`` or ``torch.func.jvp`` is open and not paused."""
-    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled()
-
-
 class _Cache:
     """A value computed at most once per solve, in the grad mode of the solve's start."""
 
@@ -132,7 +128,11 @@ class OncePerSolve(nn.Module):
         cache = self.solve_state
         # Afresh where the cached weight would lack what the caller needs: a graph (a call with grad after a
         # no-grad solve, such as a manual JFB step) or a tangent (cached in the solve's primal-only loop).
-        if cache is None or (torch.is_grad_enabled() and not cache.grad_enabled) or _computes_tangents():
+        if (
+            cache is None
+            or (torch.is_grad_enabled() and not cache.grad_enabled)
+            or (forward_mode_active() and torch._C._is_fwd_grad_enabled())
+        ):
             return self.compute(*originals)
         versions = tuple(t._version for t in originals)
         if cache.value is None or cache.versions != versions:

@@ -26,7 +26,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ..collectives import any_process, gather_object, get_rank, is_main_process
-from ..data.checks import DataError
 from ..evaluation import CocoEvaluator
 from ..models.detector import QueryDetector
 from .checkpoint import (
@@ -127,14 +126,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     cfg = prepare_output_dir(cfg)
     checkpoint = read_checkpoint(cfg.resumed_from)  # type: ignore[arg-type]
-    data = load_data(cfg, train=False)
-    trained_on = (checkpoint.get("config") or {}).get("class_names")
-    if trained_on is not None and list(trained_on) != list(data.val.category_names):
-        raise DataError(
-            f"{cfg.resumed_from} was trained on the classes {list(trained_on)}, but {data.val.ann_file} lists "
-            f"{list(data.val.category_names)} (in category-id order): its labels would be scored as other "
-            "classes. Evaluate on annotations with the same categories"
-        )
+    data = load_data(cfg, train=False, class_names=(checkpoint.get("config") or {}).get("class_names"))
     model = build_run_model(cfg, data.val.num_classes, info.device)
     load_checkpoint(checkpoint, model=model)
     say(evaluation_banner(cfg, data, model, info))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -178,8 +179,12 @@ class RunData:
     val_loader: DataLoader | None = None
 
 
-def load_data(cfg: RunConfig, *, train: bool) -> RunData:
-    """Resolve, read and check the data, before any training: see :mod:`implicitkit_det.data.checks`."""
+def load_data(cfg: RunConfig, *, train: bool, class_names: Sequence[str] | None = None) -> RunData:
+    """Resolve, read and check the data, before any training: see :mod:`implicitkit_det.data.checks`.
+
+    `class_names`: the classes a checkpoint was trained on, which the validation annotations must list in
+    the same order (checked before the images are read, so a wrong file is refused at once).
+    """
     paths = resolve_data(cfg)
     size, max_size = cfg.image_size, cfg.max_size
     val = CocoDetectionDataset(
@@ -198,6 +203,12 @@ def load_data(cfg: RunConfig, *, train: bool) -> RunData:
         raise DataError(
             f"{paths.train_ann} and {paths.val_ann} have different categories ({train_set.category_ids} vs "
             f"{val.category_ids}); both splits must use the same category list"
+        )
+    if class_names is not None and list(class_names) != list(val.category_names):
+        raise DataError(
+            f"{cfg.resumed_from} was trained on the classes {list(class_names)}, but {paths.val_ann} lists "
+            f"{list(val.category_names)} (in category-id order): its labels would be scored as other "
+            "classes. Evaluate on annotations with the same categories"
         )
     if not cfg.skip_image_check:
         for split, data in (("training", train_set), ("validation", val)):

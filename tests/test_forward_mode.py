@@ -170,8 +170,12 @@ def test_deq_module_forward_mode(problem):
             return cell(self.w, self.u)(z, x)
 
     deq = ik.DEQ(Cell(), solver=TIGHT, gradient=ik.IFT(TIGHT))
-    _, got = jvp(lambda y: deq(torch.zeros(B, D, dtype=torch.float64), y).value, (x,), (v,))
+    z, got = jvp(lambda y: deq(torch.zeros(B, D, dtype=torch.float64), y).value, (x,), (v,))
     torch.testing.assert_close(got, dense_tangent(w, u, x, v), atol=1e-10, rtol=0)
+    z.square().sum().backward()  # the value keeps its implicit gradient to the module's parameters
+    torch.testing.assert_close(
+        deq.cell.w.grad, unrolled_gradient(w.requires_grad_(), u, x), atol=1e-10, rtol=0
+    )
 
 
 def test_structured_state_tangent_matches_the_flat_one(problem):
@@ -220,3 +224,72 @@ def test_forward_over_reverse_through_an_adjoint_is_refused(problem, gradient):
         z = solve(w, u, gradient)(fwAD.make_dual(x, v))
         with pytest.raises(RuntimeError, match=r"forward over reverse.*IFT\(second_order=True\)"):
             torch.autograd.grad(fwAD.unpack_dual(z).primal.square().sum(), w)
+
+
+def unrolled_gradient(w, u, x):
+    """``d sum(z*^2) / dw`` by plain autograd through 300 steps of the contraction (converged in float64)."""
+    f, z = cell(w, u), torch.zeros(B, D, dtype=torch.float64)
+    for _ in range(300):
+        z = f(z, x)
+    return torch.autograd.grad(z.square().sum(), w)[0]
+
+
+@pytest.mark.parametrize(
+    "gradient", [ik.IFT(TIGHT), ik.IFT(TIGHT, second_order=True), ik.Neumann(80)], ids=repr
+)
+def test_the_value_jvp_returns_keeps_its_implicit_gradient(problem, gradient):
+    """A loss on the value is back-propagated through the solve after the transform (it once had no graph)."""
+    w, u, x, v = problem
+    w = w.clone().requires_grad_()
+    z, _ = jvp(solve(w, u, gradient), (x,), (v,))
+    (got,) = torch.autograd.grad(z.square().sum(), w)
+    torch.testing.assert_close(got, unrolled_gradient(w, u, x), atol=1e-10, rtol=0)
+
+
+def test_the_value_jacfwd_returns_as_aux_keeps_its_implicit_gradient(problem):
+    w, u, x, _ = problem
+    w = w.clone().requires_grad_()
+    polynomial = solve(w, u, ik.Neumann(80))
+    _, z = jacfwd(lambda y: (lambda z: (z, z))(polynomial(y)), has_aux=True)(x)
+    (got,) = torch.autograd.grad(z.square().sum(), w)
+    torch.testing.assert_close(got, unrolled_gradient(w, u, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("gradient", [ik.IFT(TIGHT), ik.Neumann(80)], ids=repr)
+def test_reverse_mode_through_a_tangent_from_jvp_is_refused(problem, gradient):
+    w, u, x, v = problem
+    w = w.clone().requires_grad_()
+    z, tangent = jvp(solve(w, u, gradient), (x,), (v,))
+    with pytest.raises(RuntimeError, match=r"through the tangent of a fixed point .* not supported"):
+        (z.sum() + tangent.sum()).backward()
+
+
+def test_second_derivatives_of_a_value_from_jvp_are_refused(problem):
+    w, u, x, v = problem
+    w = w.clone().requires_grad_()
+    z, _ = jvp(solve(w, u, ik.IFT(TIGHT, second_order=True)), (x,), (v,))
+    (g,) = torch.autograd.grad(z.square().sum(), w, retain_graph=True)
+    torch.testing.assert_close(g, unrolled_gradient(w, u, x), atol=1e-10, rtol=0)  # first order: exact
+    with pytest.raises(RuntimeError, match=r"second derivatives of a value computed inside torch.func.jvp"):
+        torch.autograd.grad(z.square().sum(), w, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "gradient", [ik.IFT(TIGHT), ik.IFT(TIGHT, second_order=True), ik.Neumann(5)], ids=repr
+)
+@pytest.mark.parametrize("transform", [torch.func.grad, torch.func.jacrev], ids=lambda t: t.__name__)
+def test_adjoints_refuse_functorchs_reverse_mode_with_the_alternatives(problem, gradient, transform):
+    w, u, x, _ = problem
+    with pytest.raises(RuntimeError, match=r"cannot run under torch.func.grad.*loss.backward\(\).*JFB"):
+        transform(lambda w: solve(w, u, gradient)(x).sum())(w)
+
+
+@pytest.mark.parametrize("gradient", [ik.JFB(), ik.Phantom(k=3), ik.RAG(2), ik.Unrolled()], ids=repr)
+def test_plain_autograd_estimators_run_under_functorchs_grad(problem, gradient):
+    """Their graphs are ordinary autograd: ``torch.func.grad`` gives what ``torch.autograd.grad`` does."""
+    w, u, x, _ = problem
+    picard = ik.FixedPointIteration(tol=1e-12, max_iter=100)
+    loss = lambda w: solve(w, u, gradient, picard)(x).square().sum()  # noqa: E731
+    leaf = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(torch.func.grad(loss)(w), want, atol=1e-12, rtol=0)

@@ -12,15 +12,16 @@ depends on ``z*`` and ``theta`` through ``J``); they are refused with an error r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch._C._functorch import peek_interpreter_stack
+from torch.utils._pytree import TreeSpec
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
-from .tangent import TangentRule, attach_tangent, forward_mode_active, primal, refuse_forward_over_reverse
+from .tangent import TangentRule, attach_tangent, primal, refuse_forward_over_reverse, under_reverse_transform
 
 AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
@@ -31,34 +32,80 @@ HIGHER_ORDER_MESSAGE = (
     "FixedPointIteration (exact for the steps taken), or Phantom/RAG, whose graphs are ordinary autograd."
 )
 
+REVERSE_TRANSFORM_MESSAGE = (
+    "IFT and Neumann cannot run under torch.func.grad, vjp or jacrev: their backward solves for the adjoint "
+    "with torch.autograd inside the transform, which functorch does not allow. Take the gradient with "
+    "loss.backward() or torch.autograd.grad (forward-mode transforms, torch.func.jvp and jacfwd, work), or "
+    "use JFB, Phantom, RAG or Unrolled, whose graphs are plain autograd."
+)
+
+
+class _LinearizeLater:
+    """``f`` and the structure of ``z*``, for a linearisation built in the backward pass.
+
+    Inside ``torch.func.jvp`` no graph can be started at a point (``requires_grad_`` is refused there), so the
+    graph of ``f(z*)`` that the VJPs ``v -> v J`` need is built when the backward runs, outside the transform.
+    """
+
+    def __init__(self, f: Callable[[State], State], treespec: TreeSpec) -> None:
+        self.f, self.treespec = f, treespec
+
+    def at(self, z_leaves: Sequence[Tensor]) -> Linearization:
+        return Linearization(self.f, self.treespec.unflatten(list(z_leaves)))
+
 
 class _Adjoint(torch.autograd.Function):
+    """``z*`` as it is; its backward hands the adjoint ``u = rule(g, vjp)`` to the leaves of ``f(z*)``.
+
+    Inputs: the linearisation (or a :class:`_LinearizeLater`), the rule, the refusal message, the number of
+    leaves of ``z*``, then those leaves and the leaves of ``f(z*)`` with their graph. With ``setup_context``
+    and a ``jvp`` rule it also runs inside ``torch.func.jvp``, which builds its reverse graph on the primals;
+    the tangent of ``z*`` is attached afterwards (:func:`attach_tangent`), so the rule here gives zeros.
+    """
+
     @staticmethod
     def forward(
-        ctx, lin: Linearization, rule: AdjointRule, refusal: str, z_star: list[Tensor], *fz_leaves: Tensor
+        lin: Linearization | _LinearizeLater, rule: AdjointRule, refusal: str, n_z: int, *leaves: Tensor
     ):
-        ctx.lin, ctx.rule, ctx.refusal = lin, rule, refusal
-        return tuple(z.clone() for z in z_star)
+        return tuple(z.clone() for z in leaves[:n_z])
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        ctx.lin, ctx.rule, ctx.refusal, ctx.n_z = inputs[:4]
+        ctx.z_leaves = inputs[4 : 4 + ctx.n_z]
+
+    @staticmethod
+    def jvp(ctx, *tangents: Tensor | None) -> tuple[Tensor, ...]:
+        return tuple(torch.zeros_like(z) for z in ctx.z_leaves)
+
+    @staticmethod
+    def vmap(info, in_dims: tuple, *inputs):
+        """``jacfwd`` (``vmap`` of ``jvp``) batches the tangents only: the primals reach here unbatched and
+        the function runs as it is, so that its backward runs outside the transform."""
+        if any(dim is not None for dim in in_dims):
+            raise RuntimeError(
+                "An adjoint (IFT, Neumann) cannot be attached to a fixed point batched by torch.func.vmap; "
+                "put the samples in the state's first dimension instead."
+            )
+        return _Adjoint.apply(*inputs), (None,) * inputs[3]
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
             raise RuntimeError(ctx.refusal)
-        lin: Linearization = ctx.lin
+        lin = ctx.lin if isinstance(ctx.lin, Linearization) else ctx.lin.at(ctx.z_leaves)
         refuse_forward_over_reverse([*grads, *lin.fz_leaves])
         grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, lin.z_leaves, strict=True)]
         g_flat = flatten(lin.spec.treespec.unflatten(grads), lin.spec)
         with torch.enable_grad():
             u_flat = ctx.rule(g_flat, lin.vjp)
         u_leaves, _ = leaves_of(unflatten(u_flat, lin.spec))
+        fz_needs_grad = ctx.needs_input_grad[4 + ctx.n_z :]
         return (
-            None,
-            None,
-            None,
-            None,
+            *(None for _ in range(4 + ctx.n_z)),
             *(
-                u.to(fz.dtype) if fz.requires_grad else None
-                for u, fz in zip(u_leaves, lin.fz_leaves, strict=True)
+                u.to(fz.dtype) if needs else None
+                for u, fz, needs in zip(u_leaves, lin.fz_leaves, fz_needs_grad, strict=True)
             ),
         )
 
@@ -88,19 +135,28 @@ def attach_adjoint(
         refusal: the message that refuses a derivative through this backward; by default the one naming
             ``name`` and the estimators that allow second derivatives.
     """
-    out = _attach_reverse(f, z_star, rule, refusal or HIGHER_ORDER_MESSAGE.format(name=name))
+    out = attach_reverse(f, z_star, rule, refusal or HIGHER_ORDER_MESSAGE.format(name=name))
     return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule)
 
 
-def _attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, refusal: str) -> State:
+def attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, refusal: str) -> State:
+    """:func:`attach_adjoint` without the tangent: ``z_star`` whose backward applies `rule`; a derivative
+    through that backward raises `refusal`."""
     if not torch.is_grad_enabled():
         return z_star
-    if forward_mode_active() and peek_interpreter_stack() is not None:
-        return z_star  # inside torch.func.jvp/jacfwd: no reverse graph can be built there, nor is one wanted
-    lin = Linearization(f, z_star)
-    if not lin.reaches_beyond_z():
-        return z_star
-    z_star_leaves, _ = leaves_of(z_star)
-    fz_leaves = [primal(y) for y in lin.fz_leaves]  # the tangent is attached after, by attach_tangent
-    out = _Adjoint.apply(lin, rule, refusal, z_star_leaves, *fz_leaves)
-    return lin.spec.treespec.unflatten(list(out))
+    if under_reverse_transform():
+        raise RuntimeError(REVERSE_TRANSFORM_MESSAGE)
+    z_leaves, treespec = leaves_of(z_star)
+    if peek_interpreter_stack() is not None:  # inside torch.func.jvp / jacfwd
+        # z* needs no grad: a graph to what f closes over only. Whether anything needs a gradient cannot be
+        # read here (the transform's tensors report requires_grad=False); autograd decides it below.
+        with torch.enable_grad():
+            fz_leaves, _ = leaves_of(f(z_star))
+        lin: Linearization | _LinearizeLater = _LinearizeLater(f, treespec)
+    else:
+        lin = Linearization(f, z_star)
+        if not lin.reaches_beyond_z():
+            return z_star
+        fz_leaves = lin.fz_leaves
+    fz_leaves = [primal(y) for y in fz_leaves]  # the tangent is attached after, by attach_tangent
+    return treespec.unflatten(list(_Adjoint.apply(lin, rule, refusal, len(z_leaves), *z_leaves, *fz_leaves)))

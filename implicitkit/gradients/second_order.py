@@ -27,10 +27,16 @@ from torch._C._functorch import peek_interpreter_stack
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
-from .adjoint import AdjointRule
-from .tangent import forward_mode_active, primal, refuse_forward_over_reverse
+from .adjoint import AdjointRule, attach_reverse
+from .tangent import primal, refuse_forward_over_reverse
 
 SecondOrderRule = Callable[[Tensor, Linearization], Tensor]  # (g with its graph, lin at z1) -> u with a graph
+
+IN_TRANSFORM_MESSAGE = (
+    "{name} cannot give second derivatives of a value computed inside torch.func.jvp or jacfwd: there its "
+    "reverse graph is first-order only, so a second derivative through it would be wrong and is refused. "
+    "Compute the value outside the transform (use torch.autograd.forward_ad dual tensors for its tangent)."
+)
 
 THIRD_ORDER_MESSAGE = (
     "{name} gives exact second derivatives, not third: a third backward pass through it is refused rather "
@@ -125,8 +131,10 @@ def attach_twice_differentiable(
             ``z1`` (whose ``vjp(..., create_graph=True)`` is differentiable in ``theta`` and ``z*``).
         name: the estimator, for the message that refuses third derivatives.
     """
-    if not torch.is_grad_enabled() or (forward_mode_active() and peek_interpreter_stack() is not None):
-        return z_star  # (inside torch.func.jvp/jacfwd no reverse graph can be built; the tangent comes after)
+    if not torch.is_grad_enabled():
+        return z_star
+    if peek_interpreter_stack() is not None:  # torch.func.jvp/jacfwd: a first-order graph (the tangent after)
+        return attach_reverse(f, z_star, rule, IN_TRANSFORM_MESSAGE.format(name=name))
     lin0 = Linearization(f, z_star)
     if not lin0.reaches_beyond_z():
         return z_star

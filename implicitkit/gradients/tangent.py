@@ -39,6 +39,11 @@ def under_vmap() -> bool:
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
+def under_reverse_transform() -> bool:
+    """Some ``torch.func.grad``, ``vjp`` or ``jacrev`` (functorch's reverse mode) is transforming the call."""
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+
+
 def primal(x: Tensor) -> Tensor:
     """``x`` without its tangent (a view that keeps its reverse-mode graph)."""
     return fwAD.unpack_dual(x).primal if forward_mode_active() else x
@@ -57,11 +62,24 @@ REVERSE_THROUGH_TANGENT_MESSAGE = (
 
 
 class _NoReverse(torch.autograd.Function):
-    """The tangent as it is, in a graph whose backward refuses (see REVERSE_THROUGH_TANGENT_MESSAGE)."""
+    """The tangent as it is, in a graph whose backward refuses (see REVERSE_THROUGH_TANGENT_MESSAGE).
+
+    With ``setup_context`` and a ``jvp`` rule (no tangent of the tangent) it also runs inside ``torch.func``.
+    """
+
+    generate_vmap_rule = True  # jacfwd is vmap of jvp
 
     @staticmethod
-    def forward(ctx, t: Tensor, *anchors: Tensor) -> Tensor:
+    def forward(t: Tensor, *anchors: Tensor) -> Tensor:
         return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.shape_of = inputs[0]
+
+    @staticmethod
+    def jvp(ctx, *tangents: Tensor | None) -> Tensor:
+        return torch.zeros_like(ctx.shape_of)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
@@ -127,11 +145,12 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
 
     with torch.no_grad():
         t = rule(b, jvp)
-    anchors = [primal(y) for y in fz_leaves if y.requires_grad]
-    if torch.is_grad_enabled() and anchors and peek_interpreter_stack() is None:
+    in_transform = peek_interpreter_stack() is not None  # where tensors report requires_grad=False
+    anchors = [primal(y) for y in fz_leaves if y.requires_grad or in_transform]
+    if torch.is_grad_enabled() and anchors:
         t = _NoReverse.apply(t, *anchors)  # a loss on the tangent must not lose its path silently
     t_leaves, _ = leaves_of(unflatten(t, spec))
     out_leaves, out_treespec = leaves_of(out)
     return out_treespec.unflatten(
-        [fwAD.make_dual(y, w.to(y.dtype)) for y, w in zip(out_leaves, t_leaves, strict=True)]
+        [fwAD.make_dual(primal(y), w.to(y.dtype)) for y, w in zip(out_leaves, t_leaves, strict=True)]
     )

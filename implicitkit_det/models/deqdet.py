@@ -155,8 +155,11 @@ class DEQDet(QueryDetector):
         image_sizes: Tensor,
         steps: int,
         capture: Sequence[int] = (),
+        *,
+        perturbed: bool = True,
     ) -> ik.Solution:
-        """Exactly ``steps`` undamped, no-grad iterations of ``F`` from ``sg(y0)``, perturbed in training.
+        """Exactly ``steps`` undamped, no-grad iterations of ``F`` from ``sg(y0)``, perturbed in training
+        (unless `perturbed` is false: inference never is, whatever the mode).
 
         ``sol.last`` is ``F^steps(y0)``; ``sol.path[i]`` is the RAG branch ``F^k(sg(y_i))`` of the ``i``-th
         captured step, built when read (with its graph when autograd is on).
@@ -167,7 +170,7 @@ class DEQDet(QueryDetector):
             # A fixed count only fails on NaN, which the training loop's loss check already reports.
             solver=ik.FixedPointIteration(tol=None, max_iter=steps, on_failure="report"),
             gradient=self.gradient,
-            perturbation=self.perturbation if self.training else None,
+            perturbation=self.perturbation if self.training and perturbed else None,
             capture=capture,
         )
 
@@ -244,7 +247,7 @@ class DEQDet(QueryDetector):
             self.last_steps = torch.zeros(batch, dtype=torch.int64, device=image_sizes.device)
             return self.init_layer.predict(state, image_sizes)
         if self.test_tol is None:
-            state = self.solve(state, features, image_sizes, self.test_steps).last
+            state = self.solve(state, features, image_sizes, self.test_steps, perturbed=False).last
             self.last_steps = torch.full(
                 (batch,), self.test_steps, dtype=torch.int64, device=image_sizes.device
             )

@@ -201,6 +201,19 @@ def test_rap_is_off_in_eval_and_reproducible_with_a_generator():
         assert model(images, targets, mask=mask)["rag_s20_loss"] != losses(0)
 
 
+@pytest.mark.parametrize("deq_tol", [None, 1e-3], ids=["fixed steps", "early exit"])
+def test_predict_in_training_mode_is_never_perturbed(deq_tol):
+    """RAP perturbs the training branches only: predict() gives the eval-mode outputs in either mode."""
+    images, mask, _ = batch()
+    model = tiny(backbone_norm="frozen")  # no batch statistics: the modes differ only by what RAP does
+    model.perturbation = RAP(1.0, 0.5, 1.0, 25.0)
+    model.test_tol = deq_tol
+    with torch.no_grad():
+        reference = model.eval().predict(images, mask=mask)
+        in_training = model.train().predict(images, mask=mask)
+    torch.testing.assert_close(in_training, reference, rtol=0, atol=0)
+
+
 def test_training_losses_do_not_depend_on_the_grad_mode():
     images, mask, targets = batch()
     model = tiny()

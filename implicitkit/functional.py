@@ -15,6 +15,7 @@ from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
 from .solution import Path, Solution
 from .solvers import Anderson, Solver, SolveResult
+from .solvers.loop import check_capture
 from .stats import Result, SolverStats, apply_failure_policy
 
 __all__ = ["Perturbation", "fixed_point"]
@@ -78,10 +79,14 @@ def fixed_point(
     def attach(step):
         return gradient.attach_result(f_state, result, step, spec, backward_stats.append)
 
+    grad_enabled = torch.is_grad_enabled()
+
     def value_and_aux():
-        if f_aux is None:
-            return attach(None), None
-        return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
+        # under the grad mode of the call, not of the first read (a no-grad log line must not drop the graph)
+        with torch.set_grad_enabled(grad_enabled):
+            if f_aux is None:
+                return attach(None), None
+            return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
 
     def attach_stacked(f_stacked):
         steps = sorted(result.captured)
@@ -123,7 +128,11 @@ def _solve_flat(
     (the one place a solve's failures raise or warn)."""
 
     def f_flat(z: Tensor) -> Tensor:
-        return flatten(f(unflatten(z, spec)), spec)
+        version = z._version  # the state's leaves are views of the solver's own iterate
+        fz = flatten(f(unflatten(z, spec)), spec)
+        if z._version != version:
+            raise RuntimeError(IN_PLACE_MESSAGE)
+        return fz
 
     flat_perturbation = None
     if perturbation is not None:
@@ -137,6 +146,13 @@ def _solve_flat(
         )
     apply_failure_policy(solver.on_failure, result.stats)
     return result
+
+
+IN_PLACE_MESSAGE = (
+    "The cell changed its input state in place (e.g. `z += ...` or `z.mul_(...)`): the state it receives is "
+    "the solver's own iterate, so the residual would read 0 and the solve stop at once, wrongly converged. "
+    "Return a new tensor instead (`z = z + ...`)."
+)
 
 
 def _refuse_vmap() -> None:
@@ -201,7 +217,7 @@ def _empty_solution(
         divergence_factor=solver.divergence_factor,
         solver=type(solver).__name__,
     )
-    steps = sorted({int(k) for k in capture})
+    steps = check_capture(capture, solver.max_iter)
     aux = None if f_aux is None else f_aux(z0)[1]
     return Solution(
         stats, z0, Path(steps, lambda k: z0, make_states=lambda: [z0] * len(steps)), _value=z0, _aux=aux

@@ -39,9 +39,10 @@ class GaussianPerturbation:
     Arguments:
         prob: probability that a step is perturbed.
         scale: ``s`` in ``[0, 1]``; 0 leaves the state untouched, 1 replaces it by noise of the same norm.
-        leaves: which leaves of a structured state to perturb, default all. Each entry is a top-level key or
+        leaves: which leaves of a structured state to perturb, default all. A selector is a top-level key or
             index (``1`` for the second tensor of a tuple, ``"content"`` for a dict) or a tuple of them, the
-            path to a leaf or a subtree (``("query", "content")``).
+            path to a leaf or a subtree (``("query", "content")``, ``(0, 0)``); several selectors go in a
+            list (``["boxes", ("query", "content")]``).
         dim: the dimension(s) of the norm; default the last.
         generator: source of randomness, for reproducible paths; default the global generator. Draws are
             made on the generator's device.
@@ -62,11 +63,12 @@ class GaussianPerturbation:
             raise ValueError(f"prob must lie in [0, 1], got {prob}.")
         if not 0.0 <= scale <= 1.0:
             raise ValueError(f"scale must lie in [0, 1], got {scale}.")
-        if leaves is not None and (isinstance(leaves, (str, int)) or not isinstance(leaves, Collection)):
+        one = _is_path(leaves) or isinstance(leaves, str | int) or not isinstance(leaves, Collection)
+        if leaves is not None and one:  # a tuple of keys is one path, not several top-level keys
             leaves = [leaves]
         if leaves is not None and len(leaves) == 0:
             raise ValueError(
-                "leaves=[] perturbs nothing; pass None for every leaf, or prob=0 to turn it off."
+                f"leaves={leaves!r} perturbs nothing; pass None for every leaf, or prob=0 to turn it off."
             )
         self._dims = (dim,) if isinstance(dim, int) else tuple(dim)
         if 0 in self._dims:
@@ -120,6 +122,13 @@ class GaussianPerturbation:
 
     def __repr__(self) -> str:
         return f"GaussianPerturbation(prob={self.prob}, scale={self.scale}, leaves={self.leaves}, dim={self.dim})"
+
+
+def _is_path(selector: object) -> bool:
+    """A non-empty tuple of keys/indices: one path into a nested state (``("query", "content")``)."""
+    return (
+        isinstance(selector, tuple) and len(selector) > 0 and all(isinstance(k, str | int) for k in selector)
+    )
 
 
 def _leaf_paths(state: State) -> tuple[list[tuple], pytree.TreeSpec]:

@@ -141,8 +141,9 @@ class Solution:
 
     Attributes:
         value: the best iterate (lowest residual) passed through the gradient estimator: same structure as
-            ``z0``, with the estimator's gradient when autograd is on. Built when first read (and then kept),
-            so a caller that only needs ``last`` or ``path`` never pays for it.
+            ``z0``, with the estimator's gradient when autograd was on at the call. Built when first read
+            (and then kept), so a caller that only needs ``last`` or ``path`` never pays for it; the grad mode
+            is the call's, whatever the mode of the read.
         last: the final iterate as the solver left it, without an estimator: detached, except under
             :class:`~implicitkit.Unrolled`. With ``tol=None`` it is exactly the ``max_iter``-th iterate.
         stats: the forward solve's :class:`~implicitkit.SolverStats` (per-sample ``nstep``, ``residual``,

@@ -192,15 +192,17 @@ def warn_at_call_site(message: str, key: tuple = ()) -> None:
     """Issue a :class:`FixedPointWarning` attributed to the first frame outside implicitkit and torch.
 
     Shown once per call site and ``key`` (the kinds of failure), whatever the counts in the text, unless a
-    warnings filter asks for every occurrence (``"always"``, ``"error"``, as ``pytest.warns`` does).
+    warnings filter asks for every occurrence (``"always"``, ``"error"``, as ``pytest.warns`` does). A call
+    under an ``"ignore"`` filter shows nothing and so does not use up the site.
     """
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
     site = (frame.f_code.co_filename, frame.f_lineno, key)
-    if site in _WARNED and _filter_action(message, frame) not in ("always", "error"):
+    action = _filter_action(message, frame)
+    if action == "ignore" or (site in _WARNED and action not in ("always", "error")):
         return
-    _WARNED.add(site)
+    _WARNED.add(site)  # only now: the warning is issued
     warnings.warn(message, FixedPointWarning, stacklevel=level)
 
 

@@ -55,6 +55,28 @@ def test_running_out_of_products_is_reported():
     assert (stats.result == ik.Result.max_steps_reached).all() and (stats.nstep == 2).all()
 
 
+def test_gmres_flags_a_nonfinite_sample_and_solves_the_others():
+    """Sample 0's right-hand side is NaN; sample 1's operator turns NaN at the second product, mid-cycle.
+
+    One cycle holds all 8 products (``restart = max_iter = 8``), so the healthy samples are solved only if
+    the cycle still updates them after sample 1 went bad; ``lstsq`` must see no NaN from samples 0 and 1.
+    """
+    a = batch_of_matrices(4, 8)
+    b = torch.randn(4, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    b[0, 0] = float("nan")
+    calls = []
+
+    def apply(v):
+        calls.append(None)
+        out = (a @ v[..., None]).squeeze(-1)
+        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]) if len(calls) >= 3 else out
+
+    x, stats = ik.GMRES(tol=1e-10, restart=8, max_iter=8).solve(apply, b)
+    torch.testing.assert_close(x[2:], torch.linalg.solve(a[2:], b[2:]), rtol=1e-9, atol=1e-10)
+    assert stats.result.tolist() == [ik.Result.nonfinite] * 2 + [ik.Result.successful] * 2
+    assert stats.nstep[:2].tolist() == [1, 2] and torch.isfinite(x[1:]).all()
+
+
 def tanh_problem(dim: int = 5, scale: float = 0.6, seed: int = 3):
     gen = torch.Generator().manual_seed(seed)
     w = (scale * torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5).requires_grad_()
@@ -89,6 +111,25 @@ def test_ift_with_a_linear_solver_equals_the_dense_gradient(name):
     torch.testing.assert_close(gw, want_w, rtol=1e-8, atol=1e-10)
     (stats,) = sol.backward_stats
     assert stats.solver == f"IFT adjoint ({name})" and stats.converged.all() and not stats.fell_back.any()
+
+
+def test_ift_with_gmres_gives_finite_gradients_beside_a_nan_sample():
+    """A NaN input for sample 0: the other samples' gradients are the dense ones, only sample 0 is flagged."""
+    w, x = tanh_problem()
+    x = x.detach().clone()
+    x[0, 0] = float("nan")
+    x.requires_grad_()
+    sol = ik.fixed_point(
+        lambda z: torch.tanh(z @ w.T + x),
+        torch.zeros_like(x.detach()),
+        solver=ik.Anderson(tol=1e-13, max_iter=200, on_failure="report"),
+        gradient=ik.IFT(ik.GMRES(tol=1e-12, max_iter=200), on_failure="report"),
+    )
+    (gx,) = torch.autograd.grad(sol.value.sum(), x)
+    want_x, _ = dense_gradients(w, x[1:], sol.value[1:])
+    torch.testing.assert_close(gx[1:], want_x, rtol=1e-8, atol=1e-10)
+    (stats,) = sol.backward_stats
+    assert stats.result.tolist() == [ik.Result.nonfinite] + [ik.Result.successful] * 3
 
 
 def test_gmres_solves_the_adjoint_where_the_fixed_point_adjoint_diverges():

@@ -150,6 +150,22 @@ def test_chooses_leaves_of_a_structured_state():
     assert out["extra"] is other and not torch.equal(out["query"]["box"], box)
 
 
+def test_a_tuple_of_keys_is_one_path_and_a_list_several_selectors():
+    """``(0, 0)`` on ``((content, pos), boxes)`` is the path to content, not index 0 named twice."""
+    content, pos, boxes = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+    out = ik.GaussianPerturbation(prob=1.0, leaves=(0, 0))(((content, pos), boxes), 1)
+    assert out[0][1] is pos and out[1] is boxes and not torch.equal(out[0][0], content)
+
+    state = {"query": {"content": content, "pos": pos}, "boxes": boxes}
+    out = ik.GaussianPerturbation(prob=1.0, leaves=("query", "content"))(state, 1)
+    assert out["query"]["pos"] is pos and out["boxes"] is boxes
+    assert not torch.equal(out["query"]["content"], content)
+
+    out = ik.GaussianPerturbation(prob=1.0, leaves=["boxes", ("query", "pos")])(state, 1)
+    assert out["query"]["content"] is content
+    assert not torch.equal(out["query"]["pos"], pos) and not torch.equal(out["boxes"], boxes)
+
+
 def test_unknown_leaf_names_the_available_ones():
     with pytest.raises(ValueError, match=r"names 'contnet'.*\('query', 'content'\)"):
         ik.GaussianPerturbation(leaves="contnet")({"query": {"content": torch.ones(2, 3)}}, 1)

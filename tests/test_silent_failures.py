@@ -254,3 +254,43 @@ def test_forward_mode_runs_the_solve_on_primals(gradient):
             torch.func.jacfwd(solve)(x)
     else:
         assert torch.func.jacfwd(solve)(x).shape == (2, 4, 2, 4)
+
+
+# -- a cell that writes into its input state ------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("structured", [False, True], ids=["tensor", "dict"])
+def test_a_cell_that_changes_its_input_in_place_is_refused(name, structured):
+    """``z += ...`` overwrote the solver's iterate: the residual read 0 and every sample 'converged' at once."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+    def damped_in_place(z):
+        z += 0.5 * (torch.tanh(0.5 * z + x) - z)
+        return z
+
+    f = (lambda s: {"z": damped_in_place(s["z"])}) if structured else damped_in_place
+    z0 = {"z": torch.zeros(4, 8)} if structured else torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match=r"changed its input state in place.*z = z \+"):
+        ik.fixed_point(f, z0, solver=SOLVERS[name](tol=1e-5, max_iter=50))
+
+
+# -- the value follows the grad mode of the call ---------------------------------------------------------------
+@pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.Neumann(3)], ids=repr)
+def test_the_value_keeps_the_grad_mode_of_the_call_not_of_its_first_read(gradient):
+    """Read first under no_grad (a log line), the value once kept no graph: the loss lost its gradient."""
+    gen = torch.Generator().manual_seed(0)
+    w = (0.3 * torch.randn(6, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+
+    def solve():
+        return ik.fixed_point(lambda z: torch.tanh(z @ w.T + x), torch.zeros(3, 6, dtype=torch.float64),
+                              solver=ik.Anderson(tol=1e-12, max_iter=100), gradient=gradient)  # fmt: skip
+
+    (want,) = torch.autograd.grad(solve().value.square().sum(), w)
+    sol = solve()
+    with torch.no_grad():
+        sol.value.norm()  # logged first
+    (got,) = torch.autograd.grad(sol.value.square().sum(), w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        quiet = solve()
+    assert not quiet.value.requires_grad  # solved without autograd: no graph built when read with it

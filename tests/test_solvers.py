@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -206,3 +208,40 @@ def test_capture_returns_states_after_requested_steps():
     with torch.no_grad():
         got = {k: float(z) for k, z in zip(sol.path.steps, sol.path)}
     assert got == expected
+
+
+def test_a_warning_ignored_once_still_shows_when_the_filter_allows_it():
+    """The first failing solve runs under "ignore": it shows nothing, so it must not use up the call site."""
+
+    def solve() -> None:
+        ik.fixed_point(lambda z: 0.99 * z + 1.0, torch.zeros(2, 3), solver=ik.FixedPointIteration(max_iter=3))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        solve()
+        warnings.simplefilter("default")
+        solve()
+        solve()  # shown once per call site under "default"
+    assert [w.category for w in caught] == [ik.FixedPointWarning]
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "bad"),
+    [
+        (lambda v: ik.FixedPointIteration(max_iter=v), "max_iter", 2.9),  # was 2 steps
+        (lambda v: ik.Anderson(max_iter=v), "max_iter", True),  # was 1 step
+        (lambda v: ik.Anderson(m=v), "m", 1.9),  # was m=1
+        (lambda v: ik.Broyden(m=v), "m", 2.5),
+        (lambda v: ik.Neumann(k=v), "k", 0.5),  # was k=0: plain JFB
+        (lambda v: ik.Phantom(k=v), "k", 2.25),
+        (lambda v: ik.RAG(k=v), "k", 1.5),
+        (lambda v: ik.GMRES(restart=v), "restart", 2.5),
+        (lambda v: ik.fixed_point(lambda z: 0.5 * z, torch.zeros(2, 3), capture=(v,)), "capture step", 2.5),
+    ],
+)
+def test_a_count_takes_whole_numbers_and_refuses_anything_else(make, name, bad):
+    make(np.int64(2))  # numpy and torch integer scalars are counts, and whole floats (1e3)
+    make(torch.tensor(2))
+    make(2.0)
+    with pytest.raises(TypeError, match=rf"{name} must be a whole number, got {bad!r}"):
+        make(bad)

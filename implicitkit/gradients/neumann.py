@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .._settings import as_count
 from .._tree import State
 from .adjoint import attach_adjoint
 from .base import VJP, Map, PolynomialAdjoint, Recorder
@@ -31,9 +32,10 @@ class Neumann(PolynomialAdjoint):
     """
 
     def __init__(self, k: int = 5, *, second_order: bool = False) -> None:
+        k = as_count("k", k)
         if k < 0:
             raise ValueError(f"Neumann needs k >= 0 terms, got {k}.")
-        self.k = int(k)
+        self.k = k
         self.second_order = bool(second_order)
 
     def adjoint_vector(self, g: Tensor, vjp: VJP) -> Tensor:

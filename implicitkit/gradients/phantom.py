@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._settings import as_count
 from .._tree import State, tree_map
 from .base import AuxMap, GradientEstimator, LastAux, Map, Recorder
 
@@ -23,11 +24,12 @@ class Phantom(GradientEstimator):
     """
 
     def __init__(self, k: int = 5, tau: float = 0.5) -> None:
+        k = as_count("k", k)
         if k < 1:
             raise ValueError(f"Phantom needs k >= 1 unrolled steps, got {k}.")
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must lie in (0, 1], got {tau}.")
-        self.k, self.tau = int(k), float(tau)
+        self.k, self.tau = k, float(tau)
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         z = tree_map(lambda x: x.detach(), z_star)

@@ -14,7 +14,7 @@ from torch import Tensor
 from .._tree import State, StateSpec, flatten, unflatten
 from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
-from ..solvers.loop import FlatMap, FlatPerturbation
+from ..solvers.loop import FlatMap, FlatPerturbation, check_capture
 from .base import AuxMap, GradientEstimator, Map, Recorder
 from .tangent import carries_tangent
 
@@ -98,7 +98,7 @@ class Reversible(GradientEstimator):
             y = torch.lerp(y, f(z), beta)
             return torch.cat([y, torch.lerp(z, f(y), beta)], dim=1)
 
-        capture = {int(k) for k in capture}
+        capture = set(check_capture(capture, solver.max_iter))
         every = self.checkpoint_every
         checkpoints = set(range(every, solver.max_iter, every)) if every else set()
         with torch.no_grad():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._settings import as_count
 from .per_solve import OncePerSolve
 from .weight_norm import _check_unchanged, _weight_dim
 
@@ -67,7 +68,7 @@ class SpectralNorm(OncePerSolve):
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}.")
         self.dim = _weight_dim(weight, dim)
-        self.n_power_iterations = int(n_power_iterations)
+        self.n_power_iterations = as_count("n_power_iterations", n_power_iterations)
         self.eps = eps
         matrix = _as_matrix(weight.detach(), self.dim)
         u = F.normalize(matrix.new_empty(matrix.shape[0]).normal_(), dim=0, eps=eps)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._settings import settings_repr
+from .._settings import as_count, settings_repr
 from ..stats import Result, SolverStats
 
 Operator = Callable[[Tensor], Tensor]  # x [B, D] -> A x [B, D], each sample its own matrix
@@ -36,7 +36,7 @@ class LinearSolver(ABC):
             raise ValueError(f"tol must be non-negative, got {tol}.")
         if max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {max_iter}.")
-        self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
+        self.tol, self.max_iter, self.stop_mode = float(tol), as_count("max_iter", max_iter), stop_mode
 
     @abstractmethod
     def solve(

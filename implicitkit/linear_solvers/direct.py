@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._settings import as_count
 from ..stats import SolverStats
 from .base import LinearSolver, Operator
 
@@ -23,7 +24,7 @@ class DirectSolve(LinearSolver):
 
     def __init__(self, *, max_size: int = 2048, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.max_size = int(max_size)
+        self.max_size = as_count("max_size", max_size)
 
     def solve(
         self, apply: Operator, b: Tensor, *, apply_transposed: Operator | None = None

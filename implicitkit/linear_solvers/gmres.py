@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._settings import as_count
 from ..stats import SolverStats
 from .base import LinearSolver, Operator
 
@@ -14,7 +15,8 @@ class GMRES(LinearSolver):
 
     The Arnoldi basis is built with modified Gram-Schmidt for all samples at once; after each product every
     sample's small least-squares problem ``min_y ||beta e_1 - H y||`` gives its residual, and a sample whose
-    residual met ``tol`` keeps its solution from then on (it is not moved by the others' iterations). Unlike
+    residual met ``tol`` keeps its solution from then on (it is not moved by the others' iterations); one whose
+    data turn NaN or inf is stopped with its last finite iterate and reported as ``nonfinite``. Unlike
     the adjoint as a fixed point (``u = u J + g``), GMRES converges whenever ``I - J`` is invertible, also when
     ``J`` has eigenvalues on or outside the unit circle, in at most ``D`` products without restarts.
 
@@ -27,9 +29,10 @@ class GMRES(LinearSolver):
 
     def __init__(self, *, restart: int = 20, **kwargs) -> None:
         super().__init__(**kwargs)
+        restart = as_count("restart", restart)
         if restart < 1:
             raise ValueError(f"restart must be at least 1, got {restart}.")
-        self.restart = int(restart)
+        self.restart = restart
 
     def solve(
         self, apply: Operator, b: Tensor, *, apply_transposed: Operator | None = None
@@ -38,17 +41,21 @@ class GMRES(LinearSolver):
         b_norm = torch.linalg.vector_norm(b, dim=1)
         x = torch.zeros_like(b)
         nstep = torch.zeros(batch, dtype=torch.long, device=b.device)
-        done = self.residual(b, b_norm) <= self.tol
-        trace: list[Tensor] = []
+        trace = [self.residual(b, b_norm)]  # the residual of x = 0; dropped below unless nothing ran
+        done = trace[0] <= self.tol
         products = 0
         while products < self.max_iter and not bool(done.all()):
             x, products = self._cycle(apply, b, b_norm, x, done, nstep, trace, products)
-        if not trace:  # every right-hand side was already solved by x = 0
-            trace.append(self.residual(b, b_norm))
-        return x, self.stats(trace, nstep)
+        return x, self.stats(trace[1:] or trace, nstep)
 
     def _cycle(self, apply, b, b_norm, x, done, nstep, trace, products):
-        """One restart cycle of at most ``m`` products; updates ``done``, ``nstep`` and ``trace`` in place."""
+        """One restart cycle of at most ``m`` products; updates ``done``, ``nstep`` and ``trace`` in place.
+
+        A sample whose data turn NaN or inf (right-hand side, residual or a Hessenberg column) is reported
+        with a NaN residual and marked done; the least-squares problems of done samples are replaced by the
+        finite ``min ||0 - [I; 0] y||`` (``y = 0``), so one bad sample neither breaks ``lstsq`` for the batch
+        nor moves the others.
+        """
         r = b - apply(x)
         beta = torch.linalg.vector_norm(r, dim=1)
         tiny = torch.finfo(b.dtype).tiny
@@ -56,6 +63,8 @@ class GMRES(LinearSolver):
         h = b.new_zeros(b.shape[0], self.restart + 1, self.restart)
         rhs = b.new_zeros(b.shape[0], self.restart + 1)
         rhs[:, 0] = beta
+        finite = torch.isfinite(beta)
+        eye = torch.eye(self.restart + 1, self.restart, dtype=b.dtype, device=b.device)
         y = None
         for j in range(min(self.restart, self.max_iter - products)):
             w = apply(basis[j])
@@ -65,20 +74,26 @@ class GMRES(LinearSolver):
             h[:, j + 1, j] = torch.linalg.vector_norm(w, dim=1)
             basis.append(w / h[:, j + 1, j].clamp_min(tiny)[:, None])
             products += 1
-            y = torch.linalg.lstsq(h[:, : j + 2, : j + 1], rhs[:, : j + 2, None]).solution
+            active = ~done
+            finite &= torch.isfinite(h[:, : j + 2, j]).all(dim=1)
+            solvable = (active & finite)[:, None]
+            y = torch.linalg.lstsq(
+                torch.where(solvable[:, :, None], h[:, : j + 2, : j + 1], eye[: j + 2, : j + 1]),
+                torch.where(solvable, rhs[:, : j + 2], 0.0)[:, :, None],
+            ).solution
             residual_norm = torch.linalg.vector_norm(
                 rhs[:, : j + 2] - (h[:, : j + 2, : j + 1] @ y).squeeze(-1), dim=1
             )
             res = residual_norm if self.stop_mode == "abs" else residual_norm / b_norm.clamp_min(tiny)
-            active = ~done
+            res = res.masked_fill(~finite, float("nan"))
             nstep += active.long()
-            trace.append(torch.where(active, res, trace[-1] if trace else res))
+            trace.append(torch.where(active, res, trace[-1]))
             newly = active & (res <= self.tol)
             if bool(newly.any()):  # freeze the samples that are solved now
                 step = torch.stack(basis[: j + 1], dim=2) @ y
                 x = torch.where(newly[:, None], x + step.squeeze(-1), x)
-                done |= newly
-            if bool(done.all()) or not bool(torch.isfinite(res[~done]).all()):
+            done |= newly | ~finite
+            if bool(done.all()):
                 return x, products
         if y is not None:
             step = (torch.stack(basis[: y.shape[1]], dim=2) @ y).squeeze(-1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._settings import as_count
 from .base import Solver, replace_row
 
 
@@ -44,6 +45,7 @@ class Anderson(Solver):
 
     def __init__(self, *, m: int = 5, beta: float = 1.0, lam: float = 1e-4, **kwargs) -> None:
         super().__init__(**kwargs)
+        m = as_count("m", m)
         if m < 1:
             raise ValueError(f"history size m must be at least 1, got {m}.")
         if not 0.0 < beta <= 1.0:
@@ -51,7 +53,7 @@ class Anderson(Solver):
         # NaN or inf empties the least-squares step; a negative lam makes it indefinite.
         if not 0.0 <= lam < math.inf:
             raise ValueError(f"lam must be a finite number >= 0 (the default 1e-4), got {lam}.")
-        self.m, self.beta, self.lam = int(m), float(beta), float(lam)
+        self.m, self.beta, self.lam = m, float(beta), float(lam)
 
     def init(self, z0: Tensor) -> _AndersonMemory:
         batch, dim = z0.shape

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._settings import public_settings, settings_repr
+from .._settings import as_count, public_settings, settings_repr
 from ..stats import FAILURE_POLICIES, apply_failure_policy
 from .loop import FlatMap, FlatPerturbation, SolveResult, iterate
 
@@ -85,6 +85,7 @@ class Solver(ABC, metaclass=_Frozen):
     ) -> None:
         if stop_mode not in _STOP_MODES:
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.")
+        max_iter = as_count("max_iter", max_iter)
         if max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {max_iter}.")
         if tol is not None and not tol >= 0:
@@ -97,7 +98,7 @@ class Solver(ABC, metaclass=_Frozen):
                 f"divergence_factor must be above 1 (inf: never diverged), got {divergence_factor}."
             )
         self.tol = None if tol is None else float(tol)
-        self.max_iter = int(max_iter)
+        self.max_iter = max_iter
         self.stop_mode = stop_mode
         self.on_failure = "raise" if throw else on_failure
         self.divergence_factor = float(divergence_factor)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._settings import as_count
 from .base import Solver, replace_row
 
 
@@ -59,9 +60,10 @@ class Broyden(Solver):
 
     def __init__(self, *, m: int = 20, **kwargs) -> None:
         super().__init__(**kwargs)
+        m = as_count("m", m)
         if m < 1:
             raise ValueError(f"memory m must be at least 1, got {m}.")
-        self.m = int(m)
+        self.m = m
 
     def init(self, z0: Tensor) -> _InverseJacobian:
         batch, dim = z0.shape

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .._settings import as_count
 from ..stats import Result, SolverStats
 
 FlatMap = Callable[[Tensor], Tensor]
@@ -90,7 +91,7 @@ def iterate(
     Returns:
         A :class:`SolveResult`.
     """
-    capture = _check_capture(capture, solver.max_iter)
+    capture = check_capture(capture, solver.max_iter)
     fixed_count = solver.tol is None
     # A host read per step costs nothing on the CPU, which computes synchronously anyway, and it lets plain
     # norms be checked for overflow. On an accelerator a fixed count reads nothing back (the device stays
@@ -469,8 +470,9 @@ def _overflowed(active: Tensor, res: Tensor, fz_norm: Tensor, z: Tensor, fz: Ten
     return bool(finite.any())
 
 
-def _check_capture(capture: Iterable[int], max_iter: int) -> list[int]:
-    steps = sorted({int(k) for k in capture})
+def check_capture(capture: Iterable[int], max_iter: int) -> list[int]:
+    """The distinct capture steps, ascending; each an integer in ``[1, max_iter]``."""
+    steps = sorted({as_count("each capture step", k) for k in capture})
     if steps and (steps[0] < 1 or steps[-1] > max_iter):
         raise ValueError(
             f"capture steps must lie in [1, max_iter={max_iter}], got {steps}; raise max_iter or drop the "

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
-__all__ = ["HungarianMatcher", "focal_cost"]
+__all__ = ["HungarianMatcher", "check_targets", "focal_cost"]
 
 
 def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -106,6 +106,7 @@ class HungarianMatcher(nn.Module):
         # One cost matrix over all targets of the batch, moved to the CPU at once, then split per image.
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         tgt_boxes = torch.cat([t["boxes_normalized"] for t in targets]).to(boxes.device)
+        check_targets(labels, tgt_boxes, logits.shape[-1], sizes, targets)
         bsz, n = logits.shape[:2]
         cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, tgt_boxes)
         cost = cost.view(bsz, n, -1).cpu()
@@ -138,3 +139,34 @@ def _non_finite_cost(
         f"{bool(torch.isfinite(targets[b]['boxes_normalized']).all())}. The model has likely "
         "diverged: lower the learning rate or check the inputs."
     )
+
+
+def check_targets(
+    labels: Tensor, boxes: Tensor, num_classes: int, sizes: list[int], targets: Sequence[Mapping[str, Any]]
+) -> None:
+    """Refuse targets that would be matched and scored wrongly without an error: a label outside
+    ``0..num_classes-1`` (a negative one indexes from the end), or a box that is not normalised xyxy (corners
+    swapped, or in pixels). One check for the batch; the message names the first bad image."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"target labels must be integer class indices, got {labels.dtype}")
+    bad_label = (labels < 0) | (labels >= num_classes)
+    # Normalised by the image's size, a box lies in [0, 1]; the margin leaves room for boxes past the edge.
+    bad_box = (boxes[:, 2:] < boxes[:, :2]).any(dim=1) | (boxes.abs() > 2).any(dim=1)
+    if not bool((bad_label | bad_box).any()):
+        return
+    if bool(bad_label.any()):
+        raise ValueError(
+            f"target labels of {_image_of(bad_label, sizes, targets)} include "
+            f"{labels[bad_label].unique().tolist()}, outside 0..{num_classes - 1}: labels are class indices "
+            "of the model's classifier (num_classes), not category ids"
+        )
+    raise ValueError(
+        f"target boxes_normalized of {_image_of(bad_box, sizes, targets)} include {boxes[bad_box][0].tolist()}: "
+        "boxes must be xyxy (x0 <= x1, y0 <= y1) divided by the image's (w, h, w, h), not pixels or cxcywh"
+    )
+
+
+def _image_of(bad: Tensor, sizes: list[int], targets: Sequence[Mapping[str, Any]]) -> str:
+    """The image that holds the first flagged target, by its place in the batch and its ``image_id``."""
+    image = int(np.searchsorted(np.cumsum(sizes), int(bad.nonzero()[0]), side="right"))
+    return f"image {image} (image_id {targets[image].get('image_id')})"

@@ -129,3 +129,35 @@ def test_batch_size_mismatch():
         HungarianMatcher()(
             {"pred_logits": torch.zeros(2, 3, 2), "pred_boxes": torch.zeros(2, 3, 4)}, [target([], [])]
         )
+
+
+@pytest.mark.parametrize(
+    ("labels", "boxes", "error", "message"),
+    [
+        (
+            [-1],
+            [0.1, 0.1, 0.4, 0.5],
+            ValueError,
+            r"labels of image 1 .* include \[-1\], outside 0\.\.4",
+        ),  # was C-1
+        ([5], [0.1, 0.1, 0.4, 0.5], ValueError, r"include \[5\], outside 0\.\.4.*not category ids"),
+        ([4], [0.4, 0.5, 0.1, 0.1], ValueError, r"boxes_normalized of image 1 .*x0 <= x1"),  # corners swapped
+        ([4], [9.6, 9.6, 38.4, 48.0], ValueError, r"not pixels"),  # scored as a huge box
+        ([4.0], [0.1, 0.1, 0.4, 0.5], TypeError, r"integer class indices"),
+    ],
+    ids=["negative label", "label = classes", "swapped corners", "pixels", "float label"],
+)
+def test_targets_that_would_be_scored_wrongly_are_refused(labels, boxes, error, message):
+    """Through the criterion, as training meets them: the second image's target is the bad one."""
+    from implicitkit_det.losses import SetCriterion
+
+    outputs = {
+        "pred_logits": torch.zeros(2, 3, 5),
+        "pred_boxes": torch.tensor([0.1, 0.1, 0.4, 0.5]).repeat(2, 3, 1),
+    }
+    good = target([1], [0.2, 0.2, 0.6, 0.6])
+    bad = {"labels": torch.tensor(labels), "boxes_normalized": torch.tensor(boxes).reshape(-1, 4)}
+    with pytest.raises(error, match=message):
+        SetCriterion()(outputs, [good, bad])
+    edges = target([0, 4], [[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])  # whole image, a point: valid
+    assert torch.isfinite(SetCriterion()(outputs, [good, edges])["loss"])

@@ -181,6 +181,7 @@ class QueryDetector(nn.Module, ABC):
         if targets is not None and all("size" in t for t in targets):
             sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets])
         elif mask is not None:
+            _check_mask(mask, images)
             valid = ~mask
             sizes = torch.stack([valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)], dim=-1)
         else:
@@ -383,3 +384,23 @@ class _DeliverGradients(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         # One multi-tensor multiply (as torch's optimisers use), not one call per parameter.
         return (None, *torch._foreach_mul(grads, grad_output))
+
+
+def _check_mask(mask: Tensor, images: Tensor) -> None:
+    """Refuse a padding mask that would give wrong image sizes: not bool, another shape, or inverted."""
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a bool tensor, True on padding (as collate_detection makes it), got {mask.dtype}; "
+            "for a 0/1 'pixel_mask' that marks valid pixels pass mask=pixel_mask == 0"
+        )
+    if mask.shape != (images.shape[0], *images.shape[-2:]):
+        raise ValueError(
+            f"mask must be [B, H, W] = {[images.shape[0], *images.shape[-2:]]}, got {list(mask.shape)}"
+        )
+    # Images are padded at the bottom and right: the top-left pixel always belongs to the image.
+    inverted = mask[:, 0, 0]
+    if bool(inverted.any()):
+        raise ValueError(
+            f"mask is True at the top-left pixel of image {int(inverted.nonzero()[0])}: True must mark padding "
+            "(bottom and right), so this mask looks inverted (True = valid pixels); pass ~mask"
+        )

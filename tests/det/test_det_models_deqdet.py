@@ -81,6 +81,17 @@ def test_image_sizes_from_targets_mask_or_padding():
     torch.testing.assert_close(DEQDet.image_sizes(images), torch.tensor([[64.0, 96.0], [64.0, 96.0]]))
 
 
+def test_a_mask_that_would_give_wrong_sizes_is_refused():
+    """An inverted mask (True = valid, other libraries' pixel_mask) read as the whole padded size."""
+    images, mask, _ = batch()
+    with pytest.raises(ValueError, match=r"top-left pixel of image 0.*inverted.*~mask"):
+        DEQDet.image_sizes(images, mask=~mask)
+    with pytest.raises(TypeError, match=r"bool tensor, True on padding.*pixel_mask == 0"):
+        DEQDet.image_sizes(images, mask=(~mask).long())
+    with pytest.raises(ValueError, match=r"mask must be \[B, H, W\]"):
+        DEQDet.image_sizes(images, mask=mask[:, :32])
+
+
 def test_eval_returns_detections_in_original_pixels():
     model = tiny().eval()
     images, mask, targets = batch()

@@ -46,8 +46,8 @@ def fixed_point(
     Arguments:
         f: maps a state to a state of the same structure: a tensor ``[B, ...]`` or a tuple/list/dict of
             tensors whose first dimension is the batch ``B``. Samples must not interact inside ``f``.
-        z0: the starting state. An empty batch (``B = 0``) returns an empty solution without solving (with
-            ``has_aux``, ``f`` is called once on it, for its aux).
+        z0: the starting state. An empty batch (``B = 0``), or a state of no elements per sample, returns
+            ``z0`` without solving (with ``has_aux``, ``f`` is called once on it, for its aux).
         solver: default ``Anderson()``; ``tol=None`` on any solver is a fixed count of ``max_iter`` steps.
         gradient: default ``IFT()``.
         perturbation: ``(state, step) -> state`` applied before each solver step (steps count from 1); pass it
@@ -70,8 +70,8 @@ def fixed_point(
     f_aux = _pair_checked(f) if has_aux else None
     f_state = (lambda z: f_aux(z)[0]) if has_aux else f
     spec = spec_of(z0)
-    if spec.batch_size == 0:
-        return _empty_solution(z0, solver, capture, f_aux)
+    if spec.batch_size == 0 or sum(spec.sizes) == 0:  # nothing to solve for (e.g. zero queries)
+        return _empty_solution(z0, solver, capture, f_aux, spec.batch_size)
 
     result = _solve_flat(solver, gradient, f_state, z0, spec, perturbation, capture)
     backward_stats: list = []
@@ -198,19 +198,23 @@ def _pair_checked(f: Callable[[State], Any]) -> Callable[[State], tuple[State, A
 
 
 def _empty_solution(
-    z0: State, solver: Solver, capture: Iterable[int], f_aux: Callable[[State], tuple[State, Any]] | None
+    z0: State,
+    solver: Solver,
+    capture: Iterable[int],
+    f_aux: Callable[[State], tuple[State, Any]] | None,
+    batch: int,
 ) -> Solution:
-    """The solution of an empty batch: ``z0`` itself (with its structure) and zero-sized stats.
+    """The solution of a state without elements (``B = 0``, or ``B`` samples of no features): ``z0`` itself
+    (the only point there is), with its structure, and stats of ``B`` samples solved in 0 steps.
 
-    With ``has_aux`` the map is evaluated once on the empty state, for the aux of the empty batch.
+    With ``has_aux`` the map is evaluated once on the empty state, for its aux.
     """
     device = leaves_of(z0)[0][0].device
-    empty = torch.zeros(0, device=device)
     stats = SolverStats(
-        nstep=torch.zeros(0, dtype=torch.long, device=device),
-        residual=empty,
-        result=torch.full((0,), Result.successful, dtype=torch.int8, device=device),
-        trace=torch.zeros(0, 0, device=device),
+        nstep=torch.zeros(batch, dtype=torch.long, device=device),
+        residual=torch.zeros(batch, device=device),
+        result=torch.full((batch,), Result.successful, dtype=torch.int8, device=device),
+        trace=torch.zeros(0, batch, device=device),
         tol=solver.tol,
         stop_mode=solver.stop_mode,
         max_iter=solver.max_iter,

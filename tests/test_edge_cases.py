@@ -22,6 +22,16 @@ def test_empty_batch_returns_an_empty_solution(gradient):
     assert "empty batch" in sol.stats.summary()
 
 
+@pytest.mark.parametrize("solver", [ik.FixedPointIteration(), ik.Anderson(), ik.Broyden()], ids=repr)
+def test_samples_without_elements_are_solved_in_zero_steps(solver):
+    """Zero queries per image: every leaf is empty past the batch (the norms once failed on it)."""
+    state = {"content": torch.zeros(2, 0, 16), "boxes": torch.zeros(2, 0, 4)}
+    sol = ik.fixed_point(lambda s: {k: 0.5 * v for k, v in s.items()}, state, solver=solver, capture=(1,))
+    assert sol.value["content"].shape == (2, 0, 16) and sol.path[0]["boxes"].shape == (2, 0, 4)
+    assert sol.stats.nstep.tolist() == [0, 0] and sol.stats.all_converged
+    assert sol.stats.trace.shape == (0, 2)
+
+
 def test_vmap_is_refused_with_the_alternative():
     def solve(x):
         return ik.fixed_point(lambda z: 0.5 * z + x, torch.zeros_like(x)).value

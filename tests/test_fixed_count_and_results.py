@@ -138,3 +138,20 @@ def test_scaled_norm_matches_float64_where_float32_squares_overflow():
     torch.testing.assert_close(_scaled_norm(x.clone(), inplace=True), want, rtol=1e-6, atol=0)
     torch.testing.assert_close(_scaled_norm(x, inplace=False), want, rtol=1e-6, atol=0)
     assert torch.isinf(torch.linalg.vector_norm(x, dim=1)[0])  # what the plain norm gives
+
+
+def test_a_long_adaptive_solve_records_every_step_across_its_growing_buffers():
+    """``z_{k+1} = a z_k + x`` from 0: the residual after step ``k`` is ``|x| a^k`` exactly, also past the
+    rows a solve keeps at first (its buffers double as it goes, so a generous max_iter costs nothing)."""
+    a, x = 0.97, torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    solver = ik.FixedPointIteration(tol=1e-6, max_iter=10**6, stop_mode="abs")
+    with torch.no_grad():
+        sol = ik.fixed_point(lambda z: a * z + x, torch.zeros_like(x), solver=solver)
+    steps = torch.arange(1, 1000, dtype=torch.float64)
+    want_steps = [int((x[i].abs() * a ** (steps - 1) <= 1e-6).nonzero()[0]) + 1 for i in range(2)]
+    assert sol.stats.nstep.tolist() == want_steps and max(want_steps) > 4 * 64
+    taken = max(want_steps)
+    for i, n in enumerate(want_steps):
+        want = x[i].abs() * a ** torch.arange(n, dtype=torch.float64)
+        torch.testing.assert_close(sol.stats.trace[:n, i], want, rtol=1e-7, atol=1e-14)  # f(z) - z cancels
+        assert (sol.stats.trace[n:taken, i] == sol.stats.residual[i]).all()  # stopped: repeats its best

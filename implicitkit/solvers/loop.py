@@ -99,7 +99,7 @@ def iterate(
     reads_host = not fixed_count or z0.device.type == "cpu"
     rule = None if fixed_count else solver  # who decides which samples go on
     batch, steps = z0.shape[0], solver.max_iter
-    history = _Record(steps, batch, z0, solver.stop_mode, solver.divergence_factor)
+    history = _Record(steps, batch, z0, solver.stop_mode, solver.divergence_factor, grow=not fixed_count)
     autocast_on = torch.is_autocast_enabled(z0.device.type)
     # ``limits`` are set at step 1 from each sample's first residual and size; before it the best residual
     # is inf. ``all_active`` is known from the last host sync: a full batch skips its masking ops.
@@ -144,6 +144,7 @@ class _Loop:
         done = False
         for k in range(start, stop + 1):
             taken = k
+            self.history.reserve(k)
             act = self.history.active_rows[k - 1]  # the samples this step moves
             if torch.is_grad_enabled():  # unrolled: a mask saved for backward must not see later writes
                 act = act.clone()
@@ -284,6 +285,9 @@ class _Limits:
         return grew & (abs_res > _NO_PROGRESS_RESIDUAL * self.first_residual)
 
 
+_FIRST_ROWS = 64  # steps an adaptive solve keeps room for at first; doubled as needed
+
+
 class _Record:
     """Everything the loop keeps between steps, in buffers allocated once and written in place.
 
@@ -293,29 +297,59 @@ class _Record:
     """
 
     def __init__(
-        self, steps: int, batch: int, like: Tensor, stop_mode: str, divergence_factor: float
+        self,
+        steps: int,
+        batch: int,
+        like: Tensor,
+        stop_mode: str,
+        divergence_factor: float,
+        *,
+        grow: bool = True,
     ) -> None:
-        new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
+        self._new = functools.partial(torch.empty, device=like.device, dtype=like.dtype)
         self.steps, self.stop_mode, self.divergence_factor = steps, stop_mode, divergence_factor
-        self.abs = new(steps, batch)
-        self.res = self.abs if stop_mode == "abs" else new(steps, batch)
-        self.size = new(steps, batch)
-        self.active = torch.ones(steps + 1, batch, device=like.device, dtype=torch.bool)  # a spare last row
-        self.best = new(2, batch).fill_(torch.inf)
+        self._batch, self._device, self._rows = batch, like.device, 0
+        # An adaptive solve grows its rows as it goes, so that a generous max_iter costs nothing until used; a
+        # fixed count takes them all at once (no allocation inside the loop, which a CUDA graph can capture).
+        self._grow(min(steps, _FIRST_ROWS) if grow else steps)
+        self.best = self._new(2, batch).fill_(torch.inf).unbind(0)
         # Scratch for every per-step temporary: small tensors that outlive a step between the map's large
         # temporaries are what fragments the heap. f(z) - z is reused too: one large allocation less.
         self._diff = torch.empty_like(like)
-        self._denominator = new(batch)
+        self._denominator = self._new(batch)
         self.improved, self._above, self._within = (like.new_empty(batch, dtype=torch.bool) for _ in range(3))
-        self._counts = new(4)
-        # Row views made once: indexing a tuple costs nothing, indexing a tensor is an operation.
+        self._counts = self._new(4)
+        self._count_slots = self._counts.unbind(0)
+
+    def reserve(self, k: int) -> None:
+        """Make room for step ``k`` (doubling the rows, those written kept)."""
+        if k > self._rows:
+            self._grow(min(self.steps, 2 * self._rows))
+
+    def _grow(self, rows: int) -> None:
+        kept, self._rows = self._rows, rows
+
+        def grown(name: str, extra: int = 0) -> Tensor:
+            shape = (rows + extra, self._batch)
+            if name == "active":  # every sample moves until a stop rule says otherwise
+                fresh = torch.ones(shape, device=self._device, dtype=torch.bool)
+            else:
+                fresh = self._new(shape)
+            if kept:
+                fresh[: kept + extra].copy_(getattr(self, name)[: kept + extra])
+            return fresh
+
+        self.abs = grown("abs")
+        self.res = self.abs if self.stop_mode == "abs" else grown("res")
+        self.size = grown("size")
+        self.active = grown("active", extra=1)  # a spare last row
+        # Row views made once per size: indexing a tuple costs nothing, indexing a tensor is an operation.
         self.abs_rows, self.res_rows, self.size_rows = (
             self.abs.unbind(0),
             self.res.unbind(0),
             self.size.unbind(0),
         )
-        self.active_rows, self.best = self.active.unbind(0), self.best.unbind(0)
-        self._count_slots = self._counts.unbind(0)
+        self.active_rows = self.active.unbind(0)
 
     def residuals(self, k: int, z: Tensor, fz: Tensor, *, safe: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Write step ``k``'s ``||f(z) - z||``, stop-mode residual and ``||f(z)||`` into their rows; return them.

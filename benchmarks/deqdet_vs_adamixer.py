@@ -34,6 +34,7 @@ from _common import DEFAULT_OUT, command_line, machine, markdown_table
 from implicitkit_det.data import DetectionBatch
 from implicitkit_det.engine import build_optimizer, train_one_epoch
 from implicitkit_det.models import build_model
+from implicitkit_det.models.registry import unread_overrides
 
 CLASSES = 80
 PAPER_STEPS = (1, 3, 6, 9, 12, 20)
@@ -100,7 +101,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration's training step and inference (runs in the child process)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(spec["config"], CLASSES, **spec["overrides"])
+    model = build_model(spec["config"], CLASSES, **read_by(spec["config"], spec["overrides"]))
     gen = torch.Generator().manual_seed(0)
     data = [random_batch(gen, spec["batch"], spec["size"]) for _ in range(spec["iters"] + 1)]
     optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01)
@@ -151,8 +152,15 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 def parameters(config: str, **overrides: Any) -> int:
     """Parameter count, from a model built on the meta device."""
     with torch.device("meta"):
-        model = build_model(config, CLASSES, **overrides)
+        model = build_model(config, CLASSES, **read_by(config, overrides))
     return sum(p.numel() for p in model.parameters())
+
+
+def read_by(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The options shared by every compared detector that `config`'s architecture reads (the DEQ schedule
+    is DEQDet's only)."""
+    unread = unread_overrides(config, overrides)
+    return {k: v for k, v in overrides.items() if k not in unread}
 
 
 def _mib(x: float) -> str:

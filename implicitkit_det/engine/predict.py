@@ -17,6 +17,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..data import make_eval_transforms
 from ..models import build_model
+from ..models.registry import unread_overrides
 from .checkpoint import load_checkpoint, read_checkpoint
 
 __all__ = [
@@ -69,7 +70,11 @@ def load_detector(
     config = state.get("config") or {}
     if "name" not in config or "num_classes" not in config:
         raise ValueError(f"{checkpoint} holds no model config; it was not written by this project's training")
-    model = build_model(config["name"], config["num_classes"], **config.get("overrides", {}))
+    overrides = config.get("overrides", {})
+    unread = unread_overrides(config["name"], overrides)  # a run's options that serve every detector
+    model = build_model(
+        config["name"], config["num_classes"], **{k: overrides[k] for k in overrides if k not in unread}
+    )
     load_checkpoint(state, model=model)
     saved_size, saved_max = config.get("input_size") or (None, None)
     if (image_size or saved_size) is None:

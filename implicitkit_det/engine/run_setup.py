@@ -30,6 +30,7 @@ from ..data import (
 from ..data.checks import DataError, check_images, check_splits
 from ..data.seeding import EpochBatches, SeededSamples, ignore_sigint
 from ..models import build_model
+from ..models.registry import unread_overrides
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
 from .process_group import build_sampler
 from .run_config import COCO_SIZE, RunConfig, RunConfigError
@@ -270,8 +271,14 @@ def make_eval_loader(
 # The model.
 def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The detector `cfg` names, with its test-time settings (``deq_steps``, ``deq_tol``, ``deq_solver``)."""
+    # One set of options serves every detector (the digits demo's shared shapes, a run saved with them):
+    # what this architecture does not read is dropped, and said, rather than refused.
+    unread = unread_overrides(cfg.config, cfg.overrides)
+    if unread:
+        say(f"--model-arg {', '.join(unread)}: not read by {cfg.config}, ignored")
+    overrides = {k: v for k, v in cfg.overrides.items() if k not in unread}
     try:
-        model = build_model(cfg.config, num_classes, **cfg.overrides).to(device)
+        model = build_model(cfg.config, num_classes, **overrides).to(device)
     except ValueError as err:  # a model option out of its range, named by the constructor that refused it
         raise RunConfigError(f"--config {cfg.config} with its --model-arg options: {err}") from err
     given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}

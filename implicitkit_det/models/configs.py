@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -26,6 +27,11 @@ from .sparse_rcnn import SparseRCNN
 from .sparse_rcnn_stage import SparseRCNNStage
 
 __all__ = [
+    "ADAMIXER_FIELDS",
+    "COMMON_FIELDS",
+    "DEQDET_FIELDS",
+    "DEQ_SPARSE_RCNN_FIELDS",
+    "SPARSE_RCNN_FIELDS",
     "ModelConfig",
     "build_adamixer",
     "build_deq_sparse_rcnn",
@@ -66,8 +72,8 @@ class ModelConfig:
         stack_branches: the DEQ models refine every branch after ``y_0`` in one stacked graph
             (:class:`~.deqdet.DEQDet`): fewer operator calls, the memory of every branch at once (on in the
             tiny presets, off in the paper ones).
-        test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`); None keeps
-            the fixed `test_steps` applications.
+        test_tol, test_solver: DEQDet's early exit at inference (:class:`~.deqdet.DEQDet`; DEQ Sparse R-CNN
+            has none); None keeps the fixed `test_steps` applications.
         rap_content_prob, rap_content_scale, rap_box_prob, rap_box_pixels: the DEQ models'
             perturbation (:class:`~.rap.RAP`, :class:`~.rap.SparseRCNNRAP`).
         rap_sort_corners: DEQDet's box noise swaps crossed corners back (default False, as the official
@@ -76,6 +82,14 @@ class ModelConfig:
         nms_iou: class-wise NMS at inference above this IoU; None (the published detectors) for none.
         one_to_many: predictions matched to each target in training (:class:`~implicitkit_det.losses.SetCriterion`);
             1, the published one-to-one set loss.
+
+    Each architecture reads only some fields (its row's ``reads``, the ``*_FIELDS`` sets below), and
+    :func:`~.registry.build_model` refuses an override of any other. Values no detector can use (a count
+    below 1, an even `neck_kernel`, a `supervise_steps` outside ``1 .. train_steps``, an unknown choice) are
+    refused when a config is made, instead of failing, or being read as something else, in training.
+
+    Raises:
+        ``ValueError`` naming the field, its value and what to give instead.
     """
 
     arch: str = "deqdet"
@@ -117,6 +131,57 @@ class ModelConfig:
     nms_iou: float | None = None
     one_to_many: int = 1
 
+    def __post_init__(self) -> None:
+        for name, options in _choices().items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: choose one of {list(options)}")
+        for name, low in _AT_LEAST.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: give {name} >= {low}")
+        if self.neck_kernel % 2 == 0:
+            # padding k // 2 grows an even kernel's output by a pixel: off the backbone's stride grid by half
+            raise ValueError(
+                f"ModelConfig.neck_kernel={self.neck_kernel}: an even kernel makes each neck map one pixel "
+                "larger than its backbone level and shifts it by half a pixel; give an odd size (3, or 1 for "
+                "AdaMixer's)"
+            )
+        steps = tuple(self.supervise_steps)
+        if len(set(steps)) < len(steps):
+            raise ValueError(
+                f"ModelConfig.supervise_steps={steps}: a step given twice is one branch (one name, one "
+                f"loss); give each step once, e.g. {tuple(sorted(set(steps)))}"
+            )
+        outside = [step for step in steps if not 1 <= step <= self.train_steps]
+        if outside:
+            raise ValueError(
+                f"ModelConfig.supervise_steps={steps}: {outside} outside 1 .. train_steps={self.train_steps} "
+                "(each branch starts from the state after that training step); drop them or raise train_steps"
+            )
+
+
+#: Fields that are counts: the least value each accepts (0 refinements or test steps are meaningful).
+_AT_LEAST = {
+    "dim": 1, "num_queries": 1, "num_heads": 1, "num_points": 1, "out_points": 1, "num_groups": 1,
+    "ffn_dim": 1, "gn_groups": 1, "neck_kernel": 1, "dynamic_dim": 1, "roi_size": 1, "num_stages": 1,
+    "train_steps": 1, "rag_steps": 1, "test_steps": 0, "init_refinements": 0,
+}  # fmt: skip
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """The fields of fixed choices (``Literal``, possibly optional) and the values each accepts."""
+    out = {}
+    for name, kind in typing.get_type_hints(ModelConfig).items():
+        options = typing.get_args(kind)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Literal[...] | None
+            literals = [o for o in options if typing.get_origin(o) is Literal]
+            options = (*typing.get_args(literals[0]), None) if literals else ()
+        elif typing.get_origin(kind) is not Literal:
+            continue
+        if options:
+            out[name] = options
+    return out
+
 
 DEQDET_R50 = ModelConfig()
 ADAMIXER_R50 = ModelConfig(arch="adamixer", neck_kernel=1, neck_relu=False, num_points=32)
@@ -146,7 +211,17 @@ SPARSE_TINY = dict(
 
 
 # --------------------------------------------------------------------------------------------------------
-# The builders of the table's rows (:data:`~.registry.ARCHITECTURES`): ``(config, num_classes) -> detector``.
+# The builders of the table's rows (:data:`~.registry.ARCHITECTURES`): ``(config, num_classes) -> detector``,
+# each with the set of fields it reads (its row's ``reads``; tests/det/test_det_registry.py traces every
+# builder and compares). ``arch`` is read by ``build_model`` itself, so every row accepts it.
+
+#: What every builder reads: the backbone, the widths, the queries' count and the outputs.
+COMMON_FIELDS = frozenset(
+    {"backbone", "backbone_weights", "backbone_norm", "frozen_stages", "dim", "num_queries", "num_heads",
+     "ffn_dim", "num_select", "nms_iou", "one_to_many"}
+)  # fmt: skip
+
+
 def make_backbone(cfg: ModelConfig) -> ResNetBackbone:
     """The ResNet a configuration names, with its weights, normalisation and frozen stages."""
     return ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_norm, cfg.frozen_stages)
@@ -176,6 +251,13 @@ def _adamixer_parts(
     return backbone, neck, queries, layer
 
 
+_ADAMIXER_PARTS = frozenset(
+    {"neck_kernel", "neck_relu", "gn_groups", "neck_init", "query_boxes", "num_points", "out_points",
+     "num_groups"}
+)  # fmt: skip
+ADAMIXER_FIELDS = COMMON_FIELDS | _ADAMIXER_PARTS | {"num_stages"}
+
+
 def build_adamixer(cfg: ModelConfig, num_classes: int) -> AdaMixer:
     """AdaMixer: a channel-mapper neck, learned queries and ``num_stages`` :class:`AdaMixerStage` stages."""
     backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
@@ -190,6 +272,15 @@ def build_adamixer(cfg: ModelConfig, num_classes: int) -> AdaMixer:
     )
 
 
+_RAP = frozenset({"rap_content_prob", "rap_content_scale", "rap_box_prob", "rap_box_pixels"})
+_DEQ_SCHEDULE = frozenset(
+    {"train_steps", "test_steps", "supervise_steps", "init_refinements", "rag_steps", "stack_branches"}
+)
+DEQDET_FIELDS = (
+    COMMON_FIELDS | _ADAMIXER_PARTS | _RAP | _DEQ_SCHEDULE | {"rap_sort_corners", "test_tol", "test_solver"}
+)
+
+
 def build_deqdet(cfg: ModelConfig, num_classes: int) -> DEQDet:
     """DEQDet: AdaMixer's parts, an init layer ``G`` and a refinement layer ``F``, and RAP."""
     backbone, neck, queries, layer = _adamixer_parts(cfg, num_classes)
@@ -200,7 +291,10 @@ def build_deqdet(cfg: ModelConfig, num_classes: int) -> DEQDet:
         cfg.rap_box_pixels,
         sort_corners=cfg.rap_sort_corners,
     )
-    return DEQDet(backbone, neck, queries, layer(), layer(), perturbation=rap, **_deq_schedule(cfg))
+    return DEQDet(
+        backbone, neck, queries, layer(), layer(), perturbation=rap, test_tol=cfg.test_tol,
+        test_solver=cfg.test_solver, **_deq_schedule(cfg),
+    )  # fmt: skip
 
 
 def _sparse_rcnn_parts(
@@ -226,6 +320,11 @@ def _sparse_rcnn_parts(
     return backbone, neck, proposals, stage
 
 
+# `gn_groups` only with `fpn_norm`.
+_SPARSE_RCNN_PARTS = frozenset({"fpn_norm", "gn_groups", "dynamic_dim", "roi_size", "clip_boxes"})
+SPARSE_RCNN_FIELDS = COMMON_FIELDS | _SPARSE_RCNN_PARTS | {"num_stages"}
+
+
 def build_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> SparseRCNN:
     """Sparse R-CNN: an FPN, learned proposals and ``num_stages`` :class:`SparseRCNNStage` stages."""
     backbone, neck, proposals, stage = _sparse_rcnn_parts(cfg, num_classes)
@@ -234,6 +333,10 @@ def build_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> SparseRCNN:
         backbone, neck, proposals, stages, num_select=cfg.num_select, nms_iou=cfg.nms_iou,
         criterion=SetCriterion(one_to_many=cfg.one_to_many),
     )  # fmt: skip
+
+
+# No `test_tol`, `test_solver`: the early exit is DEQDet's; no `rap_sort_corners`: its box noise always sorts.
+DEQ_SPARSE_RCNN_FIELDS = COMMON_FIELDS | _SPARSE_RCNN_PARTS | _RAP | _DEQ_SCHEDULE
 
 
 def build_deq_sparse_rcnn(cfg: ModelConfig, num_classes: int) -> DEQSparseRCNN:
@@ -254,8 +357,6 @@ def _deq_schedule(cfg: ModelConfig) -> dict[str, Any]:
         "init_refinements": cfg.init_refinements,
         "rag_steps": cfg.rag_steps,
         "stack_branches": cfg.stack_branches,
-        "test_tol": cfg.test_tol,
-        "test_solver": cfg.test_solver,
         "num_select": cfg.num_select,
         "nms_iou": cfg.nms_iou,
         "criterion": SetCriterion(one_to_many=cfg.one_to_many),

@@ -23,9 +23,10 @@ class DEQSparseRCNN(DEQDet):
 
     with ``y_i`` the state after step ``i`` of ``train_steps`` no-grad steps of ``F`` from ``sg(y_0)``,
     perturbed before every step by :class:`~.rap.SparseRCNNRAP` (box noise on the corners, re-sorted, then
-    content noise). Inference applies ``F`` ``test_steps`` times. Backbone and neck receive the gradients of
-    every branch. ``F`` detaches its box input, so the boxes are trained per step, as between Sparse
-    R-CNN's stages.
+    content noise). Inference applies ``F`` exactly ``test_steps`` times: there is no early exit (``test_tol``
+    stays None; DEQDet's :meth:`~.deqdet.DEQDet.refine_to_tolerance` scales DEQDet's ``xyzr`` boxes, not
+    these ``xyxy`` corners). Backbone and neck receive the gradients of every branch. ``F`` detaches its box
+    input, so the boxes are trained per step, as between Sparse R-CNN's stages.
 
     Arguments:
         backbone, criterion, num_select: see :class:`~.detector.QueryDetector`.
@@ -43,3 +44,18 @@ class DEQSparseRCNN(DEQDet):
     """
 
     default_perturbation = SparseRCNNRAP
+
+    @property
+    def test_tol(self) -> None:
+        """Always None: ``F`` is applied exactly ``test_steps`` times (no early exit)."""
+        return None
+
+    @test_tol.setter
+    def test_tol(self, value: float | None) -> None:
+        # Every path that sets it (the constructor, configure_test, the attribute) ends here, before inference
+        # would fail in DEQDet's refine_to_tolerance on a state without "xyzr".
+        if value is not None:
+            raise ValueError(
+                f"test_tol={value!r}: DEQ Sparse R-CNN has no early exit (it is DEQDet's only: its tolerance "
+                "is measured on DEQDet's xyzr boxes); keep test_tol=None and set test_steps, or use DEQDet"
+            )

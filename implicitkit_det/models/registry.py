@@ -1,9 +1,9 @@
 """The detector table: one row per architecture, everything the engine and the command line need to know.
 
-A row (:class:`Architecture`) names the builder (``ModelConfig, num_classes -> QueryDetector``), the AdamW
-recipe the family was published with, whether it is a deep-equilibrium detector (test-time steps can be
-changed), whether it exits early at a tolerance, how the digits demo trains it, and the named
-configurations the command line's ``--config`` offers. Adding a detector is one model file (the
+A row (:class:`Architecture`) names the builder (``ModelConfig, num_classes -> QueryDetector``) and the
+config fields it reads, the AdamW recipe the family was published with, whether it is a deep-equilibrium
+detector (test-time steps can be changed), whether it exits early at a tolerance, how the digits demo
+trains it, and the named configurations the command line's ``--config`` offers. Adding a detector is one model file (the
 :class:`~.detector.QueryDetector` subclass and its builder) and one row: a new entry in
 :data:`ARCHITECTURES`, or :func:`register_detector` from a user's own code. See docs/adding_a_detector.md.
 """
@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .configs import (
+    ADAMIXER_FIELDS,
     ADAMIXER_R50,
+    DEQ_SPARSE_RCNN_FIELDS,
     DEQ_SPARSE_RCNN_R50,
+    DEQDET_FIELDS,
     DEQDET_R50,
+    SPARSE_RCNN_FIELDS,
     SPARSE_RCNN_R50,
     SPARSE_TINY,
     TINY,
@@ -41,6 +45,7 @@ __all__ = [
     "architecture_of",
     "build_model",
     "register_detector",
+    "unread_overrides",
 ]
 
 
@@ -104,6 +109,9 @@ class Architecture:
         early_exit: it stops refining at a tolerance (``--deq-tol``, ``--deq-solver``).
         demo: how the digits demo trains it (:class:`DemoRecipe`).
         configs: the named configurations ``--config`` offers, each with ``arch`` set to this row's name.
+        reads: the :class:`~.configs.ModelConfig` fields `build` reads (``arch`` aside): :func:`build_model`
+            refuses an override of any other, which the builder would ignore. None (a row that does not say)
+            accepts every field.
     """
 
     build: Callable[[ModelConfig, int], QueryDetector]
@@ -112,6 +120,7 @@ class Architecture:
     early_exit: bool = False
     demo: DemoRecipe = DemoRecipe()
     configs: Mapping[str, ModelConfig] = field(default_factory=dict)
+    reads: frozenset[str] | None = None
 
 
 # AdaMixer's and Sparse R-CNN's published configurations: one learning rate and weight decay for all; the
@@ -162,10 +171,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             "deqdet_r50_2x": dataclasses.replace(DEQDET_R50, **_R300),
             "deqdet_tiny": dataclasses.replace(DEQDET_R50, **TINY, rap_box_pixels=4.0),
         },
+        reads=DEQDET_FIELDS,
     ),
     "adamixer": Architecture(
         build_adamixer, _UNIFORM_RECIPE, demo=_ADAMIXER_DEMO,
         configs={"adamixer_r50_1x": ADAMIXER_R50, "adamixer_tiny": dataclasses.replace(ADAMIXER_R50, **TINY)},
+        reads=ADAMIXER_FIELDS,
     ),
     "sparse_rcnn": Architecture(
         build_sparse_rcnn, _UNIFORM_RECIPE, demo=_SPARSE_DEMO,
@@ -174,6 +185,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "sparse_rcnn_r50_3x": dataclasses.replace(SPARSE_RCNN_R50, **_R300),
             "sparse_rcnn_tiny": dataclasses.replace(SPARSE_RCNN_R50, **SPARSE_TINY),
         },
+        reads=SPARSE_RCNN_FIELDS,
     ),
     "deq_sparse_rcnn": Architecture(
         build_deq_sparse_rcnn, _UNIFORM_RECIPE, deq=True, demo=_DEQ_SPARSE_DEMO,
@@ -182,6 +194,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "deq_sparse_rcnn_r50_3x": dataclasses.replace(DEQ_SPARSE_RCNN_R50, **_R300),
             "deq_sparse_rcnn_tiny": dataclasses.replace(DEQ_SPARSE_RCNN_R50, **SPARSE_TINY, rap_box_pixels=4.0),
         },
+        reads=DEQ_SPARSE_RCNN_FIELDS,
     ),
 }  # fmt: skip
 
@@ -248,21 +261,67 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
             ``sparse_rcnn_tiny``, ``deq_sparse_rcnn_tiny``) or a :class:`~.configs.ModelConfig`.
         num_classes: classes of the sigmoid classifier (80 for COCO, 10 for the digits set).
         **overrides: fields of :class:`~.configs.ModelConfig` to change, e.g. ``num_queries=50`` or
-            ``backbone_weights="IMAGENET1K_V1"``.
+            ``backbone_weights="IMAGENET1K_V1"``; only fields the architecture reads (its row's ``reads``).
 
     Returns:
         The detector its architecture's builder makes (:class:`~.deqdet.DEQDet`, :class:`~.adamixer.AdaMixer`,
         :class:`~.sparse_rcnn.SparseRCNN`, :class:`~.deq_sparse_rcnn.DEQSparseRCNN` or a registered one), in
         training mode. Build on the meta device (``with torch.device("meta"): ...``) to inspect shapes and
         parameter counts without allocating memory.
+
+    Raises:
+        ``ValueError`` for an override the architecture does not read (naming the ones that do) or a value
+        :class:`~.configs.ModelConfig` refuses; ``KeyError`` for an unknown config name.
     """
+    label = config if isinstance(config, str) else "the config"
+    config = _named_config(config)
+    overrides = current_field_names(overrides)
+    arch = overrides.get("arch", config.arch)
+    try:
+        row = architecture_of(arch)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    # Checked before the values: a field the builder never reads is the first thing to fix.
+    unread = unread_overrides(config, overrides)
+    if unread:
+        given = ", ".join(f"{key}={overrides[key]!r}{_readers(key)}" for key in unread)
+        it = "it" if len(unread) == 1 else "them"
+        raise ValueError(
+            f"{label} ({arch}) does not read {given}: its builder would ignore {it}; drop {it}, or build a "
+            f"config of an architecture that reads {it}"
+        )
+    return row.build(dataclasses.replace(config, **overrides), num_classes)
+
+
+def _readers(field_name: str) -> str:
+    """`` (read by deqdet, ...)``: the rows that read `field_name`, for a refusal's message."""
+    rows = sorted(a for a, row in ARCHITECTURES.items() if row.reads is not None and field_name in row.reads)
+    return f" (read by {', '.join(rows)})" if rows else ""
+
+
+def _named_config(config: str | ModelConfig) -> ModelConfig:
     if isinstance(config, str):
         if config not in CONFIGS:
             raise KeyError(f"unknown model config {config!r}; choose one of {sorted(CONFIGS)}")
-        config = CONFIGS[config]
-    cfg = dataclasses.replace(config, **current_field_names(overrides))
-    try:
-        row = architecture_of(cfg.arch)
-    except KeyError as err:
-        raise ValueError(err.args[0]) from None
-    return row.build(cfg, num_classes)
+        return CONFIGS[config]
+    return config
+
+
+def unread_overrides(config: str | ModelConfig, overrides: Mapping[str, Any]) -> list[str]:
+    """The fields in `overrides` that the architecture of `config` (or of ``overrides["arch"]``) does not
+    read: what :func:`build_model` refuses.
+
+    A caller that hands one set of options to every detector (a recipe shared by all of them, a run saved
+    before the check) can drop these first. Empty for a row without ``reads``; names that are no
+    :class:`~.configs.ModelConfig` field are left to ``build_model``'s own refusal.
+
+    Raises:
+        ``KeyError`` for an unknown config name or architecture.
+    """
+    config = _named_config(config)
+    overrides = current_field_names(overrides)
+    reads = architecture_of(overrides.get("arch", config.arch)).reads
+    if reads is None:
+        return []
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch"}  # arch picks the row: always read
+    return [name for name in overrides if name in fields and name not in reads]

@@ -240,7 +240,10 @@ def test_stage_update_is_the_decoded_regression():
 
 @pytest.mark.parametrize("name", ["sparse_rcnn_tiny", "deq_sparse_rcnn_tiny"])
 def test_output_shapes_for_one_and_two_images(name):
-    model = tiny(name, train_steps=2, supervise_steps=(1, 2), test_steps=2)
+    schedule = (
+        {"train_steps": 2, "supervise_steps": (1, 2), "test_steps": 2} if name.startswith("deq") else {}
+    )
+    model = tiny(name, **schedule)
     images, mask, targets = batch()
     for b in (1, 2):
         model.eval()
@@ -422,9 +425,9 @@ def test_sparse_rcnn_rap_defaults_and_rates():
         DEQSparseRCNN(*([None] * 5), perturbation="noise")  # refused before any part is used
 
 
-def test_deq_variant_takes_the_whole_deq_schedule_from_its_config():
+def test_deq_variant_takes_the_deq_schedule_from_its_config():
     from implicitkit_det.models import build_model
 
     with torch.device("meta"):
-        model = build_model("deq_sparse_rcnn_tiny", 10, test_tol=0.05, test_solver="anderson", train_steps=7)
-    assert (model.test_tol, model.test_solver, model.train_steps) == (0.05, "anderson", 7)
+        model = build_model("deq_sparse_rcnn_tiny", 10, train_steps=7, test_steps=9, supervise_steps=(2, 7))
+    assert (model.train_steps, model.test_steps, model.supervise_steps) == (7, 9, (2, 7))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,17 @@ from det_tied_adamixer import TIED_ADAMIXER, TiedAdaMixer, register
 
 from implicitkit_det import cli
 from implicitkit_det.engine import recipe_for
-from implicitkit_det.models import ARCHITECTURES, CONFIGS, RECIPES, build_model, register_detector
+from implicitkit_det.models import (
+    ARCHITECTURES,
+    CONFIGS,
+    RECIPES,
+    ChannelMapper,
+    ModelConfig,
+    build_model,
+    register_detector,
+)
+from implicitkit_det.models.configs import parse_model_args
+from implicitkit_det.models.registry import unread_overrides
 from implicitkit_det.recipes import digits_recipe
 
 FAST = [
@@ -84,3 +95,128 @@ def test_unknown_arch_names_the_table():
     with pytest.raises(ValueError, match="unknown arch 'nope'; choose one of"):
         build_model("deqdet_tiny", 3, arch="nope")
     assert "tied_adamixer_tiny" not in CONFIGS
+
+
+# --------------------------------------------------------------------------------------------------------
+# Overrides a builder never reads, and values no detector can use, are refused when the model is built.
+class _RecordingConfig:
+    """A ModelConfig that records every field a builder reads from it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config, self.read = config, set()
+
+    def __getattr__(self, name: str):
+        self.read.add(name)
+        return getattr(self._config, name)
+
+
+SHIPPED = ["deqdet", "adamixer", "sparse_rcnn", "deq_sparse_rcnn"]
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_each_row_lists_exactly_the_fields_its_builder_reads(arch):
+    # Traced over the row's configurations, each also with its demo's options (fpn_norm=true reads gn_groups).
+    row, read = ARCHITECTURES[arch], set()
+    demo = parse_model_args(row.demo.model_args)
+    for config in row.configs.values():
+        for variant in (config, dataclasses.replace(config, **demo)):
+            recorder = _RecordingConfig(variant)
+            with torch.device("meta"):
+                row.build(recorder, 3)
+            read |= recorder.read
+    assert read == row.reads
+
+
+SPARSE_READ, DEQ_READ = "(read by deq_sparse_rcnn, sparse_rcnn)", "(read by deq_sparse_rcnn, deqdet)"
+
+
+@pytest.mark.parametrize(
+    "config, overrides, expected",
+    [
+        ("sparse_rcnn_tiny", {"query_boxes": "grid"}, "sparse_rcnn_tiny (sparse_rcnn) does not read "
+         "query_boxes='grid' (read by adamixer, deqdet): its builder would ignore it; drop it"),
+        ("deq_sparse_rcnn_tiny", {"query_boxes": "grid"}, "(deq_sparse_rcnn) does not read query_boxes='grid'"),
+        ("adamixer_tiny", {"train_steps": 3, "supervise_steps": (1,)},
+         f"adamixer_tiny (adamixer) does not read train_steps=3 {DEQ_READ}, supervise_steps=(1,) {DEQ_READ}"),
+        ("adamixer_tiny", {"test_steps": 2}, f"does not read test_steps=2 {DEQ_READ}"),
+        ("adamixer_tiny", {"rap_content_prob": 1.0}, f"does not read rap_content_prob=1.0 {DEQ_READ}"),
+        ("deqdet_tiny", {"num_stages": 2}, "(deqdet) does not read num_stages=2 (read by adamixer, sparse_rcnn)"),
+        ("deqdet_tiny", {"clip_boxes": True}, f"does not read clip_boxes=True {SPARSE_READ}"),
+        ("deqdet_tiny", {"fpn_norm": True}, f"does not read fpn_norm=True {SPARSE_READ}"),
+        ("deqdet_tiny", {"arch": "adamixer", "rag_steps": 3}, "deqdet_tiny (adamixer) does not read rag_steps=3"),
+    ],
+)  # fmt: skip
+def test_build_model_refuses_an_override_the_architecture_does_not_read(config, overrides, expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        build_model(config, 3, **overrides)
+    assert unread_overrides(config, overrides) == [name for name in overrides if name != "arch"]
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_the_rows_demo_options_and_the_fields_every_row_reads_are_accepted(arch):
+    config = f"{arch}_tiny"
+    overrides = parse_model_args(ARCHITECTURES[arch].demo.model_args)
+    overrides |= {"backbone": "resnet18", "dim": 32, "num_queries": 5, "num_select": 5, "one_to_many": 2}
+    assert unread_overrides(config, overrides) == []
+    with torch.device("meta"):
+        build_model(config, 3, **overrides)
+
+
+def test_a_row_that_does_not_list_its_fields_accepts_every_override(tied_adamixer):
+    assert ARCHITECTURES["tied_adamixer"].reads is None
+    with torch.device("meta"):
+        build_model("tied_adamixer_tiny", 3, train_steps=2, supervise_steps=(1,))
+    assert unread_overrides("tied_adamixer_tiny", {"train_steps": 2}) == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_queries": 0}, "ModelConfig.num_queries=0: give num_queries >= 1"),
+        ({"init_refinements": -1}, "ModelConfig.init_refinements=-1: give init_refinements >= 0"),
+        ({"supervise_steps": (3, 3)}, "supervise_steps=(3, 3): a step given twice is one branch"),
+        (
+            {"train_steps": 3},
+            "supervise_steps=(1, 3, 6, 9, 12, 20): [6, 9, 12, 20] outside 1 .. train_steps=3",
+        ),
+        ({"supervise_steps": (0, 2)}, "[0] outside 1 .. train_steps=20"),
+        (
+            {"test_solver": "broyden"},
+            "ModelConfig.test_solver='broyden': choose one of ['fixed', 'anderson']",
+        ),
+        (
+            {"neck_kernel": 2},
+            "ModelConfig.neck_kernel=2: an even kernel makes each neck map one pixel larger",
+        ),
+        ({"test_steps": -1}, "ModelConfig.test_steps=-1: give test_steps >= 0"),
+    ],
+)
+def test_values_no_detector_can_use_are_refused_when_the_config_is_made(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model("deqdet_tiny", 3, **overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**overrides)
+
+
+def test_the_values_that_look_odd_but_work_are_kept():
+    # No RAG branch at all (the init branches train alone), steps in any order, a 1x1 neck (AdaMixer's).
+    for overrides in ({"supervise_steps": ()}, {"supervise_steps": (6, 3)}, {"neck_kernel": 1}):
+        with torch.device("meta"):
+            build_model("deqdet_tiny", 3, **overrides)
+    # Why an even neck kernel is refused: with padding k // 2 its map is a pixel larger than the level.
+    level = torch.zeros(1, 8, 16, 16)
+    assert ChannelMapper([8], 8, 2, num_groups=4)([level])[0].shape[-1] == 17
+
+
+def test_deq_sparse_rcnn_refuses_an_early_exit_tolerance_on_every_path():
+    torch.manual_seed(0)
+    model = build_model("deq_sparse_rcnn_tiny", 3, num_queries=4, test_steps=2).eval()
+    for set_it in (lambda: model.configure_test(test_tol=1e-3), lambda: setattr(model, "test_tol", 1e-3)):
+        with pytest.raises(ValueError, match=r"DEQ Sparse R-CNN has no early exit .*DEQDet's only"):
+            set_it()
+    with pytest.raises(ValueError, match=r"does not read test_tol=0.001 \(read by deqdet\)"):
+        build_model("deq_sparse_rcnn_tiny", 3, test_tol=1e-3)
+    model.configure_test(test_tol=None, test_steps=3)  # the fixed count is what it has
+    with torch.no_grad():
+        (detections,) = model(torch.randn(1, 3, 64, 64))
+    assert model.test_tol is None and model.last_steps.tolist() == [3] and len(detections["boxes"]) > 0

@@ -6,8 +6,11 @@ a benchmark measures is what a user runs. Options given after a recipe override 
 
 from __future__ import annotations
 
+import itertools
+
 from .data import DigitsDetectionConfig, build_digits_detection
 from .models import CONFIGS, architecture_of
+from .models.registry import unread_overrides
 from .pretrain import PretrainConfig, pretrain_backbone
 
 __all__ = ["DIGITS_DEMO", "digits_backbone", "digits_recipe"]
@@ -42,7 +45,27 @@ def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> li
 
     With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use).
     """
-    args = ["--config", config, *DIGITS_DEMO, *architecture_of(CONFIGS[config].arch).demo.options()]
+    args = [
+        "--config",
+        config,
+        *_read_by(config, DIGITS_DEMO),
+        *architecture_of(CONFIGS[config].arch).demo.options(),
+    ]
     if pretrained:
         args += ["--model-arg", f"backbone_weights={digits_backbone()}"]
     return args
+
+
+def _read_by(config: str, options: tuple[str, ...]) -> list[str]:
+    """`options` without the ``--model-arg KEY=VALUE`` pairs that `config`'s architecture does not read (the
+    shared DEQ schedule, for AdaMixer and Sparse R-CNN)."""
+    keys = [value.split("=", 1)[0] for flag, value in itertools.pairwise(options) if flag == "--model-arg"]
+    unread = set(unread_overrides(config, dict.fromkeys(keys)))
+    out: list[str] = []
+    words = iter(options)
+    for word in words:
+        if word != "--model-arg":
+            out.append(word)
+        elif (pair := next(words)).split("=", 1)[0] not in unread:
+            out += [word, pair]
+    return out

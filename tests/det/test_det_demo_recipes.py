@@ -60,3 +60,14 @@ def test_a_dataset_runs_the_command_line_unchanged(demo):
     argv = ["--config", "deqdet_r50_1x", "--data-root", "/data/coco"]
     module.main(argv)
     assert seen[-1] == argv
+
+
+@pytest.mark.parametrize("config", [name for name in CONFIGS if name.endswith("_tiny")])
+def test_each_recipe_passes_only_options_its_detector_reads(config):
+    """The shared DEQ schedule is DEQDet's and DEQ Sparse R-CNN's: AdaMixer and Sparse R-CNN get none of it."""
+    from implicitkit_det.models.registry import unread_overrides
+
+    argv = recipes.digits_recipe(config, pretrained=False)
+    given = dict(argv[i + 1].split("=", 1) for i, word in enumerate(argv) if word == "--model-arg")
+    assert "num_queries" in given and unread_overrides(config, given) == []
+    assert ("train_steps" in given) == (ARCHITECTURES[CONFIGS[config].arch].deq)

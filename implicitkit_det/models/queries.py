@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
+import warnings
 from typing import Literal, TypedDict
 
 import torch
@@ -65,10 +66,14 @@ class InitialQueries(nn.Module):
         self.embedding = nn.Embedding(num_queries, dim)
         whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_queries, 1)
         # A buffer outside the state dict (checkpoints of either kind load into the other), in memory of its
-        # own: DDP broadcasts buffers in place.
+        # own: DDP broadcasts buffers in place. The kind is saved (a one-byte tensor, as state dicts hold), so
+        # that loading the other kind warns: the queries would start where they never did in training.
+        self.boxes = boxes
         self.register_buffer(
             "fractions", grid_cells(num_queries) if boxes == "grid" else whole, persistent=False
         )
+        self.register_buffer("on_grid", torch.tensor(boxes == "grid", dtype=torch.uint8))
+        self.register_load_state_dict_pre_hook(_warn_of_the_other_kind)
 
     def forward(self, image_sizes: Tensor) -> QueryState:
         """The starting state for images of real sizes ``image_sizes`` [B, 2] as ``(h, w)``."""
@@ -78,3 +83,18 @@ class InitialQueries(nn.Module):
         scale = torch.stack([w, h, w, h], dim=-1)[:, None]  # [B, 1, 4]
         boxes = self.fractions * scale
         return {"content": content.expand(batch, -1, -1), "xyzr": xyxy_to_xyzr(boxes)}
+
+
+def _warn_of_the_other_kind(module: InitialQueries, state_dict: dict, prefix: str, *args: object) -> None:
+    """Warn when `state_dict` was saved with the other kind of start boxes; keep the model's own kind either
+    way (a state dict saved before the kind was recorded has none: it loads quietly)."""
+    saved = state_dict.get(f"{prefix}on_grid")
+    if saved is not None and bool(saved) != bool(module.on_grid):
+        trained = "grid" if bool(saved) else "image"
+        warnings.warn(
+            f"loading query embeddings trained with query_boxes={trained!r} into a model with "
+            f"query_boxes={module.boxes!r}: the queries now start from other boxes than in training, which "
+            f"changes every detection; build the model with query_boxes={trained!r} to reproduce it",
+            stacklevel=2,
+        )
+    state_dict[f"{prefix}on_grid"] = module.on_grid.clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -52,3 +54,18 @@ def test_the_config_option_reaches_the_detector():
     assert grid.queries(SIZES)["xyzr"][0, :, :2].unique(dim=0).shape[0] == 10
     assert image.state_dict().keys() == grid.state_dict().keys()  # checkpoints load into either
     assert all(q.queries.fractions.is_contiguous() for q in (image, grid))  # DDP broadcasts it in place
+
+
+def test_loading_queries_trained_with_other_boxes_warns_and_older_state_dicts_load_quietly():
+    """Their start boxes are no weights: a grid-trained state dict loaded strictly into an image-box model
+    changed every detection without a word."""
+    grid, image = InitialQueries(6, 8, boxes="grid"), InitialQueries(6, 8, boxes="image")
+    with pytest.warns(
+        UserWarning, match=r"trained with query_boxes='grid' into a model with query_boxes='image'"
+    ):
+        image.load_state_dict(grid.state_dict())
+    older = {k: v for k, v in grid.state_dict().items() if k != "on_grid"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image.load_state_dict(older)  # saved before the kind was recorded: no key, no warning
+        grid.load_state_dict(InitialQueries(6, 8, boxes="grid").state_dict())

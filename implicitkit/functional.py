@@ -128,6 +128,8 @@ def _solve_flat(
     (the one place a solve's failures raise or warn)."""
 
     def f_flat(z: Tensor) -> Tensor:
+        if z.is_inference():  # no version counter to read (torch.inference_mode)
+            return flatten(f(unflatten(z, spec)), spec)
         version = z._version  # the state's leaves are views of the solver's own iterate
         fz = flatten(f(unflatten(z, spec)), spec)
         if z._version != version:

@@ -294,3 +294,15 @@ def test_the_value_keeps_the_grad_mode_of_the_call_not_of_its_first_read(gradien
     with torch.no_grad():
         quiet = solve()
     assert not quiet.value.requires_grad  # solved without autograd: no graph built when read with it
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_a_solve_under_inference_mode_runs(name):
+    """Inference tensors keep no version counter: the in-place check must not read it there."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        sol = ik.fixed_point(
+            lambda z: torch.tanh(0.5 * z + x), torch.zeros(4, 8), solver=SOLVERS[name](tol=1e-6)
+        )
+    assert sol.stats.all_converged
+    torch.testing.assert_close(sol.value, torch.tanh(0.5 * sol.value + x), atol=1e-5, rtol=0)

@@ -34,7 +34,7 @@ from _common import DEFAULT_OUT, command_line, machine, markdown_table
 from implicitkit_det.data import DetectionBatch
 from implicitkit_det.engine import build_optimizer, train_one_epoch
 from implicitkit_det.models import build_model
-from implicitkit_det.models.registry import unread_overrides
+from implicitkit_det.models.registry import read_overrides
 
 CLASSES = 80
 PAPER_STEPS = (1, 3, 6, 9, 12, 20)
@@ -159,8 +159,7 @@ def parameters(config: str, **overrides: Any) -> int:
 def read_by(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The options shared by every compared detector that `config`'s architecture reads (the DEQ schedule
     is DEQDet's only)."""
-    unread = unread_overrides(config, overrides)
-    return {k: v for k, v in overrides.items() if k not in unread}
+    return read_overrides(config, overrides)[0]
 
 
 def _mib(x: float) -> str:

@@ -28,6 +28,7 @@ from implicitkit_det.engine.run_config import build_run_config
 from implicitkit_det.engine.run_setup import load_data, make_eval_loader
 from implicitkit_det.evaluation import CocoEvaluator
 from implicitkit_det.models import DEQDet, build_model
+from implicitkit_det.models.registry import read_overrides
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -50,7 +51,10 @@ def load(args: argparse.Namespace, data_argv: list[str]) -> tuple[DEQDet, Any, A
     """The model of the checkpoint (in eval mode), the validation loader and dataset."""
     checkpoint = read_checkpoint(args.checkpoint)
     config = checkpoint["config"]
-    model = build_model(config["name"], config["num_classes"], **config["overrides"])
+    overrides, _ = read_overrides(
+        config["name"], config["overrides"]
+    )  # a run's options shared by every detector
+    model = build_model(config["name"], config["num_classes"], **overrides)
     if not isinstance(model, DEQDet):
         raise SystemExit(f"{args.checkpoint} holds a {type(model).__name__}; early exit needs a DEQDet")
     load_checkpoint(checkpoint, model=model)

@@ -17,7 +17,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..data import make_eval_transforms
 from ..models import build_model
-from ..models.registry import unread_overrides
+from ..models.registry import read_overrides
 from .checkpoint import load_checkpoint, read_checkpoint
 
 __all__ = [
@@ -70,11 +70,10 @@ def load_detector(
     config = state.get("config") or {}
     if "name" not in config or "num_classes" not in config:
         raise ValueError(f"{checkpoint} holds no model config; it was not written by this project's training")
-    overrides = config.get("overrides", {})
-    unread = unread_overrides(config["name"], overrides)  # a run's options that serve every detector
-    model = build_model(
-        config["name"], config["num_classes"], **{k: overrides[k] for k in overrides if k not in unread}
-    )
+    overrides, _ = read_overrides(
+        config["name"], config.get("overrides", {})
+    )  # options shared by every detector
+    model = build_model(config["name"], config["num_classes"], **overrides)
     load_checkpoint(state, model=model)
     saved_size, saved_max = config.get("input_size") or (None, None)
     if (image_size or saved_size) is None:

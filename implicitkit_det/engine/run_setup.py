@@ -29,8 +29,8 @@ from ..data import (
 )
 from ..data.checks import DataError, check_images, check_splits
 from ..data.seeding import EpochBatches, SeededSamples, ignore_sigint
-from ..models import build_model
-from ..models.registry import unread_overrides
+from ..models import CONFIGS, build_model
+from ..models.registry import read_overrides
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
 from .process_group import build_sampler
 from .run_config import COCO_SIZE, RunConfig, RunConfigError
@@ -273,10 +273,10 @@ def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> n
     """The detector `cfg` names, with its test-time settings (``deq_steps``, ``deq_tol``, ``deq_solver``)."""
     # One set of options serves every detector (the digits demo's shared shapes, a run saved with them):
     # what this architecture does not read is dropped, and said, rather than refused.
-    unread = unread_overrides(cfg.config, cfg.overrides)
+    overrides, unread = read_overrides(cfg.config, cfg.overrides)
     if unread:
-        say(f"--model-arg {', '.join(unread)}: not read by {cfg.config}, ignored")
-    overrides = {k: v for k, v in cfg.overrides.items() if k not in unread}
+        arch = overrides.get("arch", CONFIGS[cfg.config].arch)
+        say(f"--model-arg {', '.join(unread)}: not read by the {arch} detector, ignored")
     try:
         model = build_model(cfg.config, num_classes, **overrides).to(device)
     except ValueError as err:  # a model option out of its range, named by the constructor that refused it

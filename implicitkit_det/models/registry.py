@@ -308,11 +308,11 @@ def _named_config(config: str | ModelConfig) -> ModelConfig:
 
 
 def unread_overrides(config: str | ModelConfig, overrides: Mapping[str, Any]) -> list[str]:
-    """The fields in `overrides` that the architecture of `config` (or of ``overrides["arch"]``) does not
-    read: what :func:`build_model` refuses.
+    """The fields in `overrides` (under their current names) that the architecture of `config` (or of
+    ``overrides["arch"]``) does not read and that change its value: what :func:`build_model` refuses.
 
-    A caller that hands one set of options to every detector (a recipe shared by all of them, a run saved
-    before the check) can drop these first. Empty for a row without ``reads``; names that are no
+    An override equal to the config's own value changes nothing and is not counted (generic code may pass
+    ``test_tol=None`` to every detector). Empty for a row without ``reads``; names that are no
     :class:`~.configs.ModelConfig` field are left to ``build_model``'s own refusal.
 
     Raises:
@@ -324,4 +324,27 @@ def unread_overrides(config: str | ModelConfig, overrides: Mapping[str, Any]) ->
     if reads is None:
         return []
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch"}  # arch picks the row: always read
-    return [name for name in overrides if name in fields and name not in reads]
+    return [
+        name
+        for name, value in overrides.items()
+        if name in fields and name not in reads and not _same(value, getattr(config, name))
+    ]
+
+
+def read_overrides(
+    config: str | ModelConfig, overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """`overrides` (under their current names) split into what `config`'s architecture reads and what it does
+    not (:func:`unread_overrides`), for a caller that hands one set of options to every detector (the digits
+    demo's shared shapes, a run saved with them): build with the first, name the second.
+    """
+    unread = unread_overrides(config, overrides)
+    kept = {k: v for k, v in current_field_names(overrides).items() if k not in unread}
+    return kept, unread
+
+
+def _same(value: Any, default: Any) -> bool:
+    """An override equal to a field's value (a list given for a tuple field counts as equal)."""
+    if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+        return tuple(value) == tuple(default)
+    return value == default

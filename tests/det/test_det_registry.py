@@ -220,3 +220,16 @@ def test_deq_sparse_rcnn_refuses_an_early_exit_tolerance_on_every_path():
     with torch.no_grad():
         (detections,) = model(torch.randn(1, 3, 64, 64))
     assert model.test_tol is None and model.last_steps.tolist() == [3] and len(detections["boxes"]) > 0
+
+
+def test_an_unread_option_equal_to_the_configs_own_value_changes_nothing_and_is_accepted():
+    """Generic code passes one set of options to every detector: test_tol=None is DEQ Sparse R-CNN's value."""
+    from implicitkit_det.models.registry import read_overrides
+
+    with torch.device("meta"):
+        build_model("deq_sparse_rcnn_tiny", 10, test_tol=None)
+        build_model("sparse_rcnn_tiny", 10, query_boxes="image")
+        build_model("adamixer_tiny", 10, supervise_steps=[1, 3, 6, 9, 12, 20])  # a list for the tuple default
+    # A saved run's old field name is read under its current one, and dropped when unread.
+    kept, dropped = read_overrides("adamixer_tiny", {"stack_rag_branches": False, "num_queries": 10})
+    assert kept == {"num_queries": 10} and dropped == ["stack_branches"]

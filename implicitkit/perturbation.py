@@ -114,9 +114,15 @@ class GaussianPerturbation:
         for selector in self.leaves:
             if not any(path[: len(selector)] == selector for path in paths):
                 shown = selector[0] if len(selector) == 1 else selector
+                several = len(selector) > 1 and all(any(p[:1] == (k,) for p in paths) for k in selector)
+                hint = (
+                    f" A tuple is one path; for several leaves pass a list, {list(selector)!r}."
+                    if several
+                    else ""
+                )
                 raise ValueError(
                     f"GaussianPerturbation(leaves=...) names {shown!r}, which is no leaf of the state; "
-                    f"its leaves are at {paths}."
+                    f"its leaves are at {paths}.{hint}"
                 )
         return [any(path[: len(s)] == s for s in self.leaves) for path in paths]
 

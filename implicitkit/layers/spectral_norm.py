@@ -65,10 +65,11 @@ class SpectralNorm(OncePerSolve):
             raise ValueError(
                 f"spectral_norm needs a weight of 2 or more dimensions, got shape {tuple(weight.shape)}."
             )
+        n_power_iterations = as_count("n_power_iterations", n_power_iterations)
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}.")
         self.dim = _weight_dim(weight, dim)
-        self.n_power_iterations = as_count("n_power_iterations", n_power_iterations)
+        self.n_power_iterations = n_power_iterations
         self.eps = eps
         matrix = _as_matrix(weight.detach(), self.dim)
         u = F.normalize(matrix.new_empty(matrix.shape[0]).normal_(), dim=0, eps=eps)

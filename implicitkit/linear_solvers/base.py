@@ -34,9 +34,10 @@ class LinearSolver(ABC):
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.")
         if not tol >= 0:
             raise ValueError(f"tol must be non-negative, got {tol}.")
+        max_iter = as_count("max_iter", max_iter)
         if max_iter < 1:
             raise ValueError(f"max_iter must be at least 1, got {max_iter}.")
-        self.tol, self.max_iter, self.stop_mode = float(tol), as_count("max_iter", max_iter), stop_mode
+        self.tol, self.max_iter, self.stop_mode = float(tol), max_iter, stop_mode
 
     @abstractmethod
     def solve(

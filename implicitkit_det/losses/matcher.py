@@ -148,7 +148,12 @@ def check_targets(
     ``0..num_classes-1`` (a negative one indexes from the end), or a box that is not normalised xyxy (corners
     swapped, or in pixels). One check for the batch; the message names the first bad image."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"target labels must be integer class indices, got {labels.dtype}")
+        image = next(i for i, t in enumerate(targets) if not _integer(torch.as_tensor(t["labels"]).dtype))
+        raise TypeError(
+            f"target labels must be integer class indices; image {image} (image_id "
+            f"{targets[image].get('image_id')}) has {torch.as_tensor(targets[image]['labels']).dtype} labels (an "
+            "image without objects needs torch.zeros(0, dtype=torch.int64), not torch.tensor([]))"
+        )
     bad_label = (labels < 0) | (labels >= num_classes)
     # Normalised by the image's size, a box lies in [0, 1]; the margin leaves room for boxes past the edge.
     bad_box = (boxes[:, 2:] < boxes[:, :2]).any(dim=1) | (boxes.abs() > 2).any(dim=1)
@@ -164,6 +169,10 @@ def check_targets(
         f"target boxes_normalized of {_image_of(bad_box, sizes, targets)} include {boxes[bad_box][0].tolist()}: "
         "boxes must be xyxy (x0 <= x1, y0 <= y1) divided by the image's (w, h, w, h), not pixels or cxcywh"
     )
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and dtype != torch.bool
 
 
 def _image_of(bad: Tensor, sizes: list[int], targets: Sequence[Mapping[str, Any]]) -> str:

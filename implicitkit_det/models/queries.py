@@ -65,13 +65,13 @@ class InitialQueries(nn.Module):
             raise ValueError(f"boxes must be 'image' or 'grid', got {boxes!r}")
         self.embedding = nn.Embedding(num_queries, dim)
         whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(num_queries, 1)
-        # A buffer outside the state dict (checkpoints of either kind load into the other), in memory of its
-        # own: DDP broadcasts buffers in place. The kind is saved (a one-byte tensor, as state dicts hold), so
-        # that loading the other kind warns: the queries would start where they never did in training.
         self.boxes = boxes
+        # The start boxes stay out of the state dict (checkpoints of either kind load into the other), in
+        # memory of their own: DDP broadcasts buffers in place.
         self.register_buffer(
             "fractions", grid_cells(num_queries) if boxes == "grid" else whole, persistent=False
         )
+        # Their kind is saved (a one-byte tensor, as state dicts hold), so that loading the other kind warns.
         self.register_buffer("on_grid", torch.tensor(boxes == "grid", dtype=torch.uint8))
         self.register_load_state_dict_pre_hook(_warn_of_the_other_kind)
 

@@ -143,7 +143,12 @@ def test_batch_size_mismatch():
         ([5], [0.1, 0.1, 0.4, 0.5], ValueError, r"include \[5\], outside 0\.\.4.*not category ids"),
         ([4], [0.4, 0.5, 0.1, 0.1], ValueError, r"boxes_normalized of image 1 .*x0 <= x1"),  # corners swapped
         ([4], [9.6, 9.6, 38.4, 48.0], ValueError, r"not pixels"),  # scored as a huge box
-        ([4.0], [0.1, 0.1, 0.4, 0.5], TypeError, r"integer class indices"),
+        (
+            [4.0],
+            [0.1, 0.1, 0.4, 0.5],
+            TypeError,
+            r"integer class indices; image 1 .*torch.zeros\(0, dtype=torch.int64\)",
+        ),
     ],
     ids=["negative label", "label = classes", "swapped corners", "pixels", "float label"],
 )

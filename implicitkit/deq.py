@@ -25,7 +25,8 @@ class DEQ(nn.Module):
     serve every application of the cell that belongs to this solve, backward and path branches included.
 
     Arguments:
-        cell: an ``nn.Module`` (or callable) taking the state first and any inputs after it.
+        cell: an ``nn.Module`` (or callable) taking the state first and any inputs after it; it returns a new
+            state (one that writes into its input state is refused).
         solver: default ``Anderson()``.
         gradient: default ``IFT()``.
         perturbation: ``(state, step) -> state``, used in training mode only.

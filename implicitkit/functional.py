@@ -45,7 +45,8 @@ def fixed_point(
 
     Arguments:
         f: maps a state to a state of the same structure: a tensor ``[B, ...]`` or a tuple/list/dict of
-            tensors whose first dimension is the batch ``B``. Samples must not interact inside ``f``.
+            tensors whose first dimension is the batch ``B``. Samples must not interact inside ``f``, and ``f``
+            must return new tensors, not change its input in place (refused: the input is the solver's iterate).
         z0: the starting state. An empty batch (``B = 0``), or a state of no elements per sample, returns
             ``z0`` without solving (with ``has_aux``, ``f`` is called once on it, for its aux).
         solver: default ``Anderson()``; ``tol=None`` on any solver is a fixed count of ``max_iter`` steps.

@@ -35,7 +35,7 @@ HIGHER_ORDER_MESSAGE = (
 REVERSE_TRANSFORM_MESSAGE = (
     "IFT and Neumann cannot run under torch.func.grad, vjp or jacrev: their backward solves for the adjoint "
     "with torch.autograd inside the transform, which functorch does not allow. Take the gradient with "
-    "loss.backward() or torch.autograd.grad (forward-mode transforms, torch.func.jvp and jacfwd, work), or "
+    "loss.backward() or torch.autograd.grad (torch.func.jvp works, and jacfwd with Neumann), or "
     "use JFB, Phantom, RAG or Unrolled, whose graphs are plain autograd."
 )
 

@@ -1,7 +1,8 @@
 """The one loop every solver runs in: per-sample stopping, best and last iterate, failure codes.
 
-What the loop keeps per step (residuals, which samples were active) goes into buffers allocated once for
-``max_iter`` steps: small tensors kept alive between large per-step temporaries fragment the CPU heap, and
+What the loop keeps per step (residuals, which samples were active) goes into buffers written in place
+(allocated once for ``max_iter`` steps with ``tol=None``; for an adaptive solve 64 rows at first, doubled as
+needed): small tensors kept alive between large per-step temporaries fragment the CPU heap, and
 then a process's memory grows with the step count even though nothing large is kept.
 """
 
@@ -289,7 +290,8 @@ _FIRST_ROWS = 64  # steps an adaptive solve keeps room for at first; doubled as 
 
 
 class _Record:
-    """Everything the loop keeps between steps, in buffers allocated once and written in place.
+    """Everything the loop keeps between steps, in buffers written in place (an adaptive solve's rows doubled
+    as needed).
 
     ``active[k - 1]`` marks the samples that step ``k`` moves; ``abs`` and ``res`` hold each step's absolute
     and stop-mode residuals (one buffer in ``"abs"`` mode) and ``size`` each step's ``||f(z)||``; ``best`` is a

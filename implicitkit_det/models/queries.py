@@ -51,7 +51,9 @@ class InitialQueries(nn.Module):
 
     With ``"image"`` every query starts equal in position, so only its content tells it apart; with
     ``"grid"`` each starts on its own part of the image (an anchor, as in Anchor DETR), which tells the
-    queries apart from the first step. Either way the decoder's layers move the boxes.
+    queries apart from the first step. Either way the decoder's layers move the boxes. The kind is saved in
+    the state dict (``on_grid``, a one-byte buffer): loading weights saved with the other kind warns, and
+    older state dicts without it load quietly.
 
     Arguments:
         num_queries: ``N``.

@@ -34,7 +34,6 @@ from _common import DEFAULT_OUT, command_line, machine, markdown_table
 from implicitkit_det.data import DetectionBatch
 from implicitkit_det.engine import build_optimizer, train_one_epoch
 from implicitkit_det.models import build_model
-from implicitkit_det.models.registry import read_overrides
 
 CLASSES = 80
 PAPER_STEPS = (1, 3, 6, 9, 12, 20)
@@ -159,6 +158,10 @@ def parameters(config: str, **overrides: Any) -> int:
 def read_by(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The options shared by every compared detector that `config`'s architecture reads (the DEQ schedule
     is DEQDet's only)."""
+    try:
+        from implicitkit_det.models.registry import read_overrides
+    except ImportError:  # the library of an older checkout (train_step_profile's --baseline) reads them all
+        return overrides
     return read_overrides(config, overrides)[0]
 
 

@@ -129,11 +129,10 @@ def _solve_flat(
     (the one place a solve's failures raise or warn)."""
 
     def f_flat(z: Tensor) -> Tensor:
-        if z.is_inference():  # no version counter to read (torch.inference_mode)
-            return flatten(f(unflatten(z, spec)), spec)
-        version = z._version  # the state's leaves are views of the solver's own iterate
+        # The state's leaves are views of the solver's own iterate (inference tensors keep no version).
+        version = None if z.is_inference() else z._version
         fz = flatten(f(unflatten(z, spec)), spec)
-        if z._version != version:
+        if version is not None and z._version != version:
             raise RuntimeError(IN_PLACE_MESSAGE)
         return fz
 

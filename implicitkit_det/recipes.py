@@ -10,6 +10,7 @@ import itertools
 
 from .data import DigitsDetectionConfig, build_digits_detection
 from .models import CONFIGS, architecture_of
+from .models.configs import parse_model_args
 from .models.registry import unread_overrides
 from .pretrain import PretrainConfig, pretrain_backbone
 
@@ -56,14 +57,11 @@ def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> li
     return args
 
 
-_GIVEN = object()  # a value no field has: the recipe's options are text, compared by name only
-
-
 def _read_by(config: str, options: tuple[str, ...]) -> list[str]:
     """`options` without the ``--model-arg KEY=VALUE`` pairs that `config`'s architecture does not read (the
     shared DEQ schedule, for AdaMixer and Sparse R-CNN)."""
-    keys = [value.split("=", 1)[0] for flag, value in itertools.pairwise(options) if flag == "--model-arg"]
-    unread = set(unread_overrides(config, dict.fromkeys(keys, _GIVEN)))
+    pairs = [value for flag, value in itertools.pairwise(options) if flag == "--model-arg"]
+    unread = set(unread_overrides(config, parse_model_args(pairs)))  # read as the command line reads them
     out: list[str] = []
     words = iter(options)
     for word in words:

@@ -16,12 +16,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch._C._functorch import peek_interpreter_stack
 from torch.utils._pytree import TreeSpec
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
-from .tangent import TangentRule, attach_tangent, primal, refuse_forward_over_reverse, under_reverse_transform
+from .tangent import (
+    TangentRule,
+    attach_tangent,
+    in_transform,
+    primal,
+    refuse_forward_over_reverse,
+    under_reverse_transform,
+)
 
 AdjointRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
@@ -147,7 +153,7 @@ def attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule
     if under_reverse_transform():
         raise RuntimeError(REVERSE_TRANSFORM_MESSAGE)
     z_leaves, treespec = leaves_of(z_star)
-    if peek_interpreter_stack() is not None:  # inside torch.func.jvp / jacfwd
+    if in_transform():  # inside torch.func.jvp / jacfwd
         # z* needs no grad: a graph to what f closes over only. Whether anything needs a gradient cannot be
         # read here (the transform's tensors report requires_grad=False); autograd decides it below.
         with torch.enable_grad():

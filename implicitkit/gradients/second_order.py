@@ -23,12 +23,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch._C._functorch import peek_interpreter_stack
 
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
 from .adjoint import AdjointRule, attach_reverse
-from .tangent import primal, refuse_forward_over_reverse
+from .tangent import in_transform, primal, refuse_forward_over_reverse
 
 SecondOrderRule = Callable[[Tensor, Linearization], Tensor]  # (g with its graph, lin at z1) -> u with a graph
 
@@ -133,7 +132,7 @@ def attach_twice_differentiable(
     """
     if not torch.is_grad_enabled():
         return z_star
-    if peek_interpreter_stack() is not None:  # torch.func.jvp/jacfwd: a first-order graph (the tangent after)
+    if in_transform():  # torch.func.jvp/jacfwd: a first-order graph (the tangent after)
         return attach_reverse(f, z_star, rule, IN_TRANSFORM_MESSAGE.format(name=name))
     lin0 = Linearization(f, z_star)
     if not lin0.reaches_beyond_z():

@@ -39,6 +39,12 @@ def under_vmap() -> bool:
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
+def in_transform() -> bool:
+    """Inside some ``torch.func`` transform (``jvp``, ``jacfwd``, ``vmap``, ``grad``...), where tensors are
+    wrapped: they report ``requires_grad=False`` and refuse ``requires_grad_``."""
+    return peek_interpreter_stack() is not None
+
+
 def under_reverse_transform() -> bool:
     """Some ``torch.func.grad``, ``vjp`` or ``jacrev`` (functorch's reverse mode) is transforming the call."""
     return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
@@ -145,8 +151,8 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
 
     with torch.no_grad():
         t = rule(b, jvp)
-    in_transform = peek_interpreter_stack() is not None  # where tensors report requires_grad=False
-    anchors = [primal(y) for y in fz_leaves if y.requires_grad or in_transform]
+    wrapped = in_transform()  # its tensors report requires_grad=False
+    anchors = [primal(y) for y in fz_leaves if y.requires_grad or wrapped]
     if torch.is_grad_enabled() and anchors:
         t = _NoReverse.apply(t, *anchors)  # a loss on the tangent must not lose its path silently
     t_leaves, _ = leaves_of(unflatten(t, spec))

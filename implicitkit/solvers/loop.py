@@ -329,22 +329,23 @@ class _Record:
             self._grow(min(self.steps, 2 * self._rows))
 
     def _grow(self, rows: int) -> None:
-        kept, self._rows = self._rows, rows
+        """Room for ``rows`` steps, the rows written so far copied into the new buffers."""
+        self._rows = rows
 
-        def grown(name: str, extra: int = 0) -> Tensor:
-            shape = (rows + extra, self._batch)
-            if name == "active":  # every sample moves until a stop rule says otherwise
-                fresh = torch.ones(shape, device=self._device, dtype=torch.bool)
-            else:
-                fresh = self._new(shape)
-            if kept:
-                fresh[: kept + extra].copy_(getattr(self, name)[: kept + extra])
+        def grown(name: str, fresh: Tensor) -> Tensor:
+            old = getattr(self, name, None)
+            if old is not None:
+                fresh[: len(old)].copy_(old)
             return fresh
 
-        self.abs = grown("abs")
-        self.res = self.abs if self.stop_mode == "abs" else grown("res")
-        self.size = grown("size")
-        self.active = grown("active", extra=1)  # a spare last row
+        shape = (rows, self._batch)
+        self.abs = grown("abs", self._new(shape))
+        self.res = self.abs if self.stop_mode == "abs" else grown("res", self._new(shape))
+        self.size = grown("size", self._new(shape))
+        # Every sample moves until a stop rule says otherwise; a spare last row.
+        self.active = grown(
+            "active", torch.ones(rows + 1, self._batch, device=self._device, dtype=torch.bool)
+        )
         # Row views made once per size: indexing a tuple costs nothing, indexing a tensor is an operation.
         self.abs_rows, self.res_rows, self.size_rows = (
             self.abs.unbind(0),

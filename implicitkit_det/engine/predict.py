@@ -70,9 +70,8 @@ def load_detector(
     config = state.get("config") or {}
     if "name" not in config or "num_classes" not in config:
         raise ValueError(f"{checkpoint} holds no model config; it was not written by this project's training")
-    overrides, _ = read_overrides(
-        config["name"], config.get("overrides", {})
-    )  # options shared by every detector
+    # A run's options may serve every detector: build with those this one reads.
+    overrides, _ = read_overrides(config["name"], config.get("overrides", {}))
     model = build_model(config["name"], config["num_classes"], **overrides)
     load_checkpoint(state, model=model)
     saved_size, saved_max = config.get("input_size") or (None, None)

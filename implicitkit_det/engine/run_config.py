@@ -347,3 +347,8 @@ def _check_config(cfg: RunConfig) -> None:
         raise RunConfigError(
             f"--deq-tol / --deq-solver: {cfg.config} ({arch}) has no early exit ({', '.join(early)} has)"
         )
+    if cfg.deq_solver not in (None, "fixed") and cfg.deq_tol is None:
+        raise RunConfigError(
+            f"--deq-solver {cfg.deq_solver}: the solver runs only with an early exit; give --deq-tol too (e.g. "
+            "--deq-tol 1e-3), or drop --deq-solver: without a tolerance F is applied exactly --deq-steps times"
+        )

@@ -59,3 +59,16 @@ class DEQSparseRCNN(DEQDet):
                 f"test_tol={value!r}: DEQ Sparse R-CNN has no early exit (it is DEQDet's only: its tolerance "
                 "is measured on DEQDet's xyzr boxes); keep test_tol=None and set test_steps, or use DEQDet"
             )
+
+    @property
+    def test_solver(self) -> str:
+        """Always ``"fixed"``: with no early exit there is no solver to choose."""
+        return "fixed"
+
+    @test_solver.setter
+    def test_solver(self, value: str) -> None:
+        if value != "fixed":
+            raise ValueError(
+                f"test_solver={value!r}: DEQ Sparse R-CNN has no early exit, so no solver to choose (F is applied "
+                "exactly test_steps times); keep test_solver='fixed', or use DEQDet for an early exit"
+            )

@@ -216,7 +216,13 @@ def test_deq_sparse_rcnn_refuses_an_early_exit_tolerance_on_every_path():
             set_it()
     with pytest.raises(ValueError, match=r"does not read test_tol=0.001 \(read by deqdet\)"):
         build_model("deq_sparse_rcnn_tiny", 3, test_tol=1e-3)
-    model.configure_test(test_tol=None, test_steps=3)  # the fixed count is what it has
+    for set_it in (
+        lambda: model.configure_test(test_solver="anderson"),
+        lambda: setattr(model, "test_solver", "anderson"),
+    ):
+        with pytest.raises(ValueError, match=r"test_solver='anderson': DEQ Sparse R-CNN has no early exit"):
+            set_it()
+    model.configure_test(test_tol=None, test_solver="fixed", test_steps=3)  # the fixed count is what it has
     with torch.no_grad():
         (detections,) = model(torch.randn(1, 3, 64, 64))
     assert model.test_tol is None and model.last_steps.tolist() == [3] and len(detections["boxes"]) > 0

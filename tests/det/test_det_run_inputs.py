@@ -153,6 +153,11 @@ CASES = {
         lambda r: [*_coco(r), "--config", "adamixer_tiny", "--deq-steps", "3"],
         "--deq-steps: adamixer_tiny (adamixer) has no test-time step count",
     ),
+    # Without a tolerance DEQDet applies F a fixed number of times: Anderson would silently not run.
+    "a solver without a tolerance": (
+        lambda r: [*_coco(r), "--deq-solver", "anderson"],
+        "--deq-solver anderson: the solver runs only with an early exit; give --deq-tol too",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._settings import as_count
 from ._tree import State, flatten
 from .linearize import Linearization
 
@@ -50,6 +51,7 @@ def jacobian_frobenius(
     Reference: Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1989; Bai, Koltun &
     Kolter, "Stabilizing equilibrium models by Jacobian regularization", ICML 2021.
     """
+    n_samples = as_count("n_samples", n_samples)
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     if reduction not in _REDUCTIONS:

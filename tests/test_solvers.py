@@ -236,6 +236,9 @@ def test_a_warning_ignored_once_still_shows_when_the_filter_allows_it():
         (lambda v: ik.Phantom(k=v), "k", 2.25),
         (lambda v: ik.RAG(k=v), "k", 1.5),
         (lambda v: ik.GMRES(restart=v), "restart", 2.5),
+        (lambda v: ik.Unrolled(checkpoint_every=v), "checkpoint_every", 1.5),
+        (lambda v: ik.Reversible(checkpoint_every=v), "checkpoint_every", 2.5),  # was a float step modulus
+        (lambda v: ik.jacobian_frobenius(torch.tanh, torch.ones(1, 2), n_samples=v), "n_samples", 1.5),
         (lambda v: ik.fixed_point(lambda z: 0.5 * z, torch.zeros(2, 3), capture=(v,)), "capture step", 2.5),
     ],
 )

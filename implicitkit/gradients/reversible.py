@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._settings import as_count
 from .._tree import State, StateSpec, flatten, unflatten
 from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
@@ -69,6 +70,8 @@ class Reversible(GradientEstimator):
             raise ValueError(
                 f"beta must lie in (0, 2) and not be 1 (a step with beta = 1 cannot be undone), got {beta}."
             )
+        if checkpoint_every is not None:
+            checkpoint_every = as_count("checkpoint_every", checkpoint_every)
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(
                 f"checkpoint_every must be a positive step count or None, got {checkpoint_every}."

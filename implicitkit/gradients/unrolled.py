@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
+from .._settings import as_count
 from .._tree import State
 from ..solvers import Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation
@@ -37,15 +38,13 @@ class Unrolled(GradientEstimator):
     """
 
     def __init__(self, checkpoint_every: int | None = None) -> None:
-        if checkpoint_every is not None and (
-            isinstance(checkpoint_every, bool)
-            or not isinstance(checkpoint_every, int)
-            or checkpoint_every < 1
-        ):
-            raise ValueError(
-                f"checkpoint_every must be a positive number of steps, or None to keep every step's graph; "
-                f"got {checkpoint_every!r}."
-            )
+        if checkpoint_every is not None:
+            checkpoint_every = as_count("checkpoint_every", checkpoint_every)
+            if checkpoint_every < 1:
+                raise ValueError(
+                    "checkpoint_every must be a positive number of steps, or None to keep every step's graph; "
+                    f"got {checkpoint_every!r}."
+                )
         self.checkpoint_every = checkpoint_every
 
     def solve(

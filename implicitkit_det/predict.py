@@ -24,12 +24,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawn PNGs")
     parser.add_argument("--score", type=float, default=0.3, help="draw detections scoring at least this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--deq-steps", type=int, default=None, help="a DEQ detector's refinement steps (default: the run's)"
+    )
     args = parser.parse_args(argv)
     if not 0.0 <= args.score <= 1.0:
         parser.error(f"--score must lie in [0, 1], got {args.score}")
     try:
         results = predict_files(
-            args.checkpoint, args.inputs, args.out, score_threshold=args.score, device=args.device
+            args.checkpoint,
+            args.inputs,
+            args.out,
+            score_threshold=args.score,
+            device=args.device,
+            test_steps=args.deq_steps,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

@@ -19,6 +19,7 @@ from ..data import make_eval_transforms
 from ..models import build_model
 from ..models.registry import read_overrides
 from .checkpoint import load_checkpoint, read_checkpoint
+from .run_config import test_settings_of
 
 __all__ = [
     "Detector",
@@ -57,14 +58,19 @@ def load_detector(
     device: str | torch.device = "cpu",
     image_size: int | None = None,
     max_size: int | None = None,
+    test_steps: int | None = None,
 ) -> Detector:
     """Build the model a checkpoint was trained with, load its weights, and read its input size.
+
+    A DEQ detector runs with the run's test-time settings (``--deq-steps``, ``--deq-tol``, ``--deq-solver``),
+    as its evaluation did.
 
     Arguments:
         checkpoint: a checkpoint written by a training run (``checkpoint_last.pth``, ``checkpoint_best.pth``),
             or its run folder.
         device: where to run it.
         image_size, max_size: the evaluation resize; default the training run's.
+        test_steps: a DEQ detector's refinement steps (the most, with a tolerance); default the run's.
     """
     state = read_checkpoint(checkpoint)
     config = state.get("config") or {}
@@ -74,6 +80,11 @@ def load_detector(
     overrides, _ = read_overrides(config["name"], config.get("overrides", {}))
     model = build_model(config["name"], config["num_classes"], **overrides)
     load_checkpoint(state, model=model)
+    # Checkpoints from before the model record kept them: the run's options hold the same values.
+    settings = config.get("test_settings", test_settings_of(state.get("args") or {}))
+    if test_steps is not None:
+        settings = {**settings, "test_steps": test_steps}
+    model.configure_test(**settings)
     saved_size, saved_max = config.get("input_size") or (None, None)
     if (image_size or saved_size) is None:
         raise ValueError(f"{checkpoint} does not record its input size; pass image_size= (and max_size=)")
@@ -197,8 +208,11 @@ def predict_files(
     *,
     score_threshold: float = 0.3,
     device: str = "cpu",
+    test_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run a checkpoint on image files or folders and write one PNG per image with its detections drawn.
+
+    `test_steps`: a DEQ detector's refinement steps, default the run's (:func:`load_detector`).
 
     Returns:
         Per image: ``{"image", "output", "detections"}`` (the drawn file and the kept detections).
@@ -207,13 +221,19 @@ def predict_files(
     files = image_files(inputs)
     outputs = [out_dir / f"{file.stem}.png" for file in files]
     first: dict[Path, Path] = {}
+    inputs_resolved = {file.resolve() for file in files}
     for file, output in zip(files, outputs, strict=True):
+        if output.resolve() in inputs_resolved:
+            raise ValueError(
+                f"drawing {file} to {output} would overwrite the input image {output}; give --out a folder "
+                "other than the images'"
+            )
         if (earlier := first.setdefault(output, file)) != file:
             raise ValueError(
                 f"{earlier} and {file} would both be drawn to {output}; predict them into separate output "
                 "folders, or rename one"
             )
-    detector = load_detector(checkpoint, device=device)
+    detector = load_detector(checkpoint, device=device, test_steps=test_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for file, output in zip(files, outputs, strict=True):

@@ -46,7 +46,7 @@ from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
 from .progress import RunPosition, StepLog, evaluation_banner, plot_training_curves, training_banner
 from .refinement import refinement_curve, save_refinement_curve, training_depth
-from .run_config import RunConfig, RunConfigError
+from .run_config import RunConfig, RunConfigError, test_settings_of
 from .run_setup import (
     RunData,
     build_run_model,
@@ -80,6 +80,7 @@ def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
         "overrides": dict(cfg.overrides),
         "class_names": list(data.val.category_names),
         "input_size": [cfg.image_size, cfg.max_size],
+        "test_settings": test_settings_of(cfg),
     }
 
 

@@ -164,6 +164,13 @@ def _new_values(options: Mapping[str, Any], given: set[str]) -> dict[str, Any]:
 _TEST_SETTINGS = {"test_steps": "deq_steps", "test_tol": "deq_tol", "test_solver": "deq_solver"}
 
 
+def test_settings_of(options: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The model's test-time settings a run gives (``--deq-steps`` ...), by their names in the model
+    (``test_steps`` ...): a :class:`RunConfig`, or the plain values a checkpoint saves of one."""
+    values = options if isinstance(options, Mapping) else options.to_dict()
+    return {key: values[option] for key, option in _TEST_SETTINGS.items() if values.get(option) is not None}
+
+
 def _fold_test_settings(new: dict[str, Any], checkpoint: Mapping[str, Any] | None) -> None:
     """For a DEQ detector, move ``--model-arg test_steps=`` (``test_tol``, ``test_solver``) out of the
     model overrides to the option that sets the same thing (``--deq-steps`` ...), refusing the two spellings

@@ -33,7 +33,7 @@ from ..models import CONFIGS, build_model
 from ..models.registry import read_overrides
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
 from .process_group import build_sampler
-from .run_config import COCO_SIZE, RunConfig, RunConfigError
+from .run_config import COCO_SIZE, RunConfig, RunConfigError, test_settings_of
 
 __all__ = [
     "RUN_FILES",
@@ -281,7 +281,6 @@ def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> n
         model = build_model(cfg.config, num_classes, **overrides).to(device)
     except ValueError as err:  # a model option out of its range, named by the constructor that refused it
         raise RunConfigError(f"--config {cfg.config} with its --model-arg options: {err}") from err
-    given = {"test_steps": cfg.deq_steps, "test_tol": cfg.deq_tol, "test_solver": cfg.deq_solver}
-    model.configure_test(**{k: v for k, v in given.items() if v is not None})
+    model.configure_test(**test_settings_of(cfg))
     model.low_precision_decoder = cfg.amp_decoder
     return model

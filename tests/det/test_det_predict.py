@@ -158,3 +158,27 @@ def test_two_images_drawn_to_one_file_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=message):  # before the checkpoint is read
         predict_files(tmp_path / "no_checkpoint.pth", [first, second], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_runs_with_the_runs_test_steps(trained_run, tmp_path):
+    """The run evaluated with --deq-steps 2: predict and load_detector run the same, not the preset's count."""
+    from implicitkit_det.engine.predict import load_detector
+    from implicitkit_det.models import build_model
+
+    preset_steps = build_model("deqdet_tiny", 10).test_steps
+    assert preset_steps != 2
+    assert load_detector(trained_run).model.test_steps == 2
+    assert load_detector(trained_run, test_steps=5).model.test_steps == 5
+    # A checkpoint written before the model record kept them: the run's saved options give the same.
+    state = torch.load(trained_run / "checkpoint_last.pth", weights_only=True)
+    del state["config"]["test_settings"]
+    torch.save(state, tmp_path / "older.pth")
+    assert load_detector(tmp_path / "older.pth").model.test_steps == 2
+
+
+def test_drawing_over_an_input_image_is_refused_before_any_work(tmp_path):
+    image = _png(tmp_path / "photos" / "holiday.png")
+    before = image.read_bytes()
+    with pytest.raises(ValueError, match=r"would overwrite the input image .*holiday.png; give --out a folder"):
+        predict_files(tmp_path / "no_checkpoint.pth", [tmp_path / "photos"], tmp_path / "photos")
+    assert image.read_bytes() == before

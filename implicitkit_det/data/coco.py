@@ -162,6 +162,12 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         self._images: dict[int, dict[str, Any]] = {}
         for i, img in enumerate(images):
             _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
+            if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+                # COCO's ids are integers; the evaluator and the samples' image_id rely on it.
+                raise CocoFormatError(
+                    f"{path}: images[{i}] has id {img['id']!r} ({type(img['id']).__name__}); COCO image ids are "
+                    "integers: number the images and refer to them by those numbers in the annotations."
+                )
             if img["id"] in self._images:
                 raise CocoFormatError(
                     f"{path}: image id {img['id']} appears twice; image ids must be unique."

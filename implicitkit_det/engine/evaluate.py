@@ -99,6 +99,8 @@ def evaluate(
         image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
         per image over all processes (each process's repeated padding images included).
     """
+    if boxes_in not in ("input", "original"):
+        raise ValueError(f"boxes_in must be 'input' or 'original', got {boxes_in!r}")
     model.eval()
     evaluator.reset()
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from ..evaluation import CocoEvaluator, to_coco_results
 from ..models.detector import QueryDetector
 from .evaluate import rescale_to_original
 from .process_group import unwrap
+from .train import autocast
 
 __all__ = [
     "plot_refinement_curve",
@@ -55,6 +56,7 @@ def refinement_curve(
     max_steps: int,
     device: torch.device,
     label_to_category_id: Sequence[int] | None = None,
+    amp: bool = False,
 ) -> list[dict[str, float]]:
     """COCO AP of ``y_n = L_n(... L_1(L_0(q_0)))`` for ``n = 0 .. max_steps``: the refinement-awareness figure.
 
@@ -69,6 +71,7 @@ def refinement_curve(
         coco_gt: the ground truth (``dataset.coco``).
         max_steps: the last step scored; beyond the training depth shows whether AP holds.
         label_to_category_id: the dataset's map from labels to category ids.
+        amp: under :func:`~implicitkit_det.engine.train.autocast`, as the evaluation of an ``--amp`` run.
 
     Returns:
         One dict per step: ``steps``, ``AP``, ``AP50``, ``AP75``.
@@ -80,16 +83,20 @@ def refinement_curve(
     evaluators = [CocoEvaluator(coco_gt) for _ in range(max_steps + 1)]
     for batch in loader:
         batch = batch.to(device)
-        sizes = model.image_sizes(batch.images, mask=batch.mask)
-        features = model.features(batch.images)
         ids = [t["image_id"] for t in batch.targets]
-        state = model.queries(sizes)
-        for evaluator, layer in zip(evaluators, refinement_layers(model)):
-            state = layer(state, features, sizes)
-            detections = rescale_to_original(
-                model.postprocess(layer.predict(state, sizes), sizes), batch.targets
-            )
-            evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
+        # The precision of the model's own forward (evaluate's): its backbone under autocast, its decoder
+        # as decoder_precision says.
+        with autocast(device, amp):
+            sizes = model.image_sizes(batch.images, mask=batch.mask)
+            features = model.features(batch.images)
+            with model.decoder_precision(device.type):
+                features = [level.to(sizes.dtype) for level in features]
+                state = model.queries(sizes)
+                for evaluator, layer in zip(evaluators, refinement_layers(model)):
+                    state = layer(state, features, sizes)
+                    outputs = layer.predict(state, sizes)
+                    detections = rescale_to_original(model.postprocess(outputs, sizes), batch.targets)
+                    evaluator.update(to_coco_results(detections, ids, label_to_category_id), image_ids=ids)
     curve = []
     for n, evaluator in enumerate(evaluators):
         evaluator.synchronize()

@@ -364,7 +364,7 @@ def _pictures(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo) -
         loader = _val_loader(cfg, data, info)
         curve = refinement_curve(
             model, loader, data.val.coco, max_steps=cfg.refinement_curve, device=info.device,
-            label_to_category_id=data.val.label_to_category_id,
+            label_to_category_id=data.val.label_to_category_id, amp=cfg.amp,
         )  # fmt: skip
         say("  ".join(f"{p['steps']}: {p['AP']:.3f}" for p in curve))
         if is_main_process():

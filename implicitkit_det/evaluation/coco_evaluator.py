@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -62,7 +63,9 @@ class CocoEvaluator:
 
     Typical use: ``update(results, image_ids)`` per batch, then ``synchronize()`` and ``summarize()`` once.
     Results of an image already seen are ignored (a distributed sampler pads its last batch by repeating
-    images), both within a process and, after ``synchronize``, across processes.
+    images), both within a process and, after ``synchronize``, across processes; within a process, a repeat
+    that brings other results than those kept (an image's detections split over two calls) is warned of.
+    A result whose box or score is not finite is refused (pycocotools would score a NaN box as a match).
 
     Which images are scored: those passed as ``image_ids`` to :meth:`update` (together with any image that
     has results) when ``image_ids`` was ever given; otherwise every image of the ground truth, so an image
@@ -116,12 +119,20 @@ class CocoEvaluator:
                     "with the dataset's label_to_category_id."
                 )
             bbox = [float(v) for v in r["bbox"]]
+            score = float(r["score"])
+            if len(bbox) != 4 or not all(map(math.isfinite, [*bbox, score])):
+                # pycocotools scores a NaN box as a match, faster-coco-eval as a miss: refuse it instead.
+                raise ValueError(
+                    f"result for image id {r['image_id']} has bbox {r['bbox']} and score {r['score']}: a bbox "
+                    "is four finite numbers [x, y, w, h] and a score is finite. A NaN or infinite box comes "
+                    "from a diverged model: evaluate a checkpoint from before it diverged."
+                )
             groups.setdefault(int(r["image_id"]), []).append(
                 {
                     "image_id": int(r["image_id"]),
                     "category_id": r["category_id"],
                     "bbox": bbox,
-                    "score": float(r["score"]),
+                    "score": score,
                 }
             )
         ids = list(groups)
@@ -133,6 +144,13 @@ class CocoEvaluator:
                 raise ValueError(f"image id {image_id} is not in the ground truth; results must use its ids.")
             if image_id in self._per_image:
                 self.duplicates += 1
+                if groups.get(image_id, []) != self._per_image[image_id]:
+                    warnings.warn(
+                        f"image id {image_id} was given again with other results; the first ones are kept (a "
+                        "repeated image is how a distributed sampler pads its last batch). Give all of an "
+                        "image's detections in one update() call.",
+                        stacklevel=2,
+                    )
                 continue
             self._per_image[image_id] = groups.get(image_id, [])
 

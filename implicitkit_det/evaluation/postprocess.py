@@ -55,6 +55,11 @@ class PostProcess(nn.Module):
             by decreasing score, ``k = min(num_select, N * C)``.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if orig_sizes.shape != (len(logits), 2):
+            raise ValueError(
+                f"orig_sizes has shape {tuple(orig_sizes.shape)} for {len(logits)} images; give one (h, w) per "
+                "image, [B, 2], e.g. torch.stack([t['orig_size'] for t in targets])"
+            )
         n, c = logits.shape[1:]
         k = min(self.num_select, n * c)
         scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)

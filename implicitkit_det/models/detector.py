@@ -221,14 +221,17 @@ class QueryDetector(nn.Module, ABC):
         """
         if isinstance(targets, Tensor):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
+        _check_images(images)
         sizes = self.image_sizes(images, targets, mask)
         features = self.features(images)
-        with self._decoder_precision(images.device.type):
+        with self.decoder_precision(images.device.type):
             features = [level.to(sizes.dtype) for level in features]
             return self._decode(features, sizes, targets, images, branchwise, loss_scale)
 
-    def _decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
-        """Autocast switched off for the decoder, unless :attr:`low_precision_decoder` asks for it."""
+    def decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The decoder's precision inside an autocast region: autocast switched off, unless
+        :attr:`low_precision_decoder` asks for it. Code that runs the decoder's layers itself (the refinement
+        curve) enters it as :meth:`forward` does, so that it computes the same numbers."""
         if self.low_precision_decoder or not torch.is_autocast_enabled(device_type):
             return contextlib.nullcontext()
         return torch.autocast(device_type, enabled=False)
@@ -304,9 +307,10 @@ class QueryDetector(nn.Module, ABC):
             images, mask: as for :meth:`forward`.
             image_sizes: ``[B, 2]`` real ``(h, w)``; default from ``mask``.
         """
+        _check_images(images)
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
         features = self.features(images)
-        with self._decoder_precision(images.device.type):
+        with self.decoder_precision(images.device.type):
             return self.inference_outputs([level.to(sizes.dtype) for level in features], sizes)
 
     def losses(
@@ -384,6 +388,18 @@ class _DeliverGradients(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         # One multi-tensor multiply (as torch's optimisers use), not one call per parameter.
         return (None, *torch._foreach_mul(grads, grad_output))
+
+
+def _check_images(images: Tensor) -> None:
+    """Refuse what cannot be a normalised batch: integer pixels, or not ``[B, 3, H, W]``."""
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images are {images.dtype}; the detectors take float images normalised by ImageNet's mean and std, "
+            "as make_eval_transforms / make_train_transforms give them (ToDtype(float32, scale=True), then "
+            "Normalize), batched by collate_detection"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a [B, 3, H, W] batch, got shape {tuple(images.shape)}")
 
 
 def _check_mask(mask: Tensor, images: Tensor) -> None:

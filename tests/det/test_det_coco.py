@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -95,6 +96,17 @@ def test_unknown_category_names_annotation_and_category(make_coco):
 def test_annotation_of_unknown_image(make_coco):
     with pytest.raises(CocoFormatError, match=r"annotation id 8 refers to image id 77"):
         CocoDetectionDataset(*make_coco(annotations=[{**GOOD_ANN, "id": 8, "image_id": 77}]))
+
+
+@pytest.mark.parametrize("image_id", ["img_a", "7", 2.0])
+def test_an_image_id_that_is_not_an_integer_is_refused(make_coco, image_id):
+    # "7" used to load as image 7 and then be "not in the ground truth" at evaluation; "img_a" failed in int().
+    img_dir, ann_file = make_coco(annotations=[])
+    entries = json.loads(ann_file.read_text())
+    entries["images"][0]["id"] = image_id
+    ann_file.write_text(json.dumps(entries))
+    with pytest.raises(CocoFormatError, match=r"images\[0\] has id .*; COCO image ids are integers"):
+        CocoDetectionDataset(img_dir, ann_file)
 
 
 def test_duplicate_annotation_id(make_coco):

@@ -255,3 +255,8 @@ def test_wrong_model_outputs_are_explained():
         evaluate(
             model, batches(1), CocoEvaluator({"images": [], "categories": []}), device=CPU, verbose=False
         )
+    # A misspelt frame skipped the rescale to the stored image's pixels: AP 0 without a word.
+    with pytest.raises(ValueError, match=r"boxes_in must be 'input' or 'original', got 'Input'"):
+        evaluate(
+            model, batches(1), CocoEvaluator({"images": [], "categories": []}), device=CPU, boxes_in="Input"
+        )

@@ -149,9 +149,26 @@ def test_no_predictions_give_zeros(backend):
 def test_repeated_image_keeps_its_first_results():
     ev = CocoEvaluator(GT)
     ev.update(perfect())
-    ev.update([{"image_id": 1, "category_id": 5, "bbox": [150.0, 150, 5, 5], "score": 1.0}], image_ids=[1])
+    ev.update([r for r in perfect() if r["image_id"] == 1], image_ids=[1])  # a padded repeat: quiet
     assert ev.duplicates == 1
+    # Other results for a seen image (an image's detections split over two calls) are said, not dropped quietly.
+    other = [{"image_id": 1, "category_id": 5, "bbox": [150.0, 150, 5, 5], "score": 1.0}]
+    with pytest.warns(
+        UserWarning, match="image id 1 was given again with other results; the first ones are kept"
+    ):
+        ev.update(other, image_ids=[1])
+    assert ev.duplicates == 2
     assert ev.summarize(verbose=False)["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"bbox": [float("nan"), 1.0, 2.0, 3.0]}, {"score": float("nan")}, {"bbox": [1.0, 2.0, 3.0]}]
+)
+def test_a_non_finite_or_malformed_result_is_refused(bad):
+    # pycocotools scored a NaN box as a correct detection (AP 1.0), faster-coco-eval as a miss.
+    result = {"image_id": 1, "category_id": 5, "bbox": [10.0, 10, 5, 5], "score": 0.9, **bad}
+    with pytest.raises(ValueError, match=r"result for image id 1 has bbox .*: a bbox is four finite numbers"):
+        CocoEvaluator(GT).update([result])
 
 
 def test_image_ids_restrict_the_scored_images(caplog):
@@ -228,6 +245,13 @@ def test_postprocess_topk_and_scaling():
         wrong = {**det, "labels": torch.tensor(bad * 6)}
         with pytest.raises(ValueError, match=rf"image 7: labels {bad[0]}..{bad[0]} outside the 2 classes"):
             to_coco_results([wrong], [7], label_to_category_id=[5, 9])
+    # One (h, w) for two images gave both the first's size; a bare (h, w) failed inside the indexing.
+    two = {"pred_logits": logits.repeat(2, 1, 1), "pred_boxes": boxes.repeat(2, 1, 1)}
+    for sizes in (torch.tensor([[100, 200]]), torch.tensor([100, 200])):
+        with pytest.raises(
+            ValueError, match=r"orig_sizes has shape .* for 2 images; give one \(h, w\) per image"
+        ):
+            PostProcess(num_select=3)(two, sizes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

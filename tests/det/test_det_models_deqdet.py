@@ -81,6 +81,17 @@ def test_image_sizes_from_targets_mask_or_padding():
     torch.testing.assert_close(DEQDet.image_sizes(images), torch.tensor([[64.0, 96.0], [64.0, 96.0]]))
 
 
+def test_images_that_are_not_a_normalised_batch_are_refused():
+    model = tiny().eval()
+    images, _, _ = batch()
+    with pytest.raises(
+        TypeError, match=r"images are torch.uint8; the detectors take float images normalised"
+    ):
+        model((images * 50).to(torch.uint8))  # a dataset built without transforms
+    with pytest.raises(ValueError, match=r"images must be a \[B, 3, H, W\] batch, got shape \(3, 64, 96\)"):
+        model.predict(images[0])
+
+
 def test_a_mask_that_would_give_wrong_sizes_is_refused():
     """An inverted mask (True = valid, other libraries' pixel_mask) read as the whole padded size."""
     images, mask, _ = batch()

@@ -179,6 +179,45 @@ def test_predict_runs_with_the_runs_test_steps(trained_run, tmp_path):
 def test_drawing_over_an_input_image_is_refused_before_any_work(tmp_path):
     image = _png(tmp_path / "photos" / "holiday.png")
     before = image.read_bytes()
-    with pytest.raises(ValueError, match=r"would overwrite the input image .*holiday.png; give --out a folder"):
+    with pytest.raises(
+        ValueError, match=r"would overwrite the input image .*holiday.png; give --out a folder"
+    ):
         predict_files(tmp_path / "no_checkpoint.pth", [tmp_path / "photos"], tmp_path / "photos")
     assert image.read_bytes() == before
+
+
+def test_the_curve_of_an_amp_run_scores_what_its_evaluation_scores(tiny_digits, monkeypatch):
+    """Under --amp the evaluation runs the backbone in bfloat16: the curve must too, or its points differ."""
+    from implicitkit_det.data import CocoDetectionDataset, collate_detection, make_eval_transforms
+    from implicitkit_det.engine.evaluate import evaluate
+    from implicitkit_det.evaluation import CocoEvaluator
+    from implicitkit_det.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("deqdet_tiny", 10, num_queries=6, test_steps=2).eval()
+    with torch.no_grad():  # weights away from their initial values (zero box regressor), as trained ones are
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    data = CocoDetectionDataset(
+        tiny_digits.images("val"),
+        tiny_digits.annotations("val"),
+        transforms=make_eval_transforms(size=64, max_size=96),
+    )
+    loader = [collate_detection([data[0], data[1]])]
+    seen = []
+    monkeypatch.setattr(
+        CocoEvaluator, "update", lambda self, results, image_ids=None: seen.append(list(results))
+    )
+    cpu, ids = torch.device("cpu"), data.label_to_category_id
+    evaluate(
+        model, loader, CocoEvaluator(data.coco), device=cpu, label_to_category_id=ids, amp=True, verbose=False
+    )
+    for amp in (True, False):
+        refinement_curve(model, loader, data.coco, max_steps=2, device=cpu, label_to_category_id=ids, amp=amp)
+    evaluated, amp_curve, float32_curve = seen[0], seen[3], seen[6]
+
+    def boxes_and_scores(results):
+        return torch.tensor([[*r["bbox"], r["score"]] for r in results])
+
+    torch.testing.assert_close(boxes_and_scores(amp_curve), boxes_and_scores(evaluated), rtol=0, atol=1e-4)
+    assert not torch.allclose(boxes_and_scores(float32_curve), boxes_and_scores(evaluated), rtol=0, atol=1e-4)

@@ -60,6 +60,11 @@ def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> tuple[
     """
     if not images:
         raise ValueError("cannot batch an empty list of images")
+    if isinstance(size_divisor, bool) or not isinstance(size_divisor, int) or size_divisor < 1:
+        raise ValueError(
+            f"size_divisor must be a positive whole number of pixels (32: the coarsest backbone stride), got "
+            f"{size_divisor!r}"
+        )
     kinds = sorted({(int(img.shape[0]), str(img.dtype)) for img in images})
     if len(kinds) > 1:  # copying into one batch would cast (a uint8 image among normalised floats) or fail
         raise ValueError(

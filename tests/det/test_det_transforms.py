@@ -168,6 +168,9 @@ def test_pad_images_and_mask():
         ValueError, match=r"share channels and dtype, got \(channels, dtype\) \[\(3, 'torch.float32'\)"
     ):
         pad_images([a, torch.ones(3, 8, 8, dtype=torch.uint8)])  # the raw image would be cast, not refused
+    for bad in (0, -32, 32.0):  # 0 divided by zero, -32 gave a negative size
+        with pytest.raises(ValueError, match=rf"size_divisor must be a positive whole number .*got {bad!r}"):
+            pad_images([a], size_divisor=bad)
 
 
 def test_collate_keeps_targets_and_sizes(coco_files):

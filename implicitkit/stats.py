@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -183,8 +184,10 @@ def apply_failure_policy(policy: str, stats: SolverStats) -> None:
     )
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+# With the separator: ".../implicitkit" alone is also the start of ".../implicitkit_det/..." (and
+# ".../torch" of ".../torchvision/..."), whose calls are call sites of their own.
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
 _WARNED: set[tuple] = set()
 
 

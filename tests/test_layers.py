@@ -199,6 +199,20 @@ def test_a_dim_out_of_range_is_refused_not_wrapped(normalise):
     assert normalise(nn.Conv2d(3, 8, 3), dim=-4) is not None  # in range: as PyTorch's own
 
 
+@pytest.mark.parametrize("normalise", [ik.weight_norm, ik.spectral_norm])
+def test_a_trained_model_deep_copies_after_a_solve(normalise):
+    """An EMA or best-model snapshot (copy.deepcopy) after a training step: the cached weight of the last
+    solve is a graph tensor that deepcopy refused; a copy starts outside any solve."""
+    import copy
+
+    deq = ik.DEQ(Cell(), solver=ik.FixedPointIteration(**TIGHT), gradient=ik.JFB())
+    deq.cell.lin = normalise(deq.cell.lin)
+    x, c = inputs()
+    (c * deq(torch.zeros_like(x), x).value).sum().backward()
+    twin = copy.deepcopy(deq).eval()
+    torch.testing.assert_close(twin(torch.zeros_like(x), x).value, deq.eval()(torch.zeros_like(x), x).value)
+
+
 # -- spectral norm -----------------------------------------------------------------------------------------
 def test_spectral_norm_advances_once_per_solve_with_exact_gradient(monkeypatch):
     calls = count_calls(monkeypatch, SpectralNorm)

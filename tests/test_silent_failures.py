@@ -48,6 +48,21 @@ def test_default_forward_failure_warns_once_per_call_site():
     assert warning.filename == __file__  # attributed to the caller, not to the library
 
 
+def test_a_sibling_package_whose_name_starts_like_the_librarys_is_a_call_site_of_its_own():
+    # ".../implicitkit_det/..." starts with ".../implicitkit": its two solves were one site of the outer caller.
+    from implicitkit import stats
+
+    source = "import implicitkit as ik\ndef solve(f, z, s):\n    return ik.fixed_point(f, z, solver=s)\n"
+    code = compile(source, stats._PACKAGE_DIR.rstrip("/\\") + "_det/models/detector.py", "exec")
+    namespace: dict = {}
+    exec(code, namespace)
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        namespace["solve"](slow_cell(x), torch.zeros_like(x), ik.FixedPointIteration(tol=1e-6))
+    assert [w.filename for w in caught] == [code.co_filename]
+
+
 def test_every_occurrence_when_the_filter_asks_and_none_when_reported():
     x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
     with warnings.catch_warnings(record=True) as caught:

@@ -120,6 +120,11 @@ class OncePerSolve(nn.Module):
     def new_solve_state(self) -> _Cache:
         return _Cache(torch.is_grad_enabled())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy for an EMA or best-model snapshot, pickling) starts outside any solve: the
+        # cached weight is a non-leaf tensor of the last solve's graph, which deepcopy refuses.
+        return {**super().__getstate__(), "solve_state": None}
+
     def compute(self, *originals: Tensor) -> Tensor:
         """The parametrized tensor from the raw ones."""
         raise NotImplementedError

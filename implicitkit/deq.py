@@ -22,7 +22,10 @@ class DEQ(nn.Module):
     configuration objects and can be swapped at any time (for example more solver steps at test time).
     Each forward starts a new solve for the cell's per-solve layers (:class:`~implicitkit.VariationalDropout`,
     :func:`~implicitkit.weight_norm`, :func:`~implicitkit.spectral_norm`): one mask and one normalised weight
-    serve every application of the cell that belongs to this solve, backward and path branches included.
+    serve every application of the cell that belongs to this solve, backward and path branches included
+    (:meth:`~implicitkit.Path.stacked`'s map too). Those layers are found among the cell's submodules, so a
+    cell that uses them must be an ``nn.Module`` holding them, not a function or lambda. A DEQ inside another
+    DEQ's cell keeps the outer solve's masks and weights.
 
     Arguments:
         cell: an ``nn.Module`` (or callable) taking the state first and any inputs after it; it returns a new
@@ -69,6 +72,8 @@ class DEQ(nn.Module):
             capture=capture,
             has_aux=self.has_aux,
         )
+        if scope is not None:
+            sol.path._bind_maps(scope.bind)  # Path.stacked's map too sees this solve's masks and weights
         sol.value  # noqa: B018 (a module's output must hold its tensors when forward returns)
         return sol
 

@@ -48,6 +48,7 @@ class Path(Sequence):
         self._make_branch = make_branch
         self._make_stacked = make_stacked
         self._make_states = make_states
+        self._bind: Callable[[Callable], Callable] = lambda f: f
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -81,7 +82,12 @@ class Path(Sequence):
                 "this path cannot stack its branches (its estimator builds a branch from more than the state, "
                 "as Reversible does); index the path one branch at a time instead"
             )
-        return self._make_stacked(f_stacked)
+        return self._make_stacked(self._bind(f_stacked))
+
+    def _bind_maps(self, bind: Callable[[Callable], Callable]) -> None:
+        """Run the maps given to :meth:`stacked` through ``bind``: :class:`~implicitkit.DEQ` binds them to
+        its solve's per-solve states (masks, normalised weights), as it binds the branches' own map."""
+        self._bind = bind
 
     def states(self) -> list[State]:
         """The captured states ``z_{s_1}, ..., z_{s_n}`` themselves, as the solver left them: no estimator applied.

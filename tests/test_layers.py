@@ -87,6 +87,52 @@ def test_mask_is_fixed_within_a_solve_changes_between_solves_and_is_off_in_eval(
     assert torch.equal(drop(x), x)
 
 
+def test_a_deq_inside_another_deqs_cell_keeps_the_outer_solves_mask():
+    """The inner DEQ starts a solve at every outer step; redrawing its mask each time changed the outer map
+    from step to step, and the outer solve never converged (0/16 samples)."""
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            inner = Cell(ik.VariationalDropout(0.3, generator=torch.Generator().manual_seed(0)))
+            self.inner = ik.DEQ(inner, solver=ik.FixedPointIteration(**TIGHT))
+            self.lin = nn.Linear(D, D).double()
+
+        def forward(self, z, x):
+            return torch.tanh(0.3 * self.lin(self.inner(torch.zeros_like(z), 0.5 * z + x).value) + x)
+
+    torch.manual_seed(0)
+    outer = ik.DEQ(Outer(), solver=ik.FixedPointIteration(tol=1e-9, max_iter=100, on_failure="report"))
+    x, _ = inputs()
+    drop = outer.cell.inner.cell.extra
+    masks = []
+    for _ in range(2):
+        sol = outer.train()(torch.zeros_like(x), x)
+        assert bool(sol.stats.converged.all()), sol.stats.summary()
+        masks.append(drop.mask.clone())
+    assert not torch.equal(*masks)  # one mask per outer solve, a new one for the next
+
+
+@pytest.mark.parametrize("dims", [(), (0,)])
+def test_stacked_branches_use_their_solves_mask_after_a_later_solve(dims):
+    """Path.stacked's map ran with the last solve's mask (or refused the stacked rows' shape)."""
+    deq = ik.DEQ(
+        Cell(ik.VariationalDropout(0.5, broadcast_dims=dims)),
+        solver=ik.FixedPointIteration(tol=None, max_iter=6),
+        gradient=ik.RAG(2),
+    ).train()
+    x, c = inputs()
+    sol = deq(torch.zeros_like(x), x, capture=(1, 3, 6))
+    deq(torch.zeros_like(x), x)  # a later solve draws another mask
+    n = len(sol.path)
+    stacked = sol.path.stacked(lambda z: deq.cell(z, x.repeat(n, 1)))
+    for branch, one in zip(stacked.chunk(n), sol.path, strict=True):
+        torch.testing.assert_close(branch, one, rtol=0, atol=1e-14)
+    grads = torch.autograd.grad((c.repeat(n, 1) * stacked).sum(), deq.cell.lin.weight)
+    one_by_one = torch.autograd.grad(sum((c * branch).sum() for branch in sol.path), deq.cell.lin.weight)
+    torch.testing.assert_close(grads, one_by_one, rtol=1e-12, atol=1e-14)
+
+
 def test_variational_dropout_refuses_a_call_outside_a_solve():
     with pytest.raises(RuntimeError, match=r"no solve has started.*ik.new_solve\(cell\)"):
         ik.VariationalDropout(0.1)(torch.ones(2, 3))

@@ -21,9 +21,11 @@ class VariationalDropout(nn.Module):
     An ordinary ``nn.Dropout`` inside a DEQ cell draws a new mask at every application, so the map changes
     from step to step and the solver never converges. Here the mask is drawn on the first call of a solve
     and reused by every later call of the same solve: the solver's steps, the gradient estimator's
-    grad-attached applications, a checkpointed replay. :class:`~implicitkit.DEQ` starts each solve; with
-    :func:`~implicitkit.fixed_point`, call :func:`~implicitkit.new_solve` on the cell first. In eval mode,
-    or with ``p = 0``, it is the identity.
+    grad-attached applications, a checkpointed replay, the stacked branches of
+    :meth:`~implicitkit.Path.stacked` (``r`` blocks of the batch: each row gets its sample's mask).
+    :class:`~implicitkit.DEQ` starts each solve for the layers its cell holds (an ``nn.Module`` cell: a
+    function or lambda hides its layers); with :func:`~implicitkit.fixed_point`, call
+    :func:`~implicitkit.new_solve` on the cell first. In eval mode, or with ``p = 0``, it is the identity.
 
     Arguments:
         p: probability of zeroing an element, in ``[0, 1)``.
@@ -60,14 +62,19 @@ class VariationalDropout(nn.Module):
             return x
         if self.solve_state is None:
             raise RuntimeError(
-                "VariationalDropout holds one mask per solve, and no solve has started. Wrap the cell in "
-                "ik.DEQ (it starts each solve), or call ik.new_solve(cell) before each ik.fixed_point solve."
+                "VariationalDropout holds one mask per solve, and no solve has started for it. ik.DEQ starts "
+                "one for the layers its cell holds: give it an nn.Module cell that holds this layer (a "
+                "function or lambda cell hides them), or call ik.new_solve(cell) before each ik.fixed_point "
+                "solve."
             )
         shape = self._mask_shape(x)
         held = self.solve_state
         if held.mask is None:
             keep = torch.empty(shape, dtype=x.dtype, device=x.device)
             held.mask = keep.bernoulli_(1.0 - self.p, generator=self.generator).div_(1.0 - self.p)
+        elif held.mask.shape != shape and _stacks_of(held.mask.shape, shape):
+            # Path.stacked: r blocks of the solve's B samples, row j B + i is sample i again.
+            return x * held.mask.repeat(shape[0] // held.mask.shape[0], *[1] * (x.dim() - 1))
         elif held.mask.shape != shape:
             raise ValueError(
                 f"VariationalDropout drew its mask of shape {tuple(held.mask.shape)} for this solve and is now "
@@ -88,3 +95,8 @@ class VariationalDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, broadcast_dims={self.broadcast_dims}"
+
+
+def _stacks_of(mask: torch.Size, shape: torch.Size) -> bool:
+    """``shape`` is ``r`` blocks of the batch ``mask`` was drawn for, stacked along the batch axis."""
+    return len(mask) == len(shape) and mask[1:] == shape[1:] and mask[0] > 1 and shape[0] % mask[0] == 0

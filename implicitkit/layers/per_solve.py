@@ -10,6 +10,7 @@ solve, a checkpointed segment replayed in backward).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,9 +51,11 @@ class SolveScope:
         self._saved.append([layer.solve_state for layer in self.states])
         for layer, state in self.states.items():
             layer.solve_state = state
+        _active_scopes().append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _active_scopes().pop()
         for layer, state in zip(self.states, self._saved.pop()):
             layer.solve_state = state
 
@@ -75,17 +78,34 @@ def new_solve(module: nn.Module) -> SolveScope:
     scope. With :func:`~implicitkit.fixed_point`, call it before each solve; binding the map
     (``scope.bind(f)``) keeps the solve's states for calls made after a later solve of the same module.
 
+    A layer that belongs to a solve in progress (a DEQ inside another DEQ's cell, whose solve drew the
+    inner layers' states too) keeps that solve's state: the outer map stays the same from step to step.
+
     Arguments:
         module: the cell (any ``nn.Module``); its submodules are searched.
 
     Returns:
         A :class:`SolveScope` holding the new states, already made current.
     """
+    running = {layer for scope in _active_scopes() for layer in scope.states}
     states = {}
     for layer in module.modules():
         if _is_per_solve(layer):
-            layer.solve_state = states[layer] = layer.new_solve_state()
+            if layer in running:
+                states[layer] = layer.solve_state
+            else:
+                layer.solve_state = states[layer] = layer.new_solve_state()
     return SolveScope(states)
+
+
+_LOCAL = threading.local()
+
+
+def _active_scopes() -> list[SolveScope]:
+    """The scopes entered on this thread, innermost last: the solves in progress."""
+    if not hasattr(_LOCAL, "scopes"):
+        _LOCAL.scopes = []
+    return _LOCAL.scopes
 
 
 def _is_per_solve(layer: nn.Module) -> bool:

@@ -1,8 +1,10 @@
 """Perturbations of the solver's path while training: the protocol and a norm-relative Gaussian one.
 
 A perturbation is any callable ``(state, step) -> state``. The solver calls it on the current iterate before
-each application of the map (steps count from 1), without a graph, and continues from what it returns: the
-perturbed path is kept, not restored. :class:`~implicitkit.DEQ` passes it in training mode only.
+each application of the map (steps count from 1) and continues from what it returns: the perturbed path is
+kept, not restored. It runs without a graph, except under :class:`~implicitkit.Unrolled`, which differentiates
+the loop as it ran: there the gradient flows through the perturbation as through the map (through
+``||q||`` for :class:`GaussianPerturbation`). :class:`~implicitkit.DEQ` passes it in training mode only.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ class GaussianPerturbation:
 
     ``q <- (1 - s) q + s ||q|| eps``,  ``eps ~ N(0, I)``,
 
-    where the norm is taken over ``dim`` (the channel dimension: for content ``[B, N, C]`` one norm per query)
-    so the noise has the scale of each vector. One Bernoulli draw per step decides for the whole batch
+    where the norm is taken over ``dim`` (the channel dimension: for content ``[B, N, C]`` one norm per query):
+    each element of the noise has standard deviation ``s ||q||``, so the noise vector's norm is about
+    ``s sqrt(C) ||q||``, ``C`` the size over ``dim`` (16 ``||q||`` for ``C = 256`` at ``s = 1``), the rule of deep
+    equilibrium detection's reference training. One Bernoulli draw per step decides for the whole batch
     whether the step is perturbed, as the refinement-aware perturbation of deep equilibrium detection does;
     ``eps`` is then drawn independently for every element.
 
     Arguments:
         prob: probability that a step is perturbed.
-        scale: ``s`` in ``[0, 1]``; 0 leaves the state untouched, 1 replaces it by noise of the same norm.
+        scale: ``s`` in ``[0, 1]``; 0 leaves the state untouched, 1 replaces it by noise of per-element scale
+            ``||q||``.
         leaves: which leaves of a structured state to perturb, default all. A selector is a top-level key or
             index (``1`` for the second tensor of a tuple, ``"content"`` for a dict) or a tuple of them, the
             path to a leaf or a subtree (``("query", "content")``, ``(0, 0)``); several selectors go in a

@@ -76,6 +76,18 @@ def perturbed_solve(seed: int):
     return deq(torch.zeros_like(x), x, capture=(3, 10)).path[0].detach()
 
 
+def test_noise_has_per_element_scale_s_norm_q_as_documented():
+    """The reference rule: each noise element has std s ||q||, so the noise vector is sqrt(C) times s ||q||."""
+    channels, scale = 256, 0.1
+    q = torch.randn(1, 4000, channels, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pert = ik.GaussianPerturbation(prob=1.0, scale=scale, generator=torch.Generator().manual_seed(1))
+    noise = pert(q, 1) - (1 - scale) * q
+    per_element = noise / (scale * q.norm(dim=-1, keepdim=True))
+    assert per_element.std().item() == pytest.approx(1.0, rel=0.01)
+    moved = noise.norm(dim=-1) / q.norm(dim=-1)  # how far a step moves each query, relative to its norm
+    assert moved.mean().item() == pytest.approx(scale * math.sqrt(channels), rel=0.01)
+
+
 def test_reproducible_with_a_generator():
     torch.manual_seed(0)
     a = perturbed_solve(1)

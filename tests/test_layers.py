@@ -259,6 +259,32 @@ def test_a_trained_model_deep_copies_after_a_solve(normalise):
     torch.testing.assert_close(twin(torch.zeros_like(x), x).value, deq.eval()(torch.zeros_like(x), x).value)
 
 
+@pytest.mark.parametrize("dim", [None, -1, 0, 1])
+def test_weight_norm_takes_pytorchs_dims_with_pytorchs_meaning_and_state_dict(dim):
+    """None and -1 are PyTorch's whole-tensor norm (g a scalar); -1 meant the last dimension here."""
+    ours, theirs = nn.Conv2d(3, 4, 3).double(), nn.Conv2d(3, 4, 3).double()
+    theirs.load_state_dict(ours.state_dict())
+    ik.weight_norm(ours, dim=dim)
+    nn.utils.parametrizations.weight_norm(theirs, dim=dim)
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=0, atol=1e-15)
+    theirs.load_state_dict(ours.state_dict())  # the same raw tensors, shapes included
+    raw = ours.parametrizations.weight
+    g, v = (p.detach().clone().requires_grad_() for p in (raw.original0, raw.original1))
+    inner = None if dim in (None, -1) else dim
+    assert torch.autograd.gradcheck(lambda g, v: _WeightNormalized.apply(g, v, inner), (g, v))
+    assert torch.autograd.gradgradcheck(lambda g, v: _WeightNormalized.apply(g, v, inner), (g, v))
+
+
+def test_spectral_norm_of_a_transposed_convolution_normalises_its_output_dimension():
+    """A ConvTranspose weight is [in, out, ...]: PyTorch's default takes dim 1 there, and so does this one."""
+    torch.manual_seed(0)
+    layer = ik.spectral_norm(nn.ConvTranspose2d(6, 3, 3).double())
+    for _ in range(100):  # outside a solve each training access takes a power-iteration step
+        weight = layer.weight.detach()
+    matrix = weight.transpose(0, 1).reshape(3, -1)
+    assert torch.linalg.matrix_norm(matrix, ord=2).item() == pytest.approx(1.0, abs=1e-3)
+
+
 # -- spectral norm -----------------------------------------------------------------------------------------
 def test_spectral_norm_advances_once_per_solve_with_exact_gradient(monkeypatch):
     calls = count_calls(monkeypatch, SpectralNorm)

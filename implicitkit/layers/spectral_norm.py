@@ -95,7 +95,11 @@ class SpectralNorm(OncePerSolve):
 
 
 def spectral_norm(
-    module: nn.Module, name: str = "weight", n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12
+    module: nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    dim: int | None = None,
+    eps: float = 1e-12,
 ) -> nn.Module:
     """Reparametrize ``module.<name>`` as ``W / sigma(W)``, computed once per solve.
 
@@ -109,7 +113,8 @@ def spectral_norm(
         module: the layer holding the weight, modified in place.
         name: the parameter to normalise.
         n_power_iterations: power-iteration steps per solve (training mode only).
-        dim: the output dimension (1 for transposed convolutions).
+        dim: the output dimension; default, as in PyTorch's version, 1 for transposed convolutions (their
+            weight is ``[in, out, ...]``) and 0 for every other layer.
         eps: floor of the norms in the power iteration.
 
     Returns:
@@ -118,6 +123,9 @@ def spectral_norm(
     Reference: Miyato et al., "Spectral normalization for generative adversarial networks", ICLR 2018.
     """
     weight = getattr(module, name)
+    if dim is None:
+        transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        dim = 1 if isinstance(module, transposed) else 0
     parametrize.register_parametrization(
         module, name, SpectralNorm(weight, n_power_iterations, dim, eps), unsafe=True
     )

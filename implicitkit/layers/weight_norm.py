@@ -9,12 +9,12 @@ from torch.nn.utils import parametrize
 from .per_solve import OncePerSolve
 
 
-def _other_dims(v: Tensor, dim: int) -> list[int]:
-    return [d for d in range(v.dim()) if d != dim % v.dim()]
+def _other_dims(v: Tensor, dim: int | None) -> list[int]:
+    return [d for d in range(v.dim()) if dim is None or d != dim % v.dim()]
 
 
-def _norm(v: Tensor, dim: int) -> Tensor:
-    """``||v||`` over every dimension but ``dim``, kept as size-1 dimensions."""
+def _norm(v: Tensor, dim: int | None) -> Tensor:
+    """``||v||`` over every dimension but ``dim`` (all of them for None), kept as size-1 dimensions."""
     return torch.linalg.vector_norm(v, dim=_other_dims(v, dim), keepdim=True)
 
 
@@ -57,7 +57,7 @@ class _WeightNormalized(torch.autograd.Function):
         norm = _norm(v, dim)
         # <grad, v> over each slice, the derivative of w along v's own direction.
         along = torch.sum(grad * v, dim=_other_dims(v, dim), keepdim=True)
-        grad_g = along / norm
+        grad_g = (along / norm).reshape(g.shape)  # g is a scalar for the whole-tensor norm
         grad_v = (g / norm) * (grad - (along / norm.square()) * v)
         return grad_g, grad_v, None
 
@@ -77,10 +77,11 @@ class _WeightNormalized(torch.autograd.Function):
 class WeightNorm(OncePerSolve):
     """The parametrization of :func:`weight_norm`: ``w = g v / ||v||``, ``g`` one scale per slice of ``dim``.
 
-    Raw tensors: ``original0 = g`` (shape of ``w`` with size 1 off ``dim``) and ``original1 = v``.
+    Raw tensors: ``original0 = g`` (shape of ``w`` with size 1 off ``dim``; a scalar for ``dim=None``, one
+    norm of the whole tensor) and ``original1 = v``.
     """
 
-    def __init__(self, dim: int = 0) -> None:
+    def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
         self.dim = dim
 
@@ -88,10 +89,11 @@ class WeightNorm(OncePerSolve):
         return _WeightNormalized.apply(g, v, self.dim)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return _norm(weight, self.dim), weight
+        norm = _norm(weight, self.dim)
+        return (norm.reshape(()) if self.dim is None else norm), weight
 
 
-def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:
+def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) -> nn.Module:
     """Reparametrize ``module.<name>`` as ``g v / ||v||``, computed once per solve.
 
     ``torch.nn.utils.parametrizations.weight_norm`` recomputes the weight at every access, that is at
@@ -102,13 +104,17 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
     Arguments:
         module: the layer holding the weight (``nn.Linear``, ``nn.Conv2d``, ...), modified in place.
         name: the parameter to normalise.
-        dim: the dimension that keeps one scale per slice (0: per output unit or channel).
+        dim: the dimension that keeps one scale per slice (0: per output unit or channel); ``None`` or
+            ``-1``, as in PyTorch's version, one norm and one scale for the whole tensor.
 
     Returns:
         ``module``, now parametrized.
 
     Reference: Salimans & Kingma, "Weight normalization", NeurIPS 2016.
     """
-    _weight_dim(getattr(module, name), dim)  # refused before the module is changed
+    if dim == -1:  # PyTorch's spelling of the whole tensor (torch._weight_norm), not the last dimension
+        dim = None
+    if dim is not None:
+        _weight_dim(getattr(module, name), dim)  # refused before the module is changed
     parametrize.register_parametrization(module, name, WeightNorm(dim), unsafe=True)
     return module

@@ -127,7 +127,17 @@ class Path(Sequence):
                     f"The loss of the branch at step {self.steps[i]} has no graph: build the path with "
                     "gradients enabled and make loss_fn depend on the state."
                 )
-            loss.backward(retain_graph=self.shared_graph)
+            try:
+                loss.backward(retain_graph=self.shared_graph)
+            except RuntimeError as err:
+                if i == 0 or "backward through the graph a second time" not in str(err):
+                    raise
+                raise RuntimeError(
+                    f"The branch at step {self.steps[i]} reaches a graph that the branch at step {self.steps[0]}'s "
+                    "backward already freed: an input of the map carries its own graph (an encoder's output). "
+                    "Pass such inputs through ik.SharedInputs, which gives the branches leaf copies and delivers "
+                    "their summed gradient with one backward (see docs/path_supervision.md)."
+                ) from err
             losses.append(loss.detach())
         return torch.stack(losses) if losses else torch.zeros(0)
 

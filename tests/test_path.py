@@ -86,6 +86,12 @@ def test_without_shared_inputs_the_second_branch_cannot_reach_the_encoder():
     model.loss(sol.path[0]).backward()
     with pytest.raises(RuntimeError, match="second time"):
         model.loss(sol.path[1]).backward()
+    # Path.backward, which runs exactly that loop, names the fix instead of suggesting retain_graph.
+    sol = solve(model, model.encoder(model.x), ik.RAG(2))
+    with pytest.raises(
+        RuntimeError, match=r"already freed: an input of the map carries its own graph .*SharedInputs"
+    ):
+        sol.path.backward(model.loss)
 
 
 def test_captured_states_are_the_iterates():

@@ -316,6 +316,28 @@ def test_spectral_norm_advances_once_per_solve_with_exact_gradient(monkeypatch):
     assert calls[0] == 2 and torch.equal(norm._u, u1)  # eval: recomputed, not advanced
 
 
+def test_spectral_norm_recomputed_within_a_solve_does_not_advance_again():
+    """A manual JFB step after a no-grad solve, and forward mode, recompute the weight: with the solve's u
+    and v, not one more power-iteration step per application (13 steps in one forward-mode solve)."""
+    x, _ = inputs()
+    cell = Cell()
+    ik.spectral_norm(cell.lin)
+    norm = cell.lin.parametrizations.weight[0]
+    deq = ik.DEQ(cell, solver=ik.Anderson(**TIGHT))
+    with torch.no_grad():
+        z = deq(torch.zeros_like(x), x).value
+    u, v = norm._u.clone(), norm._v.clone()  # after the solve's one step
+    for _ in range(3):
+        z = cell(z, x)  # with grad: the weight is recomputed for its graph
+    assert torch.equal(norm._u, u) and torch.equal(norm._v, v)
+    with fwAD.dual_level():
+        tangent = fwAD.make_dual(x, torch.ones_like(x))
+        deq(torch.zeros_like(x), tangent)
+    w = cell.lin.parametrizations.weight.original.detach()
+    one_step = torch.nn.functional.normalize(w @ v, dim=0)  # the forward-mode solve's own single step
+    torch.testing.assert_close(norm._u, one_step, rtol=0, atol=1e-14)
+
+
 # gradcheck's forward-AD check scripts a helper with torch.jit, which PyTorch now warns about.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_closed_form_backward_passes_pass_gradcheck_and_gradgradcheck():

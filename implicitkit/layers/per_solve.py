@@ -146,19 +146,24 @@ class OncePerSolve(nn.Module):
         return {**super().__getstate__(), "solve_state": None}
 
     def compute(self, *originals: Tensor) -> Tensor:
-        """The parametrized tensor from the raw ones."""
+        """The parametrized tensor from the raw ones (once per solve, and at every access outside a solve)."""
         raise NotImplementedError
+
+    def recompute(self, *originals: Tensor) -> Tensor:
+        """The solve's tensor again, for a caller that needs what the cached one lacks; :meth:`compute` unless
+        computing changes state (spectral norm's power iteration, which takes its steps once per solve)."""
+        return self.compute(*originals)
 
     def forward(self, *originals: Tensor) -> Tensor:
         cache = self.solve_state
+        if cache is None:
+            return self.compute(*originals)
         # Afresh where the cached weight would lack what the caller needs: a graph (a call with grad after a
         # no-grad solve, such as a manual JFB step) or a tangent (cached in the solve's primal-only loop).
-        if (
-            cache is None
-            or (torch.is_grad_enabled() and not cache.grad_enabled)
-            or (forward_mode_active() and torch._C._is_fwd_grad_enabled())
+        if (torch.is_grad_enabled() and not cache.grad_enabled) or (
+            forward_mode_active() and torch._C._is_fwd_grad_enabled()
         ):
-            return self.compute(*originals)
+            return self.recompute(*originals)
         versions = tuple(t._version for t in originals)
         if cache.value is None or cache.versions != versions:
             with torch.set_grad_enabled(cache.grad_enabled):

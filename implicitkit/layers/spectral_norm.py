@@ -87,7 +87,11 @@ class SpectralNorm(OncePerSolve):
     def compute(self, weight: Tensor) -> Tensor:
         if self.training:
             self._power_iteration(_as_matrix(weight.detach(), self.dim), self.n_power_iterations)
-        # Copies: the next solve's power iteration writes the buffers while this solve's graph may live on.
+        return self.recompute(weight)
+
+    def recompute(self, weight: Tensor) -> Tensor:
+        # The solve's u and v, not advanced again. Copies: the next solve's power iteration writes the
+        # buffers while this solve's graph may live on.
         return _SpectralNormalized.apply(weight, self._u.clone(), self._v.clone(), self.dim)
 
     def right_inverse(self, weight: Tensor) -> Tensor:

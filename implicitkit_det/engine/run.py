@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,9 +272,10 @@ class _Trainer:
     def _after_step(self, i: int, result: StepResult) -> None:
         """The run's work after iteration `i`: the step log, the mid-epoch checkpoint, a requested stop."""
         epoch, self.iteration = self.epoch, i + 1
-        lr = self.optimizer.param_groups[0]["lr"]
+        # A step the float16 GradScaler skipped has no finite norm: null, as JSON has no Infinity.
+        grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
         self.steps.write(
-            {"epoch": epoch, "iteration": i, "lr": lr, "grad_norm": result.grad_norm, **result.losses}
+            {"epoch": epoch, "iteration": i, "lr": result.lr, "grad_norm": grad_norm, **result.losses}
         )
         if result.stop:
             self._interrupted(self._save())

@@ -131,10 +131,13 @@ def _format(values: Mapping[str, float]) -> str:
 @dataclass
 class StepResult:
     """One iteration's outcome: the scalar entries averaged over processes, the gradient norm before
-    clipping, and whether any process asked to stop (:func:`train_step`'s `stop_vote`)."""
+    clipping (infinite or NaN where a float16 ``GradScaler`` skipped the step), the learning rate the step
+    used (the first parameter group's), and whether any process asked to stop (:func:`train_step`'s
+    `stop_vote`)."""
 
     losses: dict[str, float]
     grad_norm: float
+    lr: float = math.nan
     stop: bool = False
 
 
@@ -146,10 +149,16 @@ class EpochMeter:
     grad_norm_sum: float = 0.0
     iters: int = 0
     time_s: float = 0.0
+    lr: float = math.nan
+    skipped_steps: int = 0
 
     def add(self, result: StepResult) -> None:
         self.iters += 1
-        self.grad_norm_sum += result.grad_norm
+        if math.isfinite(result.grad_norm):
+            self.grad_norm_sum += result.grad_norm
+        else:  # a step the float16 GradScaler skipped: counted, not averaged in (it would make the mean inf)
+            self.skipped_steps += 1
+        self.lr = result.lr
         for k, v in result.losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
@@ -159,14 +168,24 @@ class EpochMeter:
             "grad_norm_sum": self.grad_norm_sum,
             "iters": self.iters,
             "time_s": self.time_s,
+            "lr": self.lr,
+            "skipped_steps": self.skipped_steps,
         }
 
     def stats(self, lr: float) -> dict[str, float]:
-        """The epoch's averages of every logged entry, and ``lr``, ``grad_norm``, ``iters``, ``time_s``."""
+        """The epoch's averages of every logged entry, and ``lr`` (the rate of its last step; `lr` when it has
+        none), ``grad_norm`` (the mean over the steps with a finite one), ``iters``, ``time_s`` and, when a
+        float16 ``GradScaler`` skipped any, ``skipped_steps``."""
         out = {k: v / max(self.iters, 1) for k, v in self.sums.items()}
+        counted = max(self.iters - self.skipped_steps, 1)
         out.update(
-            lr=lr, grad_norm=self.grad_norm_sum / max(self.iters, 1), iters=self.iters, time_s=self.time_s
+            lr=lr if math.isnan(self.lr) else self.lr,
+            grad_norm=self.grad_norm_sum / counted,
+            iters=self.iters,
+            time_s=self.time_s,
         )
+        if self.skipped_steps:
+            out["skipped_steps"] = self.skipped_steps
         return out
 
 
@@ -219,6 +238,7 @@ def train_step(
         scaler.scale(losses["loss"]).backward()
     else:
         losses["loss"].backward()
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, before the scheduler moves it
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = _clip(model, clip_max_norm)
@@ -229,7 +249,7 @@ def train_step(
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return StepResult(reduced, grad_norm, stop=stop)
+    return StepResult(reduced, grad_norm, lr=lr, stop=stop)
 
 
 def _reduce(
@@ -291,7 +311,7 @@ def train_one_epoch(
 
     Returns:
         The epoch's averages of every logged entry (over iterations and processes), and ``lr`` (the first
-        group's at the end), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
+        group's, as its last step used it), ``grad_norm`` (mean, before clipping), ``iters``, ``time_s``.
     """
     model.train()
     meter = meter if meter is not None else EpochMeter()
@@ -308,9 +328,9 @@ def train_one_epoch(
             )  # fmt: skip
             meter.add(result)
             meter.time_s = time.perf_counter() - started
-            _show_step(bar, optimizer, result)
+            _show_step(bar, result)
             if is_main_process() and print_freq and (i % print_freq == 0 or i + 1 == total):
-                log(progress_line(epoch, i, total, optimizer, result, meter.time_s))
+                log(progress_line(epoch, i, total, result, meter.time_s))
             if on_step is not None:
                 on_step(i, result)
     if meter.iters == 0:
@@ -328,9 +348,8 @@ def _epoch_length(loader: Iterable[DetectionBatch], max_iters: int | None) -> in
     return total
 
 
-def _show_step(bar: Any, optimizer: torch.optim.Optimizer, result: StepResult) -> None:
-    lr = optimizer.param_groups[0]["lr"]
-    bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+def _show_step(bar: Any, result: StepResult) -> None:
+    bar.set_postfix(loss=f"{result.losses['loss']:.4f}", lr=f"{result.lr:.3g}", refresh=False)
     bar.update(1)
 
 
@@ -338,14 +357,13 @@ def progress_line(
     epoch: int,
     i: int,
     total: int | None,
-    optimizer: torch.optim.Optimizer,
     result: StepResult,
     elapsed: float,
 ) -> str:
-    """``epoch E [i/total] lr ...  loss ...  grad_norm ...  Ts``: one iteration's summary."""
-    lr = optimizer.param_groups[0]["lr"]
+    """``epoch E [i/total] lr ...  loss ...  grad_norm ...  Ts``: one iteration's summary (``lr``: the rate the
+    step used)."""
     return (
-        f"epoch {epoch} [{i + 1}/{total if total is not None else '?'}] lr {lr:.3g}  "
+        f"epoch {epoch} [{i + 1}/{total if total is not None else '?'}] lr {result.lr:.3g}  "
         f"{_format(headline(result.losses))}  grad_norm {result.grad_norm:.3f}  {elapsed:.1f}s"
     )
 

@@ -128,3 +128,22 @@ def test_missing_files_under_data_root(tmp_path, capsys):
         cli.main(["--data-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert f"--train-images: the image folder {tmp_path}/train2017 does not exist" in err
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_digits, tmp_path, monkeypatch):
+    """The scheduler steps after the optimizer: reading the rate after it logged the next step's (step 0 of
+    warm-up at 500x the rate it ran with, the epoch before a drop at the dropped rate)."""
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    out = tmp_path / "run"
+    schedule = ["--epochs", "2", "--lr-drops", "1", "--lr", "1e-3", "--eval-every", "2", "--log-steps"]
+    cli.main([*FAST, *data_args(tiny_digits), *schedule, "--output-dir", str(out)])
+    assert [lr for _, lr in _steps(out)] == used and used[0] < used[1]  # warm-up, then the drop
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"]["lr"] for r in records] == [used[1], used[3]]  # each epoch's last step

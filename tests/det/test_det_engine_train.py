@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -260,3 +261,18 @@ def test_wrong_model_outputs_are_explained():
         evaluate(
             model, batches(1), CocoEvaluator({"images": [], "categories": []}), device=CPU, boxes_in="Input"
         )
+
+
+def test_a_step_the_grad_scaler_skipped_is_counted_not_averaged_into_the_epochs_grad_norm():
+    """One skipped float16 step (norm inf) made the epoch's grad_norm inf, and metrics.jsonl invalid JSON."""
+    from implicitkit_det.engine.train import EpochMeter, StepResult
+
+    meter = EpochMeter()
+    for norm in (0.5, math.inf, 1.5, math.nan):
+        meter.add(StepResult({"loss": 1.0}, norm, lr=1e-4))
+    stats = meter.stats(lr=0.0)
+    assert stats["grad_norm"] == 1.0 and stats["skipped_steps"] == 2 and stats["iters"] == 4
+    assert stats["lr"] == 1e-4  # the rate the last step used
+    assert "skipped_steps" not in EpochMeter().stats(lr=0.0)
+    resumed = EpochMeter(**meter.state())  # a mid-epoch checkpoint keeps the count
+    assert resumed.stats(lr=0.0) == stats

@@ -17,7 +17,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..data import make_eval_transforms
 from ..models import build_model
-from ..models.registry import read_overrides
+from ..models.registry import read_overrides, without_weight_files
 from .checkpoint import load_checkpoint, read_checkpoint
 from .run_config import test_settings_of
 
@@ -78,7 +78,10 @@ def load_detector(
         raise ValueError(f"{checkpoint} holds no model config; it was not written by this project's training")
     # A run's options may serve every detector: build with those this one reads.
     overrides, _ = read_overrides(config["name"], config.get("overrides", {}))
-    model = build_model(config["name"], config["num_classes"], **overrides)
+    # The checkpoint's weights replace the pre-trained ones: the backbone's file need not exist here.
+    model = build_model(
+        config["name"], config["num_classes"], **without_weight_files(config["name"], overrides)
+    )
     load_checkpoint(state, model=model)
     # Checkpoints from before the model record kept them: the run's options hold the same values.
     settings = config.get("test_settings", test_settings_of(state.get("args") or {}))

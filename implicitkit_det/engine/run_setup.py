@@ -30,7 +30,7 @@ from ..data import (
 from ..data.checks import DataError, check_images, check_splits
 from ..data.seeding import EpochBatches, SeededSamples, ignore_sigint
 from ..models import CONFIGS, build_model
-from ..models.registry import read_overrides
+from ..models.registry import read_overrides, without_weight_files
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
 from .process_group import build_sampler
 from .run_config import COCO_SIZE, RunConfig, RunConfigError, test_settings_of
@@ -277,6 +277,8 @@ def build_run_model(cfg: RunConfig, num_classes: int, device: torch.device) -> n
     if unread:
         arch = overrides.get("arch", CONFIGS[cfg.config].arch)
         say(f"--model-arg {', '.join(unread)}: not read by the {arch} detector, ignored")
+    if cfg.resumed_from is not None:  # the checkpoint's weights replace the pre-trained ones: no file read
+        overrides = without_weight_files(cfg.config, overrides)
     try:
         model = build_model(cfg.config, num_classes, **overrides).to(device)
     except ValueError as err:  # a model option out of its range, named by the constructor that refused it

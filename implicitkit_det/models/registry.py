@@ -343,6 +343,25 @@ def read_overrides(
     return kept, unread
 
 
+def without_weight_files(config: str | ModelConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` for a model whose weights a checkpoint will replace: the pre-trained backbone's layout (its
+    norm and frozen stages, the defaults :class:`~.backbone.ResNetBackbone` takes with weights) without the
+    weights file, which a resumed, evaluated or deployed run need not have (a cleared cache, another
+    machine). The state dict and the trainable parameters are the same."""
+    preset = _named_config(config)
+    overrides = current_field_names(overrides)
+    if overrides.get("backbone_weights", preset.backbone_weights) is None:
+        return dict(overrides)
+    norm = overrides.get("backbone_norm", preset.backbone_norm)
+    frozen = overrides.get("frozen_stages", preset.frozen_stages)
+    return {
+        **overrides,
+        "backbone_weights": None,
+        "backbone_norm": "frozen_stats" if norm is None else norm,
+        "frozen_stages": 1 if frozen is None else frozen,
+    }
+
+
 def _same(value: Any, default: Any) -> bool:
     """An override equal to a field's value (a list given for a tuple field counts as equal)."""
     if isinstance(value, list | tuple) and isinstance(default, list | tuple):

@@ -147,3 +147,29 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_digits, tmp_pat
     assert [lr for _, lr in _steps(out)] == used and used[0] < used[1]  # warm-up, then the drop
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["train"]["lr"] for r in records] == [used[1], used[3]]  # each epoch's last step
+
+
+def test_a_run_from_a_backbone_file_resumes_evaluates_and_predicts_without_it(tiny_digits, tmp_path):
+    """The checkpoint replaces the pre-trained weights; rebuilding the model read the file first, and a
+    cleared cache or another machine stopped --resume, eval and predict with a traceback."""
+    from torchvision.models import resnet
+
+    from implicitkit_det.engine.predict import load_detector
+    from implicitkit_det.models.backbone import FrozenStatsBatchNorm2d
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1]).state_dict(), weights)
+    out = tmp_path / "run"
+    pretrained = ["--model-arg", f"backbone_weights={weights}", "--eval-every", "9"]
+    cli.main([*FAST, *data_args(tiny_digits), *pretrained, "--epochs", "1", "--output-dir", str(out)])
+    weights.unlink()
+    cli.main(["--resume", str(out), "--epochs", "2"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert 0.0 <= cli.main(["eval", "--resume", str(out)])["AP"] <= 1.0
+    backbone = load_detector(out).model.backbone
+    # The pre-trained layout all the same: stem and first stage frozen, statistics fixed.
+    assert not any(p.requires_grad for p in backbone.stem.parameters())
+    assert not any(p.requires_grad for p in backbone.stages[0].parameters())
+    assert all(p.requires_grad for p in backbone.stages[1].parameters())
+    assert isinstance(backbone.stem[1], FrozenStatsBatchNorm2d)

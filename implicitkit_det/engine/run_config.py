@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..models import ARCHITECTURES, CONFIGS, architecture_of
 from ..models.configs import current_field_names, parse_model_args
 from .optim import SCHEDULES, parse_drops, recipe_for
@@ -316,6 +318,8 @@ def build_run_config(
             saved = _fill_defaults({**base, **new, **saved})
         values = _merge_resumed(saved, new, eval_only, run_dir)
         values["resumed_from"] = Path(options["resume"])
+        if not eval_only:
+            _refuse_rewinding(resume, checkpoint, Path(values["output_dir"]))
     for k in PER_INVOCATION[1:]:
         values[k] = bool(options.get(k))
     values.pop("resume", None)
@@ -323,6 +327,31 @@ def build_run_config(
     cfg = RunConfig(**{k: v for k, v in values.items() if k in names})
     _check_config(cfg)
     return cfg
+
+
+def _refuse_rewinding(resume: Path, checkpoint: Mapping[str, Any], output_dir: Path) -> None:
+    """Training on from an older checkpoint of a run (``checkpoint_best.pth``, ``checkpoint_epoch3.pth``) in
+    that run's own folder would overwrite its later checkpoints and log its later epochs twice."""
+    last = output_dir / "checkpoint_last.pth"
+    if resume.is_dir() or resume.name in ("checkpoint_last.pth", "checkpoint.pth") or not last.is_file():
+        return
+    if resume.resolve().parent != output_dir.resolve():
+        return
+    # mmap: the position is a few numbers; the weights need not be read.
+    latest = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    if _position(checkpoint) < _position(latest):
+        raise RunConfigError(
+            f"--resume {resume} trains on from an earlier checkpoint of the run in {output_dir}, where it would "
+            f"overwrite {last.name} and log the later epochs again. To train a branch from it, copy it into a "
+            f"new folder as checkpoint_last.pth and resume that folder; to continue the run, resume {output_dir}"
+        )
+
+
+def _position(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
+    """``(epoch, iterations done in it)`` of a checkpoint; an epoch-end one from before ``progress`` was saved
+    counts its epoch as done."""
+    progress = checkpoint.get("progress") or {}
+    return int(progress.get("epoch", checkpoint.get("epoch", 0))), int(progress.get("iteration", 1 << 30))
 
 
 def _check_config(cfg: RunConfig) -> None:

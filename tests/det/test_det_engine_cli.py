@@ -173,3 +173,25 @@ def test_a_run_from_a_backbone_file_resumes_evaluates_and_predicts_without_it(ti
     assert not any(p.requires_grad for p in backbone.stages[0].parameters())
     assert all(p.requires_grad for p in backbone.stages[1].parameters())
     assert isinstance(backbone.stem[1], FrozenStatsBatchNorm2d)
+
+
+def test_training_on_from_an_earlier_checkpoint_in_its_own_folder_is_refused(tiny_digits, tmp_path, capsys):
+    """--resume RUN/checkpoint_best.pth retrained the later epochs in RUN: checkpoint_last.pth overwritten,
+    metrics.jsonl with epochs [0, 1, 2, 1, 2]."""
+    out = tmp_path / "run"
+    cli.main([*FAST, *data_args(tiny_digits), "--epochs", "2", "--keep-every", "1", "--output-dir", str(out)])
+    last = (out / "checkpoint_last.pth").read_bytes()
+    with pytest.raises(SystemExit):
+        cli.main(["--resume", str(out / "checkpoint_epoch0.pth"), "--epochs", "3"])
+    assert "trains on from an earlier checkpoint of the run" in capsys.readouterr().err
+    assert (out / "checkpoint_last.pth").read_bytes() == last
+    # The newest epoch's own copy (a best that is also the last) continues the run as the folder does.
+    cli.main(["--resume", str(out / "checkpoint_epoch1.pth"), "--epochs", "3"])
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    # Evaluating an earlier one is fine, and so is a branch in a folder of its own.
+    assert 0.0 <= cli.main(["eval", "--resume", str(out / "checkpoint_epoch0.pth")])["AP"] <= 1.0
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    (branch / "checkpoint_last.pth").write_bytes((out / "checkpoint_epoch0.pth").read_bytes())
+    cli.main(["--resume", str(branch), "--epochs", "2"])
+    assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [1]

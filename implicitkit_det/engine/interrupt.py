@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ..collectives import is_main_process
+from ..collectives import get_world_size, is_main_process
 
 __all__ = ["INTERRUPT_AT_ENV", "StopRequest", "TrainingInterrupted"]
 
@@ -60,8 +60,13 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.requested = True
         if is_main_process():
+            when = (
+                "this iteration"
+                if get_world_size() == 1
+                else "the next iteration (every process stops together)"
+            )
             print(
-                f"\n{signal.Signals(signum).name}: stopping after this iteration to save a checkpoint "
+                f"\n{signal.Signals(signum).name}: stopping after {when} to save a checkpoint "
                 "(Ctrl-C again to stop at once, without saving)",
                 file=sys.stderr,
                 flush=True,

@@ -277,7 +277,9 @@ class _Trainer:
         self.steps.write(
             {"epoch": epoch, "iteration": i, "lr": result.lr, "grad_norm": grad_norm, **result.losses}
         )
-        if result.stop:
+        # Several processes stop together on the vote the step carried (a request during this step is voted on
+        # in the next); one process stops as soon as the step that was running when asked is done.
+        if result.stop or (self.info.world_size == 1 and self.stop.requested):
             self._interrupted(self._save())
         step = epoch * self.iters_per_epoch + i + 1
         if (

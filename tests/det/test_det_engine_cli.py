@@ -195,3 +195,28 @@ def test_training_on_from_an_earlier_checkpoint_in_its_own_folder_is_refused(tin
     (branch / "checkpoint_last.pth").write_bytes((out / "checkpoint_epoch0.pth").read_bytes())
     cli.main(["--resume", str(branch), "--epochs", "2"])
     assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_ctrl_c_during_an_iteration_stops_after_it_as_announced(tiny_digits, tmp_path, monkeypatch, capsys):
+    """The stop was voted on before each step, so a Ctrl-C during iteration 1 stopped after iteration 2."""
+    import os
+    import signal
+
+    import implicitkit_det.engine.train as train
+
+    forward, calls = train.forward_train, []
+
+    def interrupted_in_iteration_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(train, "forward_train", interrupted_in_iteration_1)
+    out = tmp_path / "run"
+    argv = [*FAST, *data_args(tiny_digits), "--max-iters", "5", "--epochs", "1", "--output-dir", str(out)]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "stopping after this iteration" in capsys.readouterr().err
+    progress = torch.load(out / "checkpoint_last.pth", weights_only=True)["progress"]
+    assert progress["iteration"] == 2 and len(calls) == 2

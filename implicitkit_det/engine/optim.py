@@ -160,8 +160,11 @@ class Schedule:
             raise ValueError("need warmup_iters >= 0 and 0 < warmup_start <= 1")
 
     def with_epochs(self, epochs: int) -> Schedule:
-        """The same schedule stretched or shrunk to `epochs`, drops moved proportionally (rounded down)."""
-        drops = tuple(sorted({max(1, math.floor(d * epochs / self.epochs)) for d in self.drops}))
+        """The same schedule stretched or shrunk to `epochs`, drops moved proportionally (rounded down).
+
+        Drops that land on one epoch are all kept (the rate falls by ``gamma`` once for each, as many times
+        as in the full schedule); a drop at or past the last epoch would never happen and is left out."""
+        drops = tuple(sorted(max(1, math.floor(d * epochs / self.epochs)) for d in self.drops))
         return replace(self, epochs=epochs, drops=tuple(d for d in drops if d < epochs))
 
     def factor(self, iteration: int, iters_per_epoch: int) -> float:

@@ -135,7 +135,7 @@ def training_banner(cfg: RunConfig, data: RunData, model: nn.Module, info: DistI
             f"{info.world_size}{'' if cfg.no_aspect_grouping else ', grouped by aspect ratio'}; "
             f"{train.removed_empty} without boxes left out)",
             "schedule": f"{cfg.schedule}: {schedule.epochs} epochs, lr x{schedule.gamma} at epochs "
-            f"{list(schedule.drops)}, {schedule.warmup_iters} warm-up iterations",
+            f"{list(schedule.drops)} (once per entry), {schedule.warmup_iters} warm-up iterations",
             "optimizer": "AdamW: "
             + ", ".join(
                 f"{g['name']} lr {lr:.3g} wd {g['weight_decay']:.3g}"

@@ -187,7 +187,11 @@ def test_training_on_from_an_earlier_checkpoint_in_its_own_folder_is_refused(tin
     assert (out / "checkpoint_last.pth").read_bytes() == last
     # The newest epoch's own copy (a best that is also the last) continues the run as the folder does.
     cli.main(["--resume", str(out / "checkpoint_epoch1.pth"), "--epochs", "3"])
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        0,
+        1,
+        2,
+    ]
     # Evaluating an earlier one is fine, and so is a branch in a folder of its own.
     assert 0.0 <= cli.main(["eval", "--resume", str(out / "checkpoint_epoch0.pth")])["AP"] <= 1.0
     branch = tmp_path / "branch"

@@ -86,6 +86,9 @@ def test_with_epochs_scales_the_drops():
     assert SCHEDULES["1x"].with_epochs(6).drops == (4, 5)
     assert SCHEDULES["2x"].with_epochs(12).drops == (8, 11)
     assert SCHEDULES["1x"].with_epochs(1).drops == ()
+    # Both 1x drops land on epoch 2 of 3: both kept, the last epoch at 0.01x as in the full schedule.
+    three = SCHEDULES["1x"].with_epochs(3)
+    assert three.drops == (2, 2) and three.factor(2 * 1000, 1000) == pytest.approx(0.01)  # past warm-up
     with pytest.raises(ValueError, match="increasing"):
         Schedule(12, (11, 8))
 

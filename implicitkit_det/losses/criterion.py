@@ -109,12 +109,23 @@ class SetCriterion(nn.Module):
             name -> :meth:`forward`'s dict for that branch.
         """
         names = list(branches)
+        shapes = {tuple(branches[n]["pred_logits"].shape) for n in names}
+        if len(shapes) > 1:  # branches of other query counts (an auxiliary set): stacked shape by shape
+            out: dict[str, dict[str, Tensor]] = {}
+            for shape in shapes:
+                group = [n for n in names if tuple(branches[n]["pred_logits"].shape) == shape]
+                given = None if indices is None else {n: indices[n] for n in group}
+                out.update(self.branch_losses({n: branches[n] for n in group}, targets, given))
+            return {n: out[n] for n in names}
         logits = _stacked([branches[n]["pred_logits"] for n in names])
         boxes = _stacked([branches[n]["pred_boxes"] for n in names])
         targets = self._repeated(targets)
         every = list(targets) * len(names)  # the targets of each image of the stacked batch
         if indices is None:
-            match = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, every)
+            try:
+                match = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, every)
+            except FloatingPointError as err:
+                raise _in_branch(err, names, logits, boxes, targets) from err
         else:
             match = [pair for n in names for pair in indices[n]]
         num_pos = self.num_positives(targets, logits.device)
@@ -158,6 +169,27 @@ class SetCriterion(nn.Module):
 
 
 _TERMS = ("focal", "l1", "giou")
+
+
+def _in_branch(
+    err: FloatingPointError,
+    names: list[str],
+    logits: Tensor,
+    boxes: Tensor,
+    targets: Sequence[Mapping[str, Any]],
+) -> FloatingPointError:
+    """The matcher's error on the stacked batch, said of the branch and the image (row ``k B + b`` is image
+    ``b`` of branch ``k``), where its own message counts the stacked rows."""
+    finite = torch.isfinite(logits).flatten(1).all(dim=1) & torch.isfinite(boxes).flatten(1).all(dim=1)
+    if bool(finite.all()) or len(names) == 1:
+        return err
+    row = int((~finite).nonzero()[0])
+    branch, image = names[row // len(targets)], row % len(targets)
+    return FloatingPointError(
+        f"branch {branch}, image {image} (image_id {targets[image].get('image_id')}): its predictions are NaN or "
+        "infinite (the matcher found a cost that is). The model has likely diverged: lower the learning rate "
+        "or check the inputs."
+    )
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:

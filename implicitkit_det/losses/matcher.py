@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou
+from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
 __all__ = ["HungarianMatcher", "check_targets", "focal_cost"]
 
@@ -22,6 +22,8 @@ def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float
 
         cost = alpha (1 - p)^gamma (-log p) - (1 - alpha) p^gamma (-log(1 - p))
 
+    (with both weights 1 for ``alpha < 0``, torchvision's "no weighting").
+
     Arguments:
         logits: ``[N, C]`` class logits.
         labels: ``[M]`` target labels in ``0..C-1``.
@@ -31,9 +33,11 @@ def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float
     """
     logits = logits[:, labels]
     p = logits.sigmoid()
+    # alpha < 0: no weighting, as torchvision's sigmoid_focal_loss (the criterion's) reads it.
+    a_pos, a_neg = (1.0, 1.0) if alpha < 0 else (alpha, 1 - alpha)
     # log(sigmoid(x)) through logsigmoid stays finite for large |x|, where log(p) would hit log(0).
-    pos = alpha * (1 - p) ** gamma * -nn.functional.logsigmoid(logits)
-    neg = (1 - alpha) * p**gamma * -nn.functional.logsigmoid(-logits)
+    pos = a_pos * (1 - p) ** gamma * -nn.functional.logsigmoid(logits)
+    neg = a_neg * p**gamma * -nn.functional.logsigmoid(-logits)
     return pos - neg
 
 
@@ -75,6 +79,16 @@ class HungarianMatcher(nn.Module):
         cls = focal_cost(logits, labels, self.focal_alpha, self.focal_gamma)
         l1 = torch.cdist(boxes, target_boxes, p=1)
         giou = generalized_box_iou(boxes, target_boxes)
+        # A target without area (a point, a line) and a prediction without area have no IoU (0 / 0): such
+        # pairs are scored as the criterion's GIoU loss scores them, with its epsilon, not as NaN.
+        flat = (target_boxes[:, 2:] <= target_boxes[:, :2]).any(dim=1)
+        if bool(flat.any()):
+            pairs = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)[:, None] & flat[None, :]
+            n, m = pairs.shape
+            loss = generalized_box_iou_loss(
+                boxes[:, None].expand(n, m, 4), target_boxes[None].expand(n, m, 4)
+            )
+            giou = torch.where(pairs, 1.0 - loss, giou)
         return self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
 
     @torch.no_grad()

@@ -112,6 +112,8 @@ class Architecture:
         reads: the :class:`~.configs.ModelConfig` fields `build` reads (``arch`` aside): :func:`build_model`
             refuses an override of any other, which the builder would ignore. None (a row that does not say)
             accepts every field.
+        read_only_with: fields of `reads` that `build` reads only when a boolean field is true, e.g.
+            ``{"gn_groups": "fpn_norm"}``: with it false, an override of the first is refused too.
     """
 
     build: Callable[[ModelConfig, int], QueryDetector]
@@ -121,6 +123,7 @@ class Architecture:
     demo: DemoRecipe = DemoRecipe()
     configs: Mapping[str, ModelConfig] = field(default_factory=dict)
     reads: frozenset[str] | None = None
+    read_only_with: Mapping[str, str] = field(default_factory=dict)
 
 
 # AdaMixer's and Sparse R-CNN's published configurations: one learning rate and weight decay for all; the
@@ -186,6 +189,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "sparse_rcnn_tiny": dataclasses.replace(SPARSE_RCNN_R50, **SPARSE_TINY),
         },
         reads=SPARSE_RCNN_FIELDS,
+        read_only_with={"gn_groups": "fpn_norm"},
     ),
     "deq_sparse_rcnn": Architecture(
         build_deq_sparse_rcnn, _UNIFORM_RECIPE, deq=True, demo=_DEQ_SPARSE_DEMO,
@@ -195,6 +199,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "deq_sparse_rcnn_tiny": dataclasses.replace(DEQ_SPARSE_RCNN_R50, **SPARSE_TINY, rap_box_pixels=4.0),
         },
         reads=DEQ_SPARSE_RCNN_FIELDS,
+        read_only_with={"gn_groups": "fpn_norm"},
     ),
 }  # fmt: skip
 
@@ -295,7 +300,11 @@ def build_model(config: str | ModelConfig, num_classes: int, **overrides: Any) -
 
 def _readers(field_name: str) -> str:
     """`` (read by deqdet, ...)``: the rows that read `field_name`, for a refusal's message."""
-    rows = sorted(a for a, row in ARCHITECTURES.items() if row.reads is not None and field_name in row.reads)
+    rows = sorted(
+        a + (f" with {row.read_only_with[field_name]}=true" if field_name in row.read_only_with else "")
+        for a, row in ARCHITECTURES.items()
+        if row.reads is not None and field_name in row.reads
+    )
     return f" (read by {', '.join(rows)})" if rows else ""
 
 
@@ -320,9 +329,14 @@ def unread_overrides(config: str | ModelConfig, overrides: Mapping[str, Any]) ->
     """
     config = _named_config(config)
     overrides = current_field_names(overrides)
-    reads = architecture_of(overrides.get("arch", config.arch)).reads
+    row = architecture_of(overrides.get("arch", config.arch))
+    reads = row.reads
     if reads is None:
         return []
+    # A field read only under a switch that is off is as unread as one the builder never looks at.
+    reads = reads - {
+        f for f, switch in row.read_only_with.items() if not overrides.get(switch, getattr(config, switch))
+    }
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch"}  # arch picks the row: always read
     return [
         name

@@ -98,6 +98,10 @@ class MultiLevelRoIAlign(nn.Module):
                     aligned=True,
                 )
                 out = out.index_copy(0, rows, pooled.to(out.dtype))
+            elif feature.requires_grad:
+                # No box reads this level: a zero that depends on it, so that the layers making it still get
+                # a (zero) gradient, as DistributedDataParallel expects of every parameter in every step.
+                out = out + 0.0 * feature.sum()
         return out
 
     def extra_repr(self) -> str:

@@ -172,3 +172,70 @@ def test_branches_in_one_batch_equal_branch_by_branch(one_to_many):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
     assert torch.count_nonzero(grads[1][1][:, 0]) > 0  # the matched boxes of image 0 get a gradient
+
+
+def test_branches_of_other_query_counts_are_scored_as_branch_by_branch():
+    """An auxiliary branch with its own query count (a one-to-many set) failed in torch.cat."""
+    gen = torch.Generator().manual_seed(1)
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in TARGETS[0].items()}]
+    branches = {
+        name: {
+            "pred_logits": torch.randn(1, n, 2, generator=gen, dtype=torch.float64),
+            "pred_boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6]], dtype=torch.float64).repeat(1, n, 1)
+            + 0.05 * torch.rand(1, n, 4, generator=gen, dtype=torch.float64),
+        }
+        for name, n in (("one", 3), ("many", 5), ("one_again", 3))
+    }
+    crit = SetCriterion()
+    stacked = crit.branch_losses(branches, targets)
+    assert list(stacked) == list(branches)
+    for name, outputs in branches.items():
+        torch.testing.assert_close(stacked[name]["loss"], crit(outputs, targets)["loss"], rtol=1e-12, atol=0)
+
+
+def test_a_non_finite_branch_is_named_with_its_image_not_its_stacked_row():
+    logits, boxes = torch.zeros(2, 3, 2), torch.tensor([0.1, 0.1, 0.5, 0.6]).repeat(2, 3, 1)
+    broken = boxes.clone()
+    broken[0, 1] = float("nan")
+    targets = [{**TARGETS[0], "image_id": 7}, {**TARGETS[0], "image_id": 8}]
+    branches = {"init": {"pred_logits": logits, "pred_boxes": boxes}}
+    branches["rag_s6"] = {"pred_logits": logits, "pred_boxes": broken}
+    with pytest.raises(
+        FloatingPointError, match=r"branch rag_s6, image 0 \(image_id 7\): its predictions are"
+    ):
+        SetCriterion().branch_losses(branches, targets)
+
+
+def test_focal_alpha_below_zero_means_no_weighting_in_the_matcher_as_in_the_loss():
+    """torchvision's sigmoid_focal_loss reads alpha=-1 as no weighting; the matcher flipped the positive cost."""
+    from implicitkit_det.losses.matcher import focal_cost
+
+    logits = torch.tensor([[0.0], [-6.0]], dtype=torch.float64)
+    labels = torch.zeros(1, dtype=torch.int64)
+    p = logits.sigmoid()
+    unweighted = (1 - p) ** 2 * -torch.log(p) - p**2 * -torch.log(1 - p)
+    torch.testing.assert_close(focal_cost(logits, labels, alpha=-1.0), unweighted)
+    outputs = {
+        "pred_logits": logits.T[None].transpose(1, 2),
+        "pred_boxes": torch.tensor([[[0.1, 0.1, 0.5, 0.6]] * 2]),
+    }
+    target = [{"labels": labels, "boxes_normalized": torch.tensor([[0.1, 0.1, 0.5, 0.6]])}]
+    ((rows, _),) = HungarianMatcher(focal_alpha=-1.0)(outputs, target)
+    assert rows.tolist() == [0]  # the query that says the class (p 0.5), not the one sure it is not
+
+
+def test_a_target_and_a_prediction_without_area_are_matched_not_called_diverged():
+    """GIoU of two boxes without area is 0 / 0: the matcher said the model had diverged. A zero-area
+    prediction comes from RAP's unsorted corners collapsing to one."""
+    import torchvision
+
+    pred = torch.tensor([[[0.7, 0.6, 0.7, 0.9], [0.1, 0.1, 0.3, 0.3]]])
+    outputs = {"pred_logits": torch.zeros(1, 2, 2), "pred_boxes": pred}
+    line = torch.tensor([[0.7, 0.6, 0.7, 0.9]])
+    target = [{"labels": torch.zeros(1, dtype=torch.int64), "boxes_normalized": line}]
+    ((rows, cols),) = HungarianMatcher()(outputs, target)
+    assert rows.tolist() == [0] and cols.tolist() == [0]  # the same line, not the distant box
+    matcher = HungarianMatcher(cost_class=0.0, cost_bbox=0.0, cost_giou=1.0)
+    cost = matcher.cost_matrix(outputs["pred_logits"][0], pred[0], target[0]["labels"], line)
+    criterion_giou = 1 - torchvision.ops.generalized_box_iou_loss(pred[0], line.expand(2, 4))
+    torch.testing.assert_close(cost[:, 0], -criterion_giou)  # the criterion's own GIoU, pair by pair

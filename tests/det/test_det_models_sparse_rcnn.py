@@ -431,3 +431,32 @@ def test_deq_variant_takes_the_deq_schedule_from_its_config():
     with torch.device("meta"):
         model = build_model("deq_sparse_rcnn_tiny", 10, train_steps=7, test_steps=9, supervise_steps=(2, 7))
     assert (model.train_steps, model.test_steps, model.supervise_steps) == (7, 9, (2, 7))
+
+
+@pytest.mark.parametrize("config", ["sparse_rcnn_tiny", "deq_sparse_rcnn_tiny"])
+def test_every_trainable_parameter_gets_a_gradient_when_no_box_reads_a_level(config):
+    """DDP (without find_unused_parameters) needs a gradient for every parameter in every step: with small
+    boxes only the finest level is read, and the other levels' FPN convolutions got none."""
+    from implicitkit_det.models.roi import roi_levels
+
+    torch.manual_seed(0)
+    model = build_model(config, 10, num_queries=6)
+    if hasattr(model, "train_steps"):
+        model.train_steps, model.supervise_steps = 2, (1, 2)
+    with torch.no_grad():  # boxes of a model trained on small objects: every one under 112 px
+        model.queries.boxes.weight[:, 2:] = 0.3
+        for module in model.modules():
+            if hasattr(module, "reg_head"):
+                module.reg_head[-1].weight.zero_()
+    images = torch.randn(2, 3, 160, 192)
+    targets = [
+        {
+            "labels": torch.tensor([3, 1]),
+            "boxes_normalized": torch.tensor([[0.1, 0.1, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]]),
+            "size": torch.tensor([160, 192]),
+        }
+    ] * 2
+    sizes = model.image_sizes(images, targets)
+    assert roi_levels(model.queries(sizes)["xyxy"]).unique().tolist() == [0]
+    model.forward_backward(images, targets)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -239,3 +239,13 @@ def test_an_unread_option_equal_to_the_configs_own_value_changes_nothing_and_is_
     # A saved run's old field name is read under its current one, and dropped when unread.
     kept, dropped = read_overrides("adamixer_tiny", {"stack_rag_branches": False, "num_queries": 10})
     assert kept == {"num_queries": 10} and dropped == ["stack_branches"]
+
+
+def test_gn_groups_is_read_by_the_sparse_rcnns_only_with_their_fpn_norm():
+    """Without fpn_norm the FPN has no GroupNorm: gn_groups was accepted and did nothing."""
+    with pytest.raises(
+        ValueError, match=r"does not read gn_groups=16 \(read by .*sparse_rcnn with fpn_norm=true"
+    ):
+        build_model("sparse_rcnn_tiny", 10, gn_groups=16)
+    model = build_model("sparse_rcnn_tiny", 10, gn_groups=16, fpn_norm=True)
+    assert {m.num_groups for m in model.neck.modules() if isinstance(m, torch.nn.GroupNorm)} == {16}

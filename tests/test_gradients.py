@@ -344,3 +344,21 @@ def test_estimators_share_the_protocol():
             estimator, ik.Unrolled
         )  # the estimator runs the solve
         assert type(estimator).__name__ in repr(estimator)
+
+
+@pytest.mark.parametrize("tol", [1e-10, None])
+def test_unrolled_through_anderson_without_regularisation_has_the_implicit_gradient(tol):
+    """Anderson(lam=0) replaces a singular least-squares system by the plain step: its discarded branch's NaN
+    reached Unrolled's gradient (0 * NaN) while the value and the stats looked right."""
+    torch.manual_seed(0)
+    weight = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x[0] *= 0.01  # converges before the others: its later systems are singular
+    x.requires_grad_()
+    f = lambda z: torch.tanh(z @ weight.T + x)  # noqa: E731
+    z0 = torch.zeros(3, 4, dtype=torch.float64)
+    tight = ik.Anderson(tol=1e-12, max_iter=100)
+    ref = torch.autograd.grad(ik.fixed_point(f, z0, solver=tight, gradient=ik.IFT(tight)).value.sum(), x)[0]
+    sol = ik.fixed_point(f, z0, solver=ik.Anderson(lam=0.0, tol=tol, max_iter=40), gradient=ik.Unrolled())
+    grad = torch.autograd.grad(sol.value.sum(), x)[0]
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-8)

@@ -111,4 +111,10 @@ def _mixing_weights(gram: Tensor, lam: float, ones: Tensor, eye: Tensor, plain: 
     total = y.sum(dim=1, keepdim=True)
     if lam > 0:
         return y / total
-    return torch.where(total > 0, y / total, plain)
+    ok = total > 0  # False for a singular system's inf or NaN
+    if torch.is_grad_enabled():
+        # Under autograd (Unrolled) the discarded branch's NaN would reach the gradient (0 * NaN): solve a
+        # harmless system in its place, so that neither branch of the where is non-finite.
+        y, _ = torch.linalg.solve_ex(torch.where(ok, system, eye), ones)
+        total = y.sum(dim=1, keepdim=True)
+    return torch.where(ok, y / total, plain)

@@ -72,10 +72,10 @@ class Reversible(GradientEstimator):
             )
         if checkpoint_every is not None:
             checkpoint_every = as_count("checkpoint_every", checkpoint_every)
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ValueError(
-                f"checkpoint_every must be a positive step count or None, got {checkpoint_every}."
-            )
+            if checkpoint_every < 1:
+                raise ValueError(
+                    f"checkpoint_every must be a positive step count or None, got {checkpoint_every}."
+                )
         self.beta = float(beta)
         self.checkpoint_every = checkpoint_every
 

@@ -85,12 +85,10 @@ def refinement_curve(
         batch = batch.to(device)
         ids = [t["image_id"] for t in batch.targets]
         # The precision of the model's own forward (evaluate's): its backbone under autocast, its decoder
-        # as decoder_precision says.
+        # as decoding() sets it.
         with autocast(device, amp):
             sizes = model.image_sizes(batch.images, mask=batch.mask)
-            features = model.features(batch.images)
-            with model.decoder_precision(device.type):
-                features = [level.to(sizes.dtype) for level in features]
+            with model.decoding(batch.images, sizes) as features:
                 state = model.queries(sizes)
                 for evaluator, layer in zip(evaluators, refinement_layers(model)):
                     state = layer(state, features, sizes)

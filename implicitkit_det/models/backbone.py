@@ -19,6 +19,9 @@ from torchvision.ops import FrozenBatchNorm2d
 __all__ = ["FrozenStatsBatchNorm2d", "ResNetBackbone", "weights_cache_path"]
 
 BackboneNorm = Literal["frozen_stats", "frozen", "batch"]
+#: The layout of a backbone built with pre-trained weights, unless given: its norm and frozen stages.
+PRETRAINED_NORM: BackboneNorm = "frozen_stats"
+PRETRAINED_FROZEN_STAGES = 1
 # Seconds a download of published weights may wait on the network before it counts as failed.
 _DOWNLOAD_TIMEOUT_S = 30.0
 
@@ -100,10 +103,14 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in _DEPTHS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_DEPTHS)}")
-        norm = ("frozen_stats" if weights is not None else "batch") if norm is None else norm
+        norm = (PRETRAINED_NORM if weights is not None else "batch") if norm is None else norm
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
-        frozen_stages = (1 if weights is not None else 0) if frozen_stages is None else frozen_stages
+        frozen_stages = (
+            (PRETRAINED_FROZEN_STAGES if weights is not None else 0)
+            if frozen_stages is None
+            else frozen_stages
+        )
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must lie in 0..4, got {frozen_stages}")
         net = _DEPTHS[name](weights=None, norm_layer=_NORMS[norm])

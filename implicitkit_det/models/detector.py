@@ -223,15 +223,21 @@ class QueryDetector(nn.Module, ABC):
             raise TypeError("The second argument is the list of targets; pass the padding mask as mask=... .")
         _check_images(images)
         sizes = self.image_sizes(images, targets, mask)
-        features = self.features(images)
-        with self.decoder_precision(images.device.type):
-            features = [level.to(sizes.dtype) for level in features]
+        with self.decoding(images, sizes) as features:
             return self._decode(features, sizes, targets, images, branchwise, loss_scale)
 
-    def decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
-        """The decoder's precision inside an autocast region: autocast switched off, unless
-        :attr:`low_precision_decoder` asks for it. Code that runs the decoder's layers itself (the refinement
-        curve) enters it as :meth:`forward` does, so that it computes the same numbers."""
+    @contextlib.contextmanager
+    def decoding(self, images: Tensor, sizes: Tensor) -> Iterator[list[Tensor]]:
+        """The features of `images` as the decoder reads them (in `sizes`' dtype), and the decoder's precision
+        for the block: inside an autocast region, autocast off unless :attr:`low_precision_decoder` asks for
+        it. Code that runs the decoder's layers itself (the refinement curve) decodes inside it, as
+        :meth:`forward` and :meth:`predict` do, so that it computes the same numbers."""
+        features = self.features(images)
+        with self._decoder_precision(images.device.type):
+            yield [level.to(sizes.dtype) for level in features]
+
+    def _decoder_precision(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Autocast switched off for the decoder, unless :attr:`low_precision_decoder` asks for it."""
         if self.low_precision_decoder or not torch.is_autocast_enabled(device_type):
             return contextlib.nullcontext()
         return torch.autocast(device_type, enabled=False)
@@ -309,9 +315,8 @@ class QueryDetector(nn.Module, ABC):
         """
         _check_images(images)
         sizes = self.image_sizes(images, mask=mask) if image_sizes is None else image_sizes.to(images)
-        features = self.features(images)
-        with self.decoder_precision(images.device.type):
-            return self.inference_outputs([level.to(sizes.dtype) for level in features], sizes)
+        with self.decoding(images, sizes) as features:
+            return self.inference_outputs(features, sizes)
 
     def losses(
         self, outputs: Mapping[str, Outputs], targets: Sequence[Mapping[str, Any]]

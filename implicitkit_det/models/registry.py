@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backbone import PRETRAINED_FROZEN_STAGES, PRETRAINED_NORM
 from .configs import (
     ADAMIXER_FIELDS,
     ADAMIXER_R50,
@@ -371,8 +372,8 @@ def without_weight_files(config: str | ModelConfig, overrides: Mapping[str, Any]
     return {
         **overrides,
         "backbone_weights": None,
-        "backbone_norm": "frozen_stats" if norm is None else norm,
-        "frozen_stages": 1 if frozen is None else frozen,
+        "backbone_norm": PRETRAINED_NORM if norm is None else norm,
+        "frozen_stages": PRETRAINED_FROZEN_STAGES if frozen is None else frozen,
     }
 
 

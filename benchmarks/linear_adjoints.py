@@ -74,8 +74,10 @@ def run(kind: str, dim: int, batch: int, repeats: int) -> list[list[str]]:
         steps = stats.nstep.double().mean()
         if name == "DirectSolve":  # one solve after D products
             steps = steps * dim
-        elif name.startswith("CG"):  # a VJP and a JVP per iteration, and one JVP to start
-            steps = 2 * steps + 1
+        elif name.startswith("CG"):  # a VJP and a JVP per iteration, one JVP to start, one VJP to check
+            steps = 2 * steps + 2
+        elif name.startswith("GMRES"):  # and one to check the result (these solves need no restart)
+            steps = steps + 1
         rows.append(
             [
                 kind,

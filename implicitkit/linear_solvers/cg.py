@@ -6,17 +6,18 @@ import torch
 from torch import Tensor
 
 from ..stats import SolverStats
-from .base import LinearSolver, Operator
+from .base import IterativeLinearSolver, Operator
 
 
-class CG(LinearSolver):
+class CG(IterativeLinearSolver):
     """CG on ``A^T A x = A^T b``, which is symmetric positive definite for any invertible ``A``.
 
     Each iteration costs one product with ``A`` and one with ``A^T`` (for IFT's adjoint a VJP and a JVP,
     the JVP by double backward); convergence follows the condition number of ``A`` squared, so it needs more
-    iterations than :class:`GMRES` but no basis in memory. The stop rule is on the true residual
-    ``||b - A x||``, tracked by the CGNR recurrence. Each sample's step lengths are its own; a solved sample
-    is frozen.
+    iterations than :class:`GMRES` but no basis in memory. The stop rule is on the residual ``||b - A x||``
+    as the CGNR recurrence tracks it, confirmed by one more product (a sample whose true residual is above
+    ``tol`` restarts from there: :class:`~implicitkit.linear_solvers.base.IterativeLinearSolver`). Each
+    sample's step lengths are its own; a solved sample is frozen.
 
     Arguments:
         **kwargs: ``tol``, ``max_iter`` (iterations, two products each), ``stop_mode`` of :class:`LinearSolver`.
@@ -31,17 +32,14 @@ class CG(LinearSolver):
     ) -> tuple[Tensor, SolverStats]:
         if apply_transposed is None:
             raise TypeError("CG solves the normal equations and needs apply_transposed (x -> A^T x).")
-        tiny = torch.finfo(b.dtype).tiny
-        b_norm = torch.linalg.vector_norm(b, dim=1)
-        x, r = torch.zeros_like(b), b.clone()
+        return super().solve(apply, b, apply_transposed=apply_transposed)
+
+    def _iterate(self, apply, apply_transposed, b_norm, x, r, done, nstep, trace, iterations):
+        """CG from ``x``, whose residual is ``r``, until every sample is solved by the recurrence or time is up."""
+        tiny = torch.finfo(r.dtype).tiny
         z = apply_transposed(r)
         p, zz = z, (z * z).sum(dim=1)
-        done = self.residual(r, b_norm) <= self.tol
-        nstep = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
-        trace = [self.residual(r, b_norm)]
-        for _ in range(self.max_iter):
-            if bool(done.all()):
-                break
+        while iterations < self.max_iter and not bool(done.all()):
             w = apply(p)
             alpha = zz / (w * w).sum(dim=1).clamp_min(tiny)
             alpha = torch.where(done, 0.0, alpha)
@@ -54,5 +52,6 @@ class CG(LinearSolver):
             res = self.residual(r, b_norm)
             nstep += (~done).long()
             trace.append(torch.where(done, trace[-1], res))
-            done = done | (res <= self.tol) | ~torch.isfinite(res)
-        return x, self.stats(trace[1:] or trace, nstep)
+            done |= (res <= self.tol) | ~torch.isfinite(res)
+            iterations += 1
+        return x, iterations

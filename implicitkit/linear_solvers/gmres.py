@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from .._settings import as_count
-from ..stats import SolverStats
-from .base import LinearSolver, Operator
+from .base import IterativeLinearSolver
 
 
-class GMRES(LinearSolver):
+class GMRES(IterativeLinearSolver):
     """GMRES(m): minimise ``||b - A x||`` over ``x_0 + span{r_0, A r_0, ..., A^{k-1} r_0}``, restarted every ``m``.
 
     The Arnoldi basis is built with modified Gram-Schmidt for all samples at once; after each product every
     sample's small least-squares problem ``min_y ||beta e_1 - H y||`` gives its residual, and a sample whose
-    residual met ``tol`` keeps its solution from then on (it is not moved by the others' iterations); one whose
-    data turn NaN or inf is stopped with its last finite iterate and reported as ``nonfinite``. Unlike
+    residual met ``tol`` keeps its solution from then on (it is not moved by the others' iterations), once one
+    more product confirms that its true residual ``||b - A x||`` met ``tol`` too (else it restarts from there:
+    :class:`~implicitkit.linear_solvers.base.IterativeLinearSolver`); one whose data turn NaN or inf is
+    stopped with its last finite iterate and reported as ``nonfinite``. Unlike
     the adjoint as a fixed point (``u = u J + g``), GMRES converges whenever ``I - J`` is invertible, also when
     ``J`` has eigenvalues on or outside the unit circle, in at most ``D`` products without restarts.
 
@@ -34,37 +34,22 @@ class GMRES(LinearSolver):
             raise ValueError(f"restart must be at least 1, got {restart}.")
         self.restart = restart
 
-    def solve(
-        self, apply: Operator, b: Tensor, *, apply_transposed: Operator | None = None
-    ) -> tuple[Tensor, SolverStats]:
-        batch = b.shape[0]
-        b_norm = torch.linalg.vector_norm(b, dim=1)
-        x = torch.zeros_like(b)
-        nstep = torch.zeros(batch, dtype=torch.long, device=b.device)
-        trace = [self.residual(b, b_norm)]  # the residual of x = 0; dropped below unless nothing ran
-        done = trace[0] <= self.tol
-        products = 0
-        while products < self.max_iter and not bool(done.all()):
-            x, products = self._cycle(apply, b, b_norm, x, done, nstep, trace, products)
-        return x, self.stats(trace[1:] or trace, nstep)
-
-    def _cycle(self, apply, b, b_norm, x, done, nstep, trace, products):
-        """One restart cycle of at most ``m`` products; updates ``done``, ``nstep`` and ``trace`` in place.
+    def _iterate(self, apply, apply_transposed, b_norm, x, r, done, nstep, trace, products):
+        """One restart cycle of at most ``m`` products from ``x``, whose residual is ``r``.
 
         A sample whose data turn NaN or inf (right-hand side, residual or a Hessenberg column) is reported
         with a NaN residual and marked done; the least-squares problems of done samples are replaced by the
         finite ``min ||0 - [I; 0] y||`` (``y = 0``), so one bad sample neither breaks ``lstsq`` for the batch
         nor moves the others.
         """
-        r = b - apply(x)
         beta = torch.linalg.vector_norm(r, dim=1)
-        tiny = torch.finfo(b.dtype).tiny
+        tiny = torch.finfo(r.dtype).tiny
         basis = [r / beta.clamp_min(tiny)[:, None]]
-        h = b.new_zeros(b.shape[0], self.restart + 1, self.restart)
-        rhs = b.new_zeros(b.shape[0], self.restart + 1)
+        h = r.new_zeros(r.shape[0], self.restart + 1, self.restart)
+        rhs = r.new_zeros(r.shape[0], self.restart + 1)
         rhs[:, 0] = beta
         finite = torch.isfinite(beta)
-        eye = torch.eye(self.restart + 1, self.restart, dtype=b.dtype, device=b.device)
+        eye = torch.eye(self.restart + 1, self.restart, dtype=r.dtype, device=r.device)
         y = None
         for j in range(min(self.restart, self.max_iter - products)):
             w = apply(basis[j])

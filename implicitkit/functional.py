@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
+from ._call_state import CallState
 from ._tree import State, StateSpec, flatten, leaves_of, spec_of, tree_map, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
@@ -80,11 +81,13 @@ def fixed_point(
     def attach(step):
         return gradient.attach_result(f_state, result, step, spec, backward_stats.append)
 
-    grad_enabled = torch.is_grad_enabled()
+    # The value is built once, at its first read, and kept: under the grad mode and autocast of the call, not
+    # of that read (a no-grad log line must not drop the graph), and refused after an optimizer step, which
+    # changed what f computes. Path branches are built anew at each access, under the access's modes.
+    call = CallState(result.last.device.type)
 
     def value_and_aux():
-        # under the grad mode of the call, not of the first read (a no-grad log line must not drop the graph)
-        with torch.set_grad_enabled(grad_enabled):
+        with call.restored("Solution.value"):
             if f_aux is None:
                 return attach(None), None
             return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)

@@ -321,3 +321,45 @@ def test_a_solve_under_inference_mode_runs(name):
         )
     assert sol.stats.all_converged
     torch.testing.assert_close(sol.value, torch.tanh(0.5 * sol.value + x), atol=1e-5, rtol=0)
+
+
+# -- the value is the solve's: its autocast, and not after an optimizer step ----------------------------------
+@pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.RAG(2), ik.Phantom(k=2, tau=0.5)], ids=repr)
+def test_a_first_read_after_an_optimizer_step_is_refused(gradient):
+    """The value is built from f's parameters at its first read: after opt.step() it was the next model's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    kw = dict(solver=ik.Anderson(tol=1e-6), gradient=gradient, capture=(3,))
+    sol = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), **kw)
+    sol.path.backward(lambda z: z.square().sum())
+    opt.step()
+    with pytest.raises(
+        RuntimeError, match=r"optimizer has stepped since the fixed_point call.*before optimizer"
+    ):
+        sol.value
+    read = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), **kw)
+    value = read.value
+    opt.step()
+    assert read.value is value  # read before the step: kept
+
+
+def test_the_value_keeps_the_autocast_of_the_call():
+    """Read after the autocast block, the value was computed in float32 while the solve ran in bfloat16."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+
+    def solve():
+        return ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), gradient=ik.RAG(2))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = solve().value
+        later = solve()
+    outside = later.value
+    assert outside.dtype == inside.dtype and torch.equal(outside, inside)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), gradient=ik.RAG(2))
+        with torch.autocast("cpu", enabled=False):
+            assert plain.value.dtype == inside.dtype  # nor does a read in a float32 region change it

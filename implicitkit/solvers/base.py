@@ -42,7 +42,9 @@ class Solver(ABC, metaclass=_Frozen):
     """Finds ``z* = f(z*)`` for a batch of samples, each stopping on its own.
 
     Every sample ``b`` is iterated until its residual ``r_b = ||f(z_b) - z_b||`` (``stop_mode="abs"``) or
-    ``r_b / ||f(z_b)||`` (``"rel"``) is at most ``tol``; from then on it is frozen. Samples do not interact
+    ``r_b / (||f(z_b)|| + 1e-8)`` (``"rel"``; the constant keeps a fixed point at zero reachable, so for
+    states of norm near 1e-8 or below ``"rel"`` is looser than its name: use ``"abs"`` with a ``tol`` of
+    their scale) is at most ``tol``; from then on it is frozen. Samples do not interact
     in the solver's own arithmetic, so a sample's steps and value are those it would get alone, up to the
     round-off of the cell itself (a batched matmul may round differently from a single one, and an
     accelerated solver can amplify that difference). The value returned for a sample is ``f(z_k)`` at the step

@@ -363,3 +363,19 @@ def test_the_value_keeps_the_autocast_of_the_call():
         plain = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), gradient=ik.RAG(2))
         with torch.autocast("cpu", enabled=False):
             assert plain.value.dtype == inside.dtype  # nor does a read in a float32 region change it
+
+
+@pytest.mark.parametrize("max_iter", [150, 300, 600])
+def test_a_slow_contraction_far_from_its_start_is_not_called_diverged(max_iter):
+    """``0.999 z + x`` from 0: the residual falls at every step towards ``z* = 1000 x``; it once read as run off."""
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    solver = ik.FixedPointIteration(tol=1e-4, max_iter=max_iter, on_failure="report")
+    stats = ik.fixed_point(
+        lambda z: 0.999 * z + x, torch.zeros_like(x), solver=solver, gradient=ik.JFB()
+    ).stats
+    assert (stats.result == ik.Result.max_steps_reached).all(), stats.result
+    loose = ik.FixedPointIteration(tol=5e-3, max_iter=600, on_failure="report")  # met by the letter of "rel"
+    z, stats = ik.fixed_point(lambda z: 0.999 * z + x, torch.zeros_like(x), solver=loose, gradient=ik.JFB())
+    assert stats.converged.all(), stats.result
+    rel = torch.linalg.vector_norm(0.999 * z + x - z, dim=1) / torch.linalg.vector_norm(0.999 * z + x, dim=1)
+    assert (rel <= 5e-3).all()

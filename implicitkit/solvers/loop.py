@@ -46,9 +46,13 @@ class LoopSolver(Protocol):
 _REL_EPS = 1e-8
 # A sample whose state grew this many times its starting size while its absolute residual stayed above this
 # fraction of its first value made no progress towards a fixed point: only the relative residual shrank, by
-# the growth of its denominator (a map with no fixed point, iterated off to infinity).
+# the growth of its denominator (a map with no fixed point, iterated off to infinity). The fraction: a
+# contraction at rate q has r = (1 - q) ||z - z*||, so a residual that fell from r_0 to r_k over a travel D
+# puts z* about r_k D / (r_0 - r_k) further on; r_k > r_0 / (1 + 1/10) places it more than 10 times further
+# than the state has come, already 100-fold. A slow contraction (0.999 z + x, z* at 1000 times its start)
+# has fallen below that fraction by the time it has grown 100-fold, and is not called diverged.
 _NO_PROGRESS_GROWTH = 100.0
-_NO_PROGRESS_RESIDUAL = 0.5
+_NO_PROGRESS_RESIDUAL = 1 / (1 + 1 / 10)
 
 
 @dataclass

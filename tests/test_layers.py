@@ -396,3 +396,16 @@ def test_a_step_with_grad_after_a_no_grad_solve_trains_the_normalised_weight():
     (c * torch.tanh(0.5 * cell.lin(inner) + x)).sum().backward()
     torch.testing.assert_close(raw.original0.grad, g.grad, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(raw.original1.grad, v.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_deep_copy_of_dropout_starts_outside_any_solve():
+    """The copy kept the last solve's mask: outside a solve it ran with it where a fresh layer refuses."""
+    import copy
+
+    drop = ik.VariationalDropout(0.5)
+    ik.new_solve(drop)
+    drop(torch.ones(3, 4))
+    twin = copy.deepcopy(drop)
+    assert twin.solve_state is None and drop.mask is not None
+    with pytest.raises(RuntimeError, match="no solve has started for it"):
+        twin(torch.ones(3, 4))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .per_solve import PerSolveModule
 
 
 class _Mask:
@@ -15,7 +17,7 @@ class _Mask:
         self.mask: Tensor | None = None
 
 
-class VariationalDropout(nn.Module):
+class VariationalDropout(PerSolveModule):
     """Dropout whose mask is drawn once per solve: ``y = x * m / (1 - p)``, ``m ~ Bernoulli(1 - p)``.
 
     An ordinary ``nn.Dropout`` inside a DEQ cell draws a new mask at every application, so the map changes

@@ -36,6 +36,19 @@ class PerSolve(Protocol):
         """The state for a new solve; called once at its start, in the caller's grad mode."""
 
 
+class PerSolveModule(nn.Module):
+    """An ``nn.Module`` that keeps a per-solve state in ``solve_state``; a copy of it starts outside any solve.
+
+    A copy (``copy.deepcopy`` for an EMA or best-model snapshot, pickling) that kept the last solve's state
+    would reuse its mask, or hold a cached weight from that solve's graph, which deepcopy refuses.
+    """
+
+    solve_state: Any
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "solve_state": None}
+
+
 class SolveScope:
     """The per-solve states of one solve; a context manager that makes them current, and :meth:`bind`.
 
@@ -123,7 +136,7 @@ class _Cache:
         self.versions: tuple[int, ...] = ()
 
 
-class OncePerSolve(nn.Module):
+class OncePerSolve(PerSolveModule):
     """A parametrization (``torch.nn.utils.parametrize``) whose value is computed once per solve.
 
     Within a solve, the first access computes :meth:`compute` in the grad mode the solve started in (so a
@@ -139,11 +152,6 @@ class OncePerSolve(nn.Module):
 
     def new_solve_state(self) -> _Cache:
         return _Cache(torch.is_grad_enabled())
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (copy.deepcopy for an EMA or best-model snapshot, pickling) starts outside any solve: the
-        # cached weight is a non-leaf tensor of the last solve's graph, which deepcopy refuses.
-        return {**super().__getstate__(), "solve_state": None}
 
     def compute(self, *originals: Tensor) -> Tensor:
         """The parametrized tensor from the raw ones (once per solve, and at every access outside a solve)."""

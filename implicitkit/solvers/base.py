@@ -51,9 +51,9 @@ class Solver(ABC, metaclass=_Frozen):
     ``k`` with the lowest residual, never worse than the last.
 
     A sample is stopped and flagged when its map returns NaN/inf (``nonfinite``), or as ``diverged`` when its
-    absolute residual or its state's norm grows past ``divergence_factor`` times its first value, or when it
-    meets ``tol`` only because its state grew (100-fold, with the absolute residual not halved: a map with no
-    fixed point, such as ``z + 1``, iterated off to infinity). ``successful`` means a fixed point to ``tol``;
+    absolute residual or its state's norm grows past ``divergence_factor`` times its first value, or when its
+    state grew 100-fold while its absolute residual fell by less than an eleventh (a map with no fixed point,
+    such as ``z + 1``, iterated off to infinity, whose relative residual can meet ``tol`` by that growth). ``successful`` means a fixed point to ``tol``;
     it says nothing of stability: Anderson and Broyden can converge to a repelling fixed point (spectral
     radius of ``J`` above 1) that plain iteration would leave; check with :func:`~implicitkit.spectral_radius`.
 

@@ -81,23 +81,33 @@ def fixed_point(
     def attach(step):
         return gradient.attach_result(f_state, result, step, spec, backward_stats.append)
 
-    # The value is built once, at its first read, and kept: under the grad mode and autocast of the call, not
-    # of that read (a no-grad log line must not drop the graph), and refused after an optimizer step, which
-    # changed what f computes. Path branches are built anew at each access, under the access's modes.
+    # The value is built once, at its first read, and kept: under the modes of the call, not of that read (a
+    # no-grad log line must not drop the graph). Path branches are built anew at each access, under the
+    # access's modes. Either is refused if an optimizer stepped a parameter it reads since the call.
     call = CallState(result.last.device.type)
 
     def value_and_aux():
-        with call.restored("Solution.value"):
+        with call.modes():
             if f_aux is None:
-                return attach(None), None
-            return gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
+                built = attach(None), None
+            else:
+                built = gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
+        call.check(built, "Solution.value")
+        return built
+
+    def branch(step):
+        built = attach(step)
+        call.check(built, "A Solution.path branch")
+        return built
 
     def attach_stacked(f_stacked):
         steps = sorted(result.captured)
         stacked = tree_map(
             lambda *leaves: torch.cat(leaves), *(unflatten(result.captured[s], spec) for s in steps)
         )
-        return gradient.attach(f_stacked, stacked, backward_stats.append)
+        built = gradient.attach(f_stacked, stacked, backward_stats.append)
+        call.check(built, "Solution.path.stacked")
+        return built
 
     # An estimator that reads more than the captured state (Reversible) cannot build branches from a stack.
     stackable = type(gradient).attach_result is GradientEstimator.attach_result
@@ -105,7 +115,7 @@ def fixed_point(
     # Built on first access, which may come from compiled code: they run outside the graph like the solve.
     path = Path(
         sorted(result.captured),
-        torch.compiler.disable(attach),
+        torch.compiler.disable(branch),
         shared_graph=shared_graph,
         make_stacked=torch.compiler.disable(attach_stacked) if stackable else None,
         make_states=lambda: [unflatten(result.captured[s], spec) for s in sorted(result.captured)],

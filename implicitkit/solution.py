@@ -160,7 +160,7 @@ class Solution:
             ``z0``, with the estimator's gradient when autograd was on at the call. Built when first read
             (and then kept), so a caller that only needs ``last`` or ``path`` never pays for it; the grad mode
             and autocast are the call's, whatever those of the read, and a first read after an optimizer
-            step is refused (``f``'s parameters are no longer the solve's).
+            stepped a parameter it reads is refused (``f`` is no longer the solve's); so is a path branch.
         last: the final iterate as the solver left it, without an estimator: detached, except under
             :class:`~implicitkit.Unrolled`. With ``tol=None`` it is exactly the ``max_iter``-th iterate.
         stats: the forward solve's :class:`~implicitkit.SolverStats` (per-sample ``nstep``, ``residual``,

@@ -258,7 +258,7 @@ def test_a_float32_solve_reports_its_true_residual(name):
     true = true_residual(a, b, x)
     assert (true[stats.converged] <= 1.3e-6).all(), (true, stats.converged)
     torch.testing.assert_close(stats.residual.double(), true, rtol=0.6, atol=0)
-    assert stats.trace[stats.nstep - 1, torch.arange(4)].tolist() == stats.residual.tolist()
+    assert stats.trace[-1].tolist() == stats.residual.tolist()  # also for a sample reopened after idling
 
 
 def test_gmres_stops_a_sample_whose_true_residual_no_longer_falls():

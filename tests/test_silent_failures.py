@@ -325,24 +325,41 @@ def test_a_solve_under_inference_mode_runs(name):
 
 # -- the value is the solve's: its autocast, and not after an optimizer step ----------------------------------
 @pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.RAG(2), ik.Phantom(k=2, tau=0.5)], ids=repr)
-def test_a_first_read_after_an_optimizer_step_is_refused(gradient):
-    """The value is built from f's parameters at its first read: after opt.step() it was the next model's."""
+def test_a_read_after_an_optimizer_step_of_fs_parameters_is_refused(gradient):
+    """The value and the branches are built from f's parameters when read: after opt.step() they were the
+    next model's. A step of another model's optimizer changes nothing f reads, and is no reason to refuse."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 4)
+    lin, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    opt, other_opt = torch.optim.SGD(lin.parameters(), lr=0.5), torch.optim.SGD(other.parameters(), lr=0.5)
     kw = dict(solver=ik.Anderson(tol=1e-6), gradient=gradient, capture=(3,))
     sol = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), **kw)
     sol.path.backward(lambda z: z.square().sum())
+    other(x).sum().backward()
+    other_opt.step()
+    assert sol.path[0].requires_grad  # another model's step
     opt.step()
     with pytest.raises(
-        RuntimeError, match=r"optimizer has stepped since the fixed_point call.*before optimizer"
+        RuntimeError, match=r"optimizer has stepped them since the fixed_point call.*before optimizer"
     ):
         sol.value
+    with pytest.raises(RuntimeError, match=r"A Solution\.path branch is built when it is read"):
+        sol.path[0]
     read = ik.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(2, 4), **kw)
     value = read.value
     opt.step()
     assert read.value is value  # read before the step: kept
+
+
+def test_a_first_read_under_inference_mode_keeps_the_graph():
+    """inference_mode, unlike no_grad, is not undone by enabling grad: the kept value had no graph."""
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    sol = ik.fixed_point(lambda z: torch.tanh(0.3 * z @ w.T + x), torch.zeros(2, 4, dtype=torch.float64))
+    with torch.inference_mode():
+        sol.value.norm()  # logged first
+    (grad,) = torch.autograd.grad(sol.value.sum(), w)
+    assert grad.abs().sum() > 0
 
 
 def test_the_value_keeps_the_autocast_of_the_call():

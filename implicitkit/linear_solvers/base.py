@@ -23,7 +23,8 @@ class LinearSolver(ABC):
 
     Arguments:
         tol: the residual at which a sample counts as solved.
-        max_iter: most products with ``A`` per sample.
+        max_iter: most iterations per sample (products with ``A``; for CG, a pair of products). The check
+            of :class:`IterativeLinearSolver` costs one product more each time a sample is called solved.
         stop_mode: ``"abs"`` or ``"rel"``.
     """
 
@@ -56,18 +57,22 @@ class LinearSolver(ABC):
         norm = torch.linalg.vector_norm(r, dim=1)
         return norm if self.stop_mode == "abs" else norm / b_norm.clamp_min(torch.finfo(r.dtype).tiny)
 
-    def stats(self, trace: list[Tensor], nstep: Tensor, final: Tensor | None = None) -> SolverStats:
+    def stats(
+        self, trace: list[Tensor], nstep: Tensor, final: Tensor | None = None, last_row: Tensor | None = None
+    ) -> SolverStats:
         """Stats from the residual after each product (``trace``) and the products each sample used.
 
-        ``final``, where given, is each sample's true residual at its returned ``x``: it replaces the last
-        estimate in the trace, except where that estimate is already NaN (a sample stopped as nonfinite).
+        ``final``, where given, is each sample's true residual at its returned ``x``: it replaces the
+        estimate at the sample's last active row (``last_row``, default ``nstep - 1``) and every row after it,
+        except where that estimate is already NaN (a sample stopped as nonfinite).
         """
         history = torch.stack(trace)
-        last = (nstep - 1).clamp_min(0)[None]
+        last = (nstep - 1 if last_row is None else last_row).clamp_min(0)[None]
         residual = history.gather(0, last).squeeze(0)
         if final is not None:
             residual = torch.where(torch.isnan(residual), residual, final)
-            history = history.scatter(0, last, residual[None])
+            rows = torch.arange(history.shape[0], device=history.device)[:, None]
+            history = torch.where(rows >= last, residual[None], history)
         result = torch.where(residual <= self.tol, Result.successful, Result.max_steps_reached)
         result = torch.where(torch.isfinite(residual), result, Result.nonfinite)
         return SolverStats(
@@ -105,6 +110,7 @@ class IterativeLinearSolver(LinearSolver):
         trace = [self.residual(r, b_norm)]  # dropped below unless nothing ran
         done = trace[0] <= self.tol
         settled, checked, used = done.clone(), trace[0], 0
+        last_row = torch.zeros_like(nstep)  # each sample's last row of trace[1:] in which it iterated
         while True:
             true = self.residual(r, b_norm)
             claimed = done & ~settled & torch.isfinite(trace[-1])
@@ -113,8 +119,11 @@ class IterativeLinearSolver(LinearSolver):
             checked = torch.where(claimed, true, checked)
             settled = done.clone()
             if used >= self.max_iter or bool(done.all()):
-                return x, self.stats(trace[1:] or trace, nstep, final=true)
+                return x, self.stats(trace[1:] or trace, nstep, final=true, last_row=last_row)
+            rows_before, nstep_before = len(trace) - 1, nstep.clone()
             x, used = self._iterate(apply, apply_transposed, b_norm, x, r, done, nstep, trace, used)
+            ran = nstep - nstep_before  # within one call a sample iterates in its first `ran` rows
+            last_row = torch.where(ran > 0, rows_before + ran - 1, last_row)
             r = b - apply(x)
 
     @abstractmethod

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..collectives import all_gather_object, get_rank, get_world_size, is_main_process
 from .coco import CocoDetectionDataset
+from .images import orientation_note, unreadable_mode
 
 __all__ = ["DataError", "check_images", "check_splits"]
 
@@ -69,10 +70,13 @@ def _check_one(path: Path, width: int, height: int) -> str | None:
         with Image.open(path) as image:
             size = image.size
             image.load()  # decodes the whole file: a truncated image fails here
+            why, note = unreadable_mode(image), orientation_note(image, width, height)
     except Exception as err:
         return f"{path}: cannot be decoded ({type(err).__name__}: {err})"
+    if why is not None:
+        return f"{path}: {why}"
     if size != (width, height):
-        return f"{path}: is {size[0]}x{size[1]} pixels, the annotation file says {width}x{height}"
+        return f"{path}: is {size[0]}x{size[1]} pixels, the annotation file says {width}x{height}.{note}"
     return None
 
 

@@ -28,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from .images import orientation_note, unreadable_mode
+
 __all__ = ["CocoDetectionDataset", "CocoFormatError", "finalize_target", "load_coco_json"]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,30 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _is_integer(value: Any) -> bool:
+    """An int of JSON (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    """An integer, or a float with an integer value (640.0)."""
+    return _is_integer(value) or (isinstance(value, float) and value.is_integer())
+
+
+def _numbered_from_one(annotations: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """`annotations` with ids 1..N if any id is below 1: COCO's matching records a match by the ground
+    truth's id and reads 0 as "unmatched", so an annotation with id 0 could never be found."""
+    if all(ann["id"] >= 1 for ann in annotations):
+        return annotations
+    logger.info(
+        "%s: annotation ids start below 1; the evaluation's copy (dataset.coco) numbers them 1..%d in file "
+        "order, as COCO's matching reads id 0 as unmatched.",
+        path,
+        len(annotations),
+    )
+    return [{**ann, "id": i} for i, ann in enumerate(annotations, start=1)]
+
+
 def _require(entry: Any, keys: tuple[str, ...], where: str, path: Path) -> None:
     if not isinstance(entry, dict):
         raise CocoFormatError(f"{path}: {where} is a {type(entry).__name__}, expected an object.")
@@ -117,6 +143,8 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             evaluator scores against); crowd annotations are kept there, as COCO evaluation expects.
         skipped: counts ``{"degenerate", "outside_image"}`` of annotations dropped, and ``crowd`` of crowd
             regions left out of the training targets.
+        clipped: the boxes kept that extend more than a pixel past their image (warned of at load): training
+            sees them clipped, the evaluation as the file has them, as COCO's own evaluation does.
         category_ids, category_names: per contiguous label.
         removed_empty: the number of images `remove_empty` left out (0 without it).
     """
@@ -138,7 +166,7 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         kept = self._index(data)
 
         self.coco = COCO()
-        self.coco.dataset = {**data, "annotations": kept}
+        self.coco.dataset = {**data, "annotations": _numbered_from_one(kept, self.ann_file)}
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             self.coco.createIndex()
         self.ids = sorted(self._images)
@@ -162,7 +190,7 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         self._images: dict[int, dict[str, Any]] = {}
         for i, img in enumerate(images):
             _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", path)
-            if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+            if not _is_integer(img["id"]):
                 # COCO's ids are integers; the evaluator and the samples' image_id rely on it.
                 raise CocoFormatError(
                     f"{path}: images[{i}] has id {img['id']!r} ({type(img['id']).__name__}); COCO image ids are "
@@ -172,10 +200,10 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
                 raise CocoFormatError(
                     f"{path}: image id {img['id']} appears twice; image ids must be unique."
                 )
-            if not all(isinstance(img[k], (int, float)) and img[k] > 0 for k in ("width", "height")):
+            if not all(_is_whole(img[k]) and img[k] > 0 for k in ("width", "height")):
                 raise CocoFormatError(
-                    f"{path}: image id {img['id']} has size {img['width']}x{img['height']}; "
-                    "width and height must be positive."
+                    f"{path}: image id {img['id']} has size {img['width']!r}x{img['height']!r}; "
+                    "width and height must be positive integers, the image's size in pixels."
                 )
             self._images[img["id"]] = img
 
@@ -185,6 +213,12 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         names: dict[int, str] = {}
         for i, cat in enumerate(categories):
             _require(cat, ("id",), f"categories[{i}]", path)
+            if not _is_integer(cat["id"]):
+                raise CocoFormatError(
+                    f"{path}: categories[{i}] has id {cat['id']!r} ({type(cat['id']).__name__}); COCO category "
+                    "ids are integers (results name their category by it): number the categories and refer to "
+                    "them by those numbers in the annotations."
+                )
             if cat["id"] in names:
                 raise CocoFormatError(f"{path}: category id {cat['id']} appears twice; ids must be unique.")
             name = str(cat.get("name", cat["id"]))
@@ -203,6 +237,7 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
     def _index_annotations(self, annotations: list[Any]) -> list[dict[str, Any]]:
         path = self.ann_file
         self.skipped: dict[str, int] = {"degenerate": 0, "outside_image": 0, "crowd": 0}
+        self.clipped = 0
         boxes: dict[int, list[list[float]]] = {i: [] for i in self._images}
         labels: dict[int, list[int]] = {i: [] for i in self._images}
         seen_ann_ids: set[Any] = set()
@@ -225,12 +260,23 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
                 )
                 continue
             kept.append(ann)
+            if max(x0 - x, y0 - y, x + w - x1, y + h - y1) > 1.0:
+                self.clipped += 1
             if ann.get("iscrowd", 0):
                 self.skipped["crowd"] += 1
                 continue
             boxes[iid].append([x0, y0, x1, y1])
             labels[iid].append(self.category_id_to_label[cid])
 
+        if self.clipped:
+            logger.warning(
+                "%s: %d boxes extend more than a pixel past their image. Training learns them clipped to the "
+                "image, while the evaluation scores against them as the file has them (as COCO's own does), "
+                "so a detector that predicts them clipped loses AP there: clip them in the file to score "
+                "against what the model can see.",
+                path,
+                self.clipped,
+            )
         n_bad = self.skipped["degenerate"] + self.skipped["outside_image"]
         if n_bad > _MAX_ENTRY_WARNINGS:
             logger.warning("%s: skipped %d unusable boxes in all (counts: %s).", path, n_bad, self.skipped)
@@ -244,6 +290,11 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
         path = self.ann_file
         _require(ann, ("id", "image_id", "category_id", "bbox"), f"annotations[{index}]", path)
         aid, iid, cid, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
+        if not _is_integer(aid):
+            raise CocoFormatError(
+                f"{path}: annotations[{index}] has id {aid!r} ({type(aid).__name__}); COCO annotation ids are "
+                "integers (the evaluation records matches by them): number the annotations."
+            )
         if aid in seen_ann_ids:
             raise CocoFormatError(
                 f"{path}: annotation id {aid} appears twice; annotation ids must be unique "
@@ -318,6 +369,9 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             )
         try:
             with Image.open(path) as pil:
+                if (why := unreadable_mode(pil)) is not None:
+                    raise CocoFormatError(f"Image id {id}: {path} {why}.")
+                note = orientation_note(pil, info["width"], info["height"])
                 image = F.to_image(pil.convert("RGB"))
         except (UnidentifiedImageError, OSError) as err:
             raise CocoFormatError(
@@ -325,9 +379,10 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             ) from err
         h, w = image.shape[-2:]
         if (h, w) != (info["height"], info["width"]):
+            note = note or " Fix the 'width'/'height' entry of the image."
             raise CocoFormatError(
                 f"Image id {id}: {path} is {w}x{h} but {self.ann_file} says {info['width']}x{info['height']}; "
-                "its boxes would be wrong. Fix the 'width'/'height' entry of the image."
+                f"its boxes would be wrong.{note}"
             )
         return image
 

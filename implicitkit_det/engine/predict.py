@@ -16,6 +16,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..data import make_eval_transforms
+from ..data.images import unreadable_mode
 from ..models import build_model
 from ..models.registry import read_overrides, without_weight_files
 from .checkpoint import load_checkpoint, read_checkpoint
@@ -168,6 +169,8 @@ def save_grid(images: Sequence[Tensor], path: str | os.PathLike, *, columns: int
 def read_rgb(path: str | os.PathLike) -> Tensor:
     """An image file as ``uint8`` RGB ``[3, H, W]`` (read with PIL, as the datasets read them)."""
     with Image.open(path) as image:
+        if (why := unreadable_mode(image)) is not None:
+            raise ValueError(f"{path} {why}.")
         return pil_to_tensor(image.convert("RGB"))
 
 

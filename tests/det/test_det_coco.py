@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,4 +173,90 @@ def test_image_size_disagreeing_with_the_file(make_coco):
     Image.new("RGB", (40, 30)).save(img_dir / "0001.png")
     ds = CocoDetectionDataset(img_dir, ann_file)
     with pytest.raises(CocoFormatError, match=r"Image id 1: .* is 40x30 but .* says 80x60"):
+        ds[ds.ids.index(1)]
+
+
+def test_annotation_ids_from_zero_are_numbered_from_one_for_the_evaluation(make_coco):
+    """COCO's matching records a match by the ground truth's id and reads 0 as unmatched: perfect detections
+    of annotations 0 and 1 scored AP 0.25 with both backends."""
+    from implicitkit_det.evaluation import CocoEvaluator
+
+    anns = [{**GOOD_ANN, "id": 0}, {**GOOD_ANN, "id": 1, "image_id": 2, "bbox": [4, 4, 30, 20]}]
+    ds = CocoDetectionDataset(*make_coco(annotations=anns))
+    assert sorted(ds.coco.anns) == [1, 2]
+    for backend in ("pycocotools", "faster_coco_eval"):
+        evaluator = CocoEvaluator(ds.coco, backend=backend)
+        evaluator.update(
+            [{"image_id": a["image_id"], "category_id": 7, "bbox": a["bbox"], "score": 1.0} for a in anns]
+        )
+        assert evaluator.summarize()["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("field", ["annotation", "category"])
+def test_ids_that_are_not_integers_are_refused(make_coco, field):
+    # A string category id loaded, then failed at the first evaluation with advice that did not apply.
+    img_dir, ann_file = make_coco(annotations=[GOOD_ANN])
+    entries = json.loads(ann_file.read_text())
+    if field == "annotation":
+        entries["annotations"][0]["id"] = "a1"
+    else:
+        entries["categories"] = [{**c, "id": str(c["id"])} for c in entries["categories"]]
+        entries["annotations"][0]["category_id"] = "7"
+    ann_file.write_text(json.dumps(entries))
+    with pytest.raises(CocoFormatError, match=rf"has id .*\(str\); COCO {field} ids are integers"):
+        CocoDetectionDataset(img_dir, ann_file)
+
+
+@pytest.mark.parametrize("width", [80.4, True, "80"])
+def test_an_image_size_that_is_not_whole_pixels_is_refused(make_coco, width):
+    # 80.4 passed the image check (which compared int(width)) and then stopped the run at the first load.
+    img_dir, ann_file = make_coco(annotations=[])
+    entries = json.loads(ann_file.read_text())
+    entries["images"][0]["width"] = width
+    ann_file.write_text(json.dumps(entries))
+    with pytest.raises(CocoFormatError, match="width and height must be positive integers"):
+        CocoDetectionDataset(img_dir, ann_file)
+    entries["images"][0]["width"] = 80.0  # a whole number written as a float is a size
+    ann_file.write_text(json.dumps(entries))
+    CocoDetectionDataset(img_dir, ann_file)[0]
+
+
+def test_boxes_past_the_image_are_counted_and_warned_of(make_coco, caplog):
+    anns = [
+        GOOD_ANN,
+        {**GOOD_ANN, "id": 2, "bbox": [-12, 5, 30, 20]},
+        {**GOOD_ANN, "id": 3, "bbox": [70, 5, 10.5, 9]},
+    ]
+    with caplog.at_level(logging.WARNING, logger="implicitkit_det.data.coco"):
+        ds = CocoDetectionDataset(*make_coco(annotations=anns))
+    assert ds.clipped == 1  # 12 px past the left edge; half a pixel past the right one is rounding
+    assert "1 boxes extend more than a pixel past their image" in caplog.text
+    assert ds.coco.anns[2]["bbox"] == [-12, 5, 30, 20]  # scored as written, as COCO's own evaluation does
+
+
+def test_a_16_bit_image_is_refused_not_read_white(make_coco):
+    from PIL import Image
+
+    from implicitkit_det.data.checks import DataError, check_images
+
+    img_dir, ann_file = make_coco()
+    Image.fromarray(np.full((60, 80), 3000, dtype=np.uint16)).save(img_dir / "0001.png")
+    ds = CocoDetectionDataset(img_dir, ann_file)
+    with pytest.raises(
+        CocoFormatError, match=r"Image id 1: .*0001.png is in PIL mode I;16.*convert it to 8-bit"
+    ):
+        ds[ds.ids.index(1)]
+    with pytest.raises(DataError, match=r"0001.png: is in PIL mode I;16"):
+        check_images(ds, split="train", threads=1)
+
+
+def test_a_size_swapped_by_exif_orientation_says_so(make_coco):
+    from PIL import Image
+
+    img_dir, ann_file = make_coco(images={1: (60, 80), 2: (64, 64), 3: (50, 70)})  # annotated 60 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 wide, shown turned by 90 degrees
+    Image.new("RGB", (80, 60)).save(img_dir / "0001.png", exif=exif)
+    ds = CocoDetectionDataset(img_dir, ann_file)
+    with pytest.raises(CocoFormatError, match=r"EXIF orientation \(6\).*exif_transpose"):
         ds[ds.ids.index(1)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,18 @@ REVERSIBLE = ("Reversible", "Reversible/10")
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _restart_peak_rss() -> None:
+    """Make the kernel's peak RSS (``VmHWM``) start again from the current RSS: ``ru_maxrss`` is the peak of
+    the process's whole life, which setting up the problem may already have pushed above the solve's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def measure(solver: str, estimator: str, steps: int, device: str, batch: int, dim: int) -> float:
@@ -100,8 +111,9 @@ def measure(solver: str, estimator: str, steps: int, device: str, batch: int, di
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_bytes()
+        _restart_peak_rss()
         taken = run()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     if taken != steps:
         raise RuntimeError(f"{solver} took {taken} steps, not {steps}")
     return peak / 2**20

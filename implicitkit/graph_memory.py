@@ -61,10 +61,11 @@ class GraphMemory:
 class _Saved:
     """A saved tensor and its accounting; the graph drops it (and so the count) when it is freed."""
 
-    __slots__ = ("key", "meter", "tensor")
+    __slots__ = ("key", "meter", "tensor", "version")
 
     def __init__(self, tensor: Tensor, meter: GraphMemory) -> None:
         self.tensor, self.meter = tensor, meter
+        self.version = None if tensor.is_inference() else tensor._version
         storage = tensor.untyped_storage()
         self.key = storage.data_ptr() if storage.nbytes() else id(tensor)
         meter._add(self.key, storage.nbytes())
@@ -74,4 +75,13 @@ class _Saved:
 
 
 def _unpack(saved: _Saved) -> Tensor:
+    # Saved-tensor hooks take over autograd's own check of in-place changes; without it, backward would
+    # silently use the changed values.
+    if saved.version is not None and saved.tensor._version != saved.version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"a tensor of shape {list(saved.tensor.shape)} saved at version {saved.version} is now at version "
+            f"{saved.tensor._version} (GraphMemory keeps autograd's check). Compute the changed value out of "
+            "place (y = y * 2, not y.mul_(2))."
+        )
     return saved.tensor

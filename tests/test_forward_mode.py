@@ -284,6 +284,17 @@ def test_adjoints_refuse_functorchs_reverse_mode_with_the_alternatives(problem, 
         transform(lambda w: solve(w, u, gradient)(x).sum())(w)
 
 
+@pytest.mark.parametrize("transform", [torch.func.grad, torch.func.jacrev], ids=lambda t: t.__name__)
+def test_reversible_refuses_functorchs_reverse_mode_with_the_alternatives(problem, transform):
+    # It failed inside its closure-input probe with PyTorch's requires_grad_ error.
+    w, u, x, _ = problem
+    picard = ik.FixedPointIteration(tol=1e-12, max_iter=100)
+    with pytest.raises(
+        RuntimeError, match=r"Reversible cannot run under torch.func.grad.*loss.backward\(\).*JFB"
+    ):
+        transform(lambda w: solve(w, u, ik.Reversible(0.8), picard)(x).sum())(w)
+
+
 @pytest.mark.parametrize("gradient", [ik.JFB(), ik.Phantom(k=3), ik.RAG(2), ik.Unrolled()], ids=repr)
 def test_plain_autograd_estimators_run_under_functorchs_grad(problem, gradient):
     """Their graphs are ordinary autograd: ``torch.func.grad`` gives what ``torch.autograd.grad`` does."""

@@ -396,3 +396,18 @@ def test_a_slow_contraction_far_from_its_start_is_not_called_diverged(max_iter):
     assert stats.converged.all(), stats.result
     rel = torch.linalg.vector_norm(0.999 * z + x - z, dim=1) / torch.linalg.vector_norm(0.999 * z + x, dim=1)
     assert (rel <= 5e-3).all()
+
+
+def test_graph_memory_keeps_autograds_check_of_in_place_changes():
+    """Saved-tensor hooks replace autograd's version check: inside GraphMemory, backward used the changed
+    values (the gradient of 2 sigmoid(x) came out negative)."""
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with ik.GraphMemory():
+        y = x.sigmoid()
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    with ik.GraphMemory():
+        y = x.sigmoid() * 2
+        y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.sigmoid() * (1 - x.sigmoid()))

@@ -17,7 +17,7 @@ from ..closure_inputs import ClosureInputs
 from ..solvers import FixedPointIteration, Solver, SolveResult, iterate
 from ..solvers.loop import FlatMap, FlatPerturbation, check_capture
 from .base import AuxMap, GradientEstimator, Map, Recorder
-from .tangent import carries_tangent
+from .tangent import carries_tangent, under_reverse_transform
 
 _HIGHER_ORDER = (
     "Reversible does not differentiate its own backward pass, so a second derivative (create_graph=True) "
@@ -136,6 +136,13 @@ class Reversible(GradientEstimator):
             )
         if not torch.is_grad_enabled():
             return unflatten(end.z, spec)
+        if under_reverse_transform():
+            raise RuntimeError(
+                "Reversible cannot run under torch.func.grad, vjp or jacrev: its backward rebuilds the path "
+                "with torch.autograd inside the transform, which functorch does not allow. Take the gradient "
+                "with loss.backward() or torch.autograd.grad, or use JFB, Phantom, RAG or Unrolled, whose "
+                "graphs are plain autograd."
+            )
 
         def f_flat(z: Tensor) -> Tensor:
             return flatten(f(unflatten(z, spec)), spec)

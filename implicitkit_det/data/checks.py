@@ -108,6 +108,13 @@ def check_images(dataset: CocoDetectionDataset, *, split: str, threads: int = 4)
                 problems.append(problem)
     bar.close()
     problems = sorted(p for share in all_gather_object(problems) for p in share)
+    if dataset.ids and sum(p.endswith(": missing") for p in problems) == len(dataset.ids):
+        raise DataError(
+            f"none of the {len(dataset.ids)} {split} images listed in {dataset.ann_file} is in {root} (the first "
+            f"looked for: {problems[0].removesuffix(': missing')}): the image folder does not belong to this "
+            f"annotation file. Point the {split} image folder (--{'train' if split == 'training' else 'val'}-images) "
+            "at the folder that holds its images."
+        )
     if problems:
         shown = "\n  ".join(problems[:_SHOWN])
         more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""

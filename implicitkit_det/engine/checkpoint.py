@@ -163,7 +163,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path} ({err}); is it a file this project wrote?") from err
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot read checkpoint {path} ({why}): pass a run folder or a checkpoint_*.pth that training wrote"
+        ) from err
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a checkpoint of this project (no 'model' entry)")
     return state

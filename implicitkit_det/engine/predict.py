@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
@@ -87,6 +87,11 @@ def load_detector(
     # Checkpoints from before the model record kept them: the run's options hold the same values.
     settings = config.get("test_settings", test_settings_of(state.get("args") or {}))
     if test_steps is not None:
+        if "test_steps" not in model.test_settings:
+            raise ValueError(
+                f"test_steps (--deq-steps) {test_steps}: {config['name']} is not a DEQ detector, it has no "
+                "test-time step count; drop it"
+            )
         settings = {**settings, "test_steps": test_steps}
     model.configure_test(**settings)
     saved_size, saved_max = config.get("input_size") or (None, None)
@@ -239,6 +244,7 @@ def predict_files(
                 f"{earlier} and {file} would both be drawn to {output}; predict them into separate output "
                 "folders, or rename one"
             )
+    _refuse_unreadable(files)
     detector = load_detector(checkpoint, device=device, test_steps=test_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -250,6 +256,23 @@ def predict_files(
         keep = det["scores"] >= score_threshold
         results.append({"image": file, "output": output, "detections": {k: v[keep] for k, v in det.items()}})
     return results
+
+
+def _refuse_unreadable(files: Sequence[Path]) -> None:
+    """Open every image's header before any is drawn: a bad file found halfway left half the outputs."""
+    problems = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                why = unreadable_mode(image)
+        except (UnidentifiedImageError, OSError) as err:
+            why = f"cannot be read as an image ({err})"
+        if why is not None:
+            problems.append(f"{file} {why}")
+    if problems:
+        raise ValueError(
+            f"{len(problems)} of the {len(files)} images cannot be used:\n  " + "\n  ".join(problems)
+        )
 
 
 def save_prediction_grid(

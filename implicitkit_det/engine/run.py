@@ -250,6 +250,11 @@ class _Trainer:
             if self.iteration >= self.iters_per_epoch:  # resumed at an epoch's end
                 self._end_epoch(self.epoch, resumed=True)
                 self.epoch, self.iteration, self.meter = self.epoch + 1, 0, EpochMeter()
+            if self.epoch >= self.cfg.epochs:
+                say(
+                    f"{self.cfg.output_dir} has finished its {self.cfg.epochs} epochs: nothing to train. Pass "
+                    f"--epochs N (above {self.cfg.epochs}) to train it longer, or evaluate it with eval"
+                )
             for epoch in range(self.epoch, self.cfg.epochs):
                 self._train_epoch(epoch)
                 self._end_epoch(epoch)
@@ -363,7 +368,7 @@ class _Trainer:
 def _pictures(cfg: RunConfig, model: nn.Module, data: RunData, info: DistInfo) -> None:
     """What a person looks at after a run: the refinement curve and val predictions beside ground truth."""
     model = unwrap(model)
-    if cfg.refinement_curve is not None:
+    if cfg.refinement_curve:
         say(f"refinement curve: AP after 0..{cfg.refinement_curve} test-time steps")
         loader = _val_loader(cfg, data, info)
         curve = refinement_curve(

@@ -58,6 +58,11 @@ CHANGEABLE_ON_RESUME = frozenset(
         "find_unused_parameters",
     }
 )  # fmt: skip
+# Settings of the training alone: an evaluation refuses them rather than ignore them.
+_TRAINING_ONLY = frozenset(
+    {"epochs", "drops", "lr", "warmup_iters", "eval_every", "checkpoint_every", "keep_every", "log_steps",
+     "find_unused_parameters"}
+)  # fmt: skip
 # Also changeable when only evaluating a checkpoint: the evaluation data and input size.
 _CHANGEABLE_IN_EVAL = frozenset(
     {"val_ann", "val_images", "data_root", "image_size", "max_size", "max_iters", "output_dir"}
@@ -223,6 +228,11 @@ def _merge_resumed(
         )
         if same_path or value == old:
             continue
+        if eval_only and name in _TRAINING_ONLY:
+            raise RunConfigError(
+                f"{option_flag(name)} {_show(value)}: an evaluation trains nothing, so a training setting other "
+                f"than the run's ({_show(old)}) would have no effect; drop it"
+            )
         if name not in allowed:
             raise RunConfigError(
                 f"{option_flag(name)} {_show(value)} differs from the run being resumed ({_show(old)}); a resumed "
@@ -294,6 +304,12 @@ def build_run_config(
         :class:`RunConfigError` naming the option to change.
     """
     new = _new_values(options, given)
+    digits_options = sorted({"digits_train", "digits_val"} & new.keys())
+    if digits_options and not uses_digits({**options, **new}):
+        raise RunConfigError(
+            f"{option_flag(digits_options[0])} sizes the bundled digits set, which a run on COCO-format data "
+            "(--data-root or the annotation options) does not use; drop it"
+        )
     _fold_test_settings(new, checkpoint)
     _check_values({**options, **new})
     eval_only = bool(options.get("eval_only"))

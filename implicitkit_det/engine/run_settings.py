@@ -194,11 +194,11 @@ class RunConfig:
     refinement_curve: int | None = option(
         None, "run", "after the last evaluation, score the model after 0..N test-time refinement steps (a "
         "stack of stages: each stage, then its last one again) (refinement_curve.json and .png in the output "
-        "folder)", metavar="N",
+        "folder); 0: none, also for an evaluation of a run that drew one", metavar="N",
     )  # fmt: skip
     save_predictions: int = option(
         0, "run", "after the last evaluation, draw K val images, ground truth beside predictions "
-        "(predictions.png)", metavar="K",
+        "(predictions.png); 0: none", metavar="K",
     )  # fmt: skip
     find_unused_parameters: bool = option(False, "run", "DDP option for models with unused parameters")
     # -- set by build_run_config, not by an option

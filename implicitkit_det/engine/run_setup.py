@@ -200,10 +200,11 @@ def load_data(cfg: RunConfig, *, train: bool, class_names: Sequence[str] | None 
             remove_empty=not cfg.keep_empty_images,
         )
     check_splits(train_set, val)
-    if train_set is not None and train_set.category_ids != val.category_ids:
+    if train_set is not None and _categories(train_set) != _categories(val):
         raise DataError(
-            f"{paths.train_ann} and {paths.val_ann} have different categories ({train_set.category_ids} vs "
-            f"{val.category_ids}); both splits must use the same category list"
+            f"{paths.train_ann} and {paths.val_ann} have different categories ({_categories(train_set)} vs "
+            f"{_categories(val)}, as (id, name)); both splits must use the same category list, or labels "
+            "would be scored, and named, as other classes"
         )
     if class_names is not None and list(class_names) != list(val.category_names):
         raise DataError(
@@ -216,6 +217,10 @@ def load_data(cfg: RunConfig, *, train: bool, class_names: Sequence[str] | None 
             if data is not None:
                 check_images(data, split=split, threads=cfg.workers + 1)
     return RunData(paths, train_set, val)
+
+
+def _categories(data: CocoDetectionDataset) -> list[tuple[int, str]]:
+    return list(zip(data.category_ids, data.category_names, strict=True))
 
 
 def _train_transforms(cfg: RunConfig, digits: bool) -> Any:

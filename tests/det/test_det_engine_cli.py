@@ -224,3 +224,52 @@ def test_ctrl_c_during_an_iteration_stops_after_it_as_announced(tiny_digits, tmp
     assert "stopping after this iteration" in capsys.readouterr().err
     progress = torch.load(out / "checkpoint_last.pth", weights_only=True)["progress"]
     assert progress["iteration"] == 2 and len(calls) == 2
+
+
+def test_a_val_file_naming_the_classes_otherwise_is_refused(tiny_digits, tmp_path, capsys):
+    """The same ids under swapped names trained, then scored and named every class as another."""
+    swapped = json.loads(tiny_digits.annotations("val").read_text())
+    names = [c["name"] for c in swapped["categories"]]
+    for category, name in zip(swapped["categories"], [names[1], names[0], *names[2:]], strict=True):
+        category["name"] = name
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    with pytest.raises(SystemExit) as info:
+        cli.main([*FAST, *data_args(tiny_digits), "--val-ann", str(tmp_path / "swapped.json"), "--epochs", "1",
+                  "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    assert info.value.code == 2 and "have different categories" in capsys.readouterr().err
+
+
+def test_evaluation_and_resume_say_what_does_not_apply(tiny_digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    cli.main(
+        [*FAST, *data_args(tiny_digits), "--epochs", "1", "--output-dir", str(run), "--refinement-curve", "0"]
+    )
+    assert not (run / "refinement_curve.json").exists()  # 0 is none (it drew a one-point curve)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # it named --lr-drops, which was never given
+        cli.main(["eval", "--resume", str(run), *SIZES, "--epochs", "3"])
+    assert "--epochs 3: an evaluation trains nothing" in capsys.readouterr().err
+    cli.main([*FAST[2:], *data_args(tiny_digits), "--resume", str(run)])
+    assert "has finished its 1 epochs: nothing to train" in capsys.readouterr().out
+
+
+def test_digits_options_with_coco_data_are_refused(tiny_digits, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*FAST, *data_args(tiny_digits), "--digits-train", "50", "--output-dir", str(tmp_path)])
+    assert "--digits-train sizes the bundled digits set" in capsys.readouterr().err
+
+
+def test_an_image_folder_of_another_split_is_named(tiny_digits, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(
+            [
+                *FAST,
+                *data_args(tiny_digits),
+                "--val-images",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert "the image folder does not belong to this annotation file" in err and "--val-images" in err

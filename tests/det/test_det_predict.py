@@ -221,3 +221,43 @@ def test_the_curve_of_an_amp_run_scores_what_its_evaluation_scores(tiny_digits, 
 
     torch.testing.assert_close(boxes_and_scores(amp_curve), boxes_and_scores(evaluated), rtol=0, atol=1e-4)
     assert not torch.allclose(boxes_and_scores(float32_curve), boxes_and_scores(evaluated), rtol=0, atol=1e-4)
+
+
+def test_an_unusable_image_is_refused_before_any_is_drawn(tmp_path):
+    good = _png(tmp_path / "in" / "a.png")
+    Image.fromarray(np.full((8, 8), 3000, dtype=np.uint16)).save(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "c.png").write_bytes(b"not an image")
+    with pytest.raises(
+        ValueError, match=r"2 of the 3 images cannot be used:\n.*b.png is in PIL mode I;16.*\n.*c.png"
+    ):
+        predict_files(
+            tmp_path / "no_checkpoint.pth", [tmp_path / "in"], tmp_path / "out"
+        )  # before the checkpoint
+    assert not (tmp_path / "out").exists() and good.exists()
+
+
+def test_a_file_that_is_no_checkpoint_names_what_to_pass(tmp_path):
+    from implicitkit_det.engine.checkpoint import read_checkpoint
+
+    (tmp_path / "instances.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"^cannot read checkpoint .*instances.json \([^\n]*\): pass a run folder"
+    ):
+        read_checkpoint(tmp_path / "instances.json")
+
+
+def test_deq_steps_for_a_detector_without_them_is_named(tiny_digits, tmp_path):
+    from implicitkit_det.engine.predict import load_detector
+
+    argv = [
+        *SMALL[2 : SMALL.index("--deq-steps")],
+        "--config",
+        "adamixer_tiny",
+        "--model-arg",
+        "num_queries=8",
+    ]
+    cli.main(
+        [*argv, "--data-root", str(tiny_digits.root), "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    )
+    with pytest.raises(ValueError, match=r"--deq-steps\) 3: adamixer_tiny is not a DEQ detector"):
+        load_detector(tmp_path / "run", test_steps=3)

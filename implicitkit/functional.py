@@ -75,6 +75,7 @@ def fixed_point(
     if spec.batch_size == 0 or sum(spec.sizes) == 0:  # nothing to solve for (e.g. zero queries)
         return _empty_solution(z0, solver, capture, f_aux, spec.batch_size)
 
+    call = CallState(leaves_of(z0)[0][0].device.type)  # before the solve, whose graph it may build
     result = _solve_flat(solver, gradient, f_state, z0, spec, perturbation, capture)
     backward_stats: list = []
 
@@ -84,30 +85,26 @@ def fixed_point(
     # The value is built once, at its first read, and kept: under the modes of the call, not of that read (a
     # no-grad log line must not drop the graph). Path branches are built anew at each access, under the
     # access's modes. Either is refused if an optimizer stepped a parameter it reads since the call.
-    call = CallState(result.last.device.type)
 
     def value_and_aux():
-        with call.modes():
-            if f_aux is None:
-                built = attach(None), None
-            else:
-                built = gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append)
-        call.check(built, "Solution.value")
-        return built
+        if f_aux is None:
+            return call.build(lambda: (attach(None), None), "Solution.value")
+        return call.build(
+            lambda: gradient.attach_result_with_aux(f_aux, result, spec, backward_stats.append),
+            "Solution.value",
+        )
 
     def branch(step):
-        built = attach(step)
-        call.check(built, "A Solution.path branch")
-        return built
+        return call.branch(lambda: attach(step), "A Solution.path branch")
 
     def attach_stacked(f_stacked):
         steps = sorted(result.captured)
         stacked = tree_map(
             lambda *leaves: torch.cat(leaves), *(unflatten(result.captured[s], spec) for s in steps)
         )
-        built = gradient.attach(f_stacked, stacked, backward_stats.append)
-        call.check(built, "Solution.path.stacked")
-        return built
+        return call.branch(
+            lambda: gradient.attach(f_stacked, stacked, backward_stats.append), "Solution.path.stacked"
+        )
 
     # An estimator that reads more than the captured state (Reversible) cannot build branches from a stack.
     stackable = type(gradient).attach_result is GradientEstimator.attach_result

@@ -351,6 +351,35 @@ def test_a_read_after_an_optimizer_step_of_fs_parameters_is_refused(gradient):
     assert read.value is value  # read before the step: kept
 
 
+@pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.RAG(2)], ids=repr)
+def test_a_step_that_changes_nothing_f_reads_is_no_reason_to_refuse(gradient):
+    """A solve without autograd (a teacher's, an EMA model's) read after another model's step, and a step
+    of the encoder that made f's input before the call, change nothing the value reads: they once refused."""
+    torch.manual_seed(0)
+    enc, cell, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    x0 = torch.randn(2, 4)
+
+    def solve():
+        x = enc(x0)
+        return ik.fixed_point(lambda z: torch.tanh(0.5 * cell(z) + x), torch.zeros(2, 4), gradient=gradient)
+
+    def step(module):
+        module(x0).sum().backward()
+        torch.optim.SGD(module.parameters(), lr=0.1).step()
+
+    with torch.no_grad():
+        quiet, quiet_stale = solve(), solve()
+    upstream, stale = solve(), solve()
+    step(other)
+    assert not quiet.value.requires_grad  # the call's mode: no graph
+    step(enc)
+    assert upstream.value.requires_grad
+    step(cell)
+    for sol in (quiet_stale, stale):
+        with pytest.raises(RuntimeError, match="optimizer has stepped them"):
+            sol.value
+
+
 def test_a_first_read_under_inference_mode_keeps_the_graph():
     """inference_mode, unlike no_grad, is not undone by enabling grad: the kept value had no graph."""
     w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)

@@ -260,11 +260,11 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
                 )
                 continue
             kept.append(ann)
-            if max(x0 - x, y0 - y, x + w - x1, y + h - y1) > 1.0:
-                self.clipped += 1
             if ann.get("iscrowd", 0):
                 self.skipped["crowd"] += 1
                 continue
+            if max(x0 - x, y0 - y, x + w - x1, y + h - y1) > 1.0:
+                self.clipped += 1
             boxes[iid].append([x0, y0, x1, y1])
             labels[iid].append(self.category_id_to_label[cid])
 

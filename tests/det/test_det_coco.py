@@ -226,6 +226,7 @@ def test_boxes_past_the_image_are_counted_and_warned_of(make_coco, caplog):
         GOOD_ANN,
         {**GOOD_ANN, "id": 2, "bbox": [-12, 5, 30, 20]},
         {**GOOD_ANN, "id": 3, "bbox": [70, 5, 10.5, 9]},
+        {**GOOD_ANN, "id": 4, "bbox": [-20, 5, 30, 20], "iscrowd": 1},  # an ignore region: costs no AP
     ]
     with caplog.at_level(logging.WARNING, logger="implicitkit_det.data.coco"):
         ds = CocoDetectionDataset(*make_coco(annotations=anns))

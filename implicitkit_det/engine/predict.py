@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from ..data import make_eval_transforms
+from ..data import make_eval_transforms, pad_images
 from ..data.images import unreadable_mode
 from ..models import build_model
 from ..models.registry import read_overrides, without_weight_files
@@ -110,8 +110,9 @@ def load_detector(
 def detect(detector: Detector, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Detections for each ``uint8`` image ``[3, H, W]``, boxes in that image's pixels (xyxy).
 
-    Each image is resized and normalised like the evaluation data, run alone (no padding), and its boxes
-    are scaled back to the image given.
+    Each image is resized, normalised and padded like the evaluation data (to a multiple of 32, the
+    coarsest stride), run alone, and its boxes are scaled back to the image given: the detections equal
+    those the evaluation scores for that image at batch size 1.
     """
     transform = make_eval_transforms(size=detector.image_size, max_size=detector.max_size)
     out = []
@@ -120,8 +121,9 @@ def detect(detector: Detector, images: Sequence[Tensor]) -> list[dict[str, Tenso
             raise ValueError(
                 f"detect takes uint8 RGB images [3, H, W], got {image.dtype} {tuple(image.shape)}"
             )
-        x = transform(image).to(detector.device)
-        (det,) = detector.model(x[None])
+        x = transform(image)
+        batch, mask = pad_images([x], size_divisor=32)
+        (det,) = detector.model(batch.to(detector.device), mask=mask.to(detector.device))
         (h, w), (oh, ow) = x.shape[-2:], image.shape[-2:]
         scale = det["boxes"].new_tensor([ow / w, oh / h, ow / w, oh / h])
         out.append({k: v.cpu() for k, v in {**det, "boxes": det["boxes"] * scale}.items()})

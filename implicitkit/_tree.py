@@ -95,8 +95,15 @@ def solver_dtype(spec: StateSpec) -> torch.dtype:
 
 def flatten(state: State, spec: StateSpec) -> Tensor:
     """``[B, D]`` matrix holding every leaf of ``state`` (a view when the state is a single tensor)."""
-    leaves, treespec = leaves_of(state)
-    leaves = check_same_structure(spec, treespec, leaves, state)
+    try:
+        leaves, treespec = leaves_of(state)
+        leaves = check_same_structure(spec, treespec, leaves, state)
+    except (TypeError, ValueError) as err:
+        if isinstance(state, tuple) and len(state) == 2 and pytree.tree_structure(state) != spec.treespec:
+            raise type(err)(
+                f"{err} (The cell returned a pair: if it is (state, aux), pass has_aux=True.)"
+            ) from None
+        raise
     dtype = solver_dtype(spec)
     batch = spec.batch_size
     if len(leaves) == 1:
@@ -126,6 +133,11 @@ def check_same_structure(
             raise ValueError(
                 f"The cell changed the shape of state leaf {i}: input {tuple(shape)}, output "
                 f"{tuple(leaf.shape)}. A fixed-point cell must return every tensor with its input's shape."
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"The cell returned state leaf {i} in {leaf.dtype}: a fixed-point state is floating point (an "
+                f"integer one has no gradient, and rounds every step). Return {dtype}."
             )
         # A narrower output is autocast at work; a wider one would be rounded to the state's dtype every step.
         if leaf.dtype != dtype and torch.promote_types(leaf.dtype, dtype) == leaf.dtype:

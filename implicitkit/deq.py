@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ._tree import State
-from .functional import Perturbation, fixed_point
+from .functional import Perturbation, check_parts, fixed_point
 from .gradients import GradientEstimator
 from .layers import new_solve
 from .solution import Solution
@@ -52,15 +53,19 @@ class DEQ(nn.Module):
         has_aux: bool = False,
     ) -> None:
         super().__init__()
+        check_parts(solver, gradient, perturbation)
         self.cell = cell
         self.solver = solver
         self.gradient = gradient
         self.perturbation = perturbation
         self.has_aux = has_aux
+        self._warned_of_layers = False
 
     @torch.compiler.disable  # the solve and its gradient in one graph break (see functional.py)
     def forward(self, z0: State, *inputs, capture: Iterable[int] = ()) -> Solution:
         """Solve ``z = cell(z, *inputs)`` from ``z0``; ``value`` is built here, where DDP looks for it."""
+        if self.training and not self._warned_of_layers and isinstance(self.cell, nn.Module):
+            self._warned_of_layers = _warn_of_layers_that_change_per_step(self.cell)
         scope = new_solve(self.cell) if isinstance(self.cell, nn.Module) else None
         f = lambda z: self.cell(z, *inputs)  # noqa: E731
         sol = fixed_point(
@@ -80,3 +85,31 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         aux = ", has_aux=True" if self.has_aux else ""
         return f"solver={self.solver!r}, gradient={self.gradient!r}, perturbation={self.perturbation!r}{aux}"
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _warn_of_layers_that_change_per_step(cell: nn.Module) -> bool:
+    """Warn of layers in training mode that make the cell another map at every solver step; True if any.
+
+    ``nn.Dropout`` draws a new mask at each application, so the solve chases a moving target; BatchNorm
+    normalises by the batch's statistics (samples are no longer solved independently) and updates its
+    running statistics at every application, so they end up those of the last few solver steps.
+    """
+    found = [
+        f"{name or 'the cell'} ({type(m).__name__})"
+        for name, m in cell.named_modules()
+        if m.training
+        and ((isinstance(m, _DROPOUTS) and m.p > 0) or isinstance(m, nn.modules.batchnorm._BatchNorm))
+    ]
+    if found:
+        warnings.warn(
+            f"The DEQ's cell holds layers that change the map at every solver step in training mode: "
+            f"{', '.join(found)}. Dropout draws a new mask per application: use ik.VariationalDropout (one mask "
+            "per solve). BatchNorm mixes the samples of a batch and updates its running statistics at every "
+            "step: use GroupNorm or LayerNorm, or keep the BatchNorm in eval mode. (Warned once per DEQ.)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return bool(found)

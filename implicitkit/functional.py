@@ -66,6 +66,7 @@ def fixed_point(
     Returns:
         A :class:`Solution`: ``value, stats = fixed_point(...)``; also ``.last``, ``.path`` and ``.aux``.
     """
+    check_parts(solver, gradient, perturbation)
     solver = solver if solver is not None else Anderson()
     gradient = gradient if gradient is not None else IFT()
     _refuse_vmap()
@@ -124,6 +125,19 @@ def fixed_point(
         backward_stats,
         _make_value=torch.compiler.disable(value_and_aux),
     )
+
+
+def check_parts(solver: object, gradient: object, perturbation: object = None) -> None:
+    """Refuse a solver or estimator that is not an instance (``ik.Anderson`` for ``ik.Anderson()``, a name)."""
+    for name, value, kind, example in (
+        ("solver", solver, Solver, "ik.Anderson(tol=1e-4)"),
+        ("gradient", gradient, GradientEstimator, "ik.IFT()"),
+    ):
+        if value is not None and not isinstance(value, kind):
+            shown = f"the class {value.__name__}" if isinstance(value, type) else repr(value)
+            raise TypeError(f"{name} must be a {kind.__name__} instance such as {example}, got {shown}.")
+    if perturbation is not None and not callable(perturbation):
+        raise TypeError(f"perturbation must be callable (state, step) -> state, got {perturbation!r}.")
 
 
 def _solve_flat(

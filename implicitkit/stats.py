@@ -127,6 +127,13 @@ class SolverStats:
                 if code == Result.max_steps_reached:
                     worst = float(self.residual[self.result == code].max())
                     what, _, fix = text.partition(": ")
+                    if self.solver in ("Anderson", "Broyden"):  # it is one already
+                        fix = fix.replace(", or use Anderson/Broyden", "")
+                    if torch.is_autocast_enabled(self.residual.device.type):
+                        fix += (
+                            "; under autocast the cell computes in low precision, whose rounding can keep the "
+                            "residual above a tight tol (bfloat16 resolves about 3 digits)"
+                        )
                     text = (
                         f"{what} (tol={self.tol:g} {self.stop_mode}, max_iter={self.max_iter}, worst "
                         f"residual {worst:.3g}): {fix}"

@@ -440,3 +440,59 @@ def test_graph_memory_keeps_autograds_check_of_in_place_changes():
         y = x.sigmoid() * 2
         y.sum().backward()
     torch.testing.assert_close(x.grad, 2 * x.sigmoid() * (1 - x.sigmoid()))
+
+
+def test_a_newcomers_mistakes_are_named():
+    """A class for an instance, a string solver, (state, aux) without has_aux, an integer state."""
+    cell = torch.nn.Linear(3, 3)
+    with pytest.raises(
+        TypeError,
+        match=r"gradient must be a GradientEstimator instance such as ik.IFT\(\), got the class IFT",
+    ):
+        ik.DEQ(cell, gradient=ik.IFT)
+    with pytest.raises(TypeError, match=r"solver must be a Solver instance .* got 'anderson'"):
+        ik.fixed_point(lambda z: z, torch.zeros(2, 3), solver="anderson")
+    with pytest.raises(ValueError, match=r"if it is \(state, aux\), pass has_aux=True"):
+        ik.fixed_point(lambda z: (0.5 * z, z.sum()), torch.zeros(2, 3))
+    with pytest.raises(
+        TypeError, match=r"state leaf 0 in torch\.int64: a fixed-point state is floating point"
+    ):
+        ik.fixed_point(lambda z: z.long(), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(
+    "layer", [torch.nn.Dropout(0.2), torch.nn.BatchNorm1d(4)], ids=lambda m: type(m).__name__
+)
+def test_layers_that_change_the_map_every_step_are_warned_of_once(layer):
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.layer = torch.nn.Linear(4, 4), layer
+
+        def forward(self, z, x):
+            return torch.tanh(0.3 * self.layer(self.lin(z)) + x)
+
+    deq = ik.DEQ(Cell(), solver=ik.Anderson(on_failure="report"))
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=rf"layer \({type(layer).__name__}\)"):
+        deq(torch.zeros(3, 4), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deq(torch.zeros(3, 4), x)  # once per DEQ
+        deq.eval()(torch.zeros(3, 4), x)  # eval mode: nothing changes per step
+
+
+def test_the_advice_for_a_slow_solve_fits_the_solver():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    stats = ik.fixed_point(
+        lambda z: 0.99 * z + x,
+        torch.zeros(4, 8),
+        solver=ik.Anderson(tol=1e-12, max_iter=2, on_failure="report"),
+    ).stats
+    assert "Anderson/Broyden" not in stats.failure_message()
+    stats = ik.fixed_point(
+        lambda z: 0.99 * z + x,
+        torch.zeros(4, 8),
+        solver=ik.FixedPointIteration(tol=1e-12, max_iter=2, on_failure="report"),
+    ).stats
+    assert "use Anderson/Broyden" in stats.failure_message()

@@ -85,7 +85,8 @@ class ResNetBackbone(nn.Module):
             (``FrozenBatchNorm2d``: statistics and affine fixed) or ``"batch"`` (``nn.BatchNorm2d``,
             statistics
             updated in training); default ``"frozen_stats"`` with weights, else ``"batch"``.
-        frozen_stages: freeze the stem and this many stages (0..4); default 1 with weights, else 0.
+        frozen_stages: 1..4: freeze the stem and this many stages (weights and normalisation statistics);
+            0: freeze nothing; default 1 with weights, else 0.
 
     Attributes:
         `strides` (4, 8, 16, 32) and `channels` of the four outputs.
@@ -120,8 +121,18 @@ class ResNetBackbone(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.channels = tuple(_out_channels(stage) for stage in self.stages)
-        for module in [self.stem, *self.stages][: frozen_stages + 1 if frozen_stages else 0]:
+        self.frozen = [self.stem, *self.stages][: frozen_stages + 1 if frozen_stages else 0]
+        for module in self.frozen:
             module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        """As ``nn.Module.train``, but frozen stages stay in eval mode: their BatchNorm statistics are part of
+        what is frozen (with ``norm="batch"`` they would otherwise keep updating, as mmdetection's
+        ``norm_eval`` also prevents)."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images`` [B, 3, H, W] (H, W multiples of 32) -> ``[B, channels_j, H / s_j, W / s_j]`` per stage."""

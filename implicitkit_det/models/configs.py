@@ -145,7 +145,25 @@ class ModelConfig:
                 "larger than its backbone level and shifts it by half a pixel; give an odd size (3, or 1 for "
                 "AdaMixer's)"
             )
+        for name in ("rap_content_prob", "rap_content_scale", "rap_box_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: give a value in [0, 1]")
+        if self.rap_box_pixels < 0:
+            raise ValueError(
+                f"ModelConfig.rap_box_pixels={self.rap_box_pixels!r}: give a size in pixels, >= 0"
+            )
         steps = tuple(self.supervise_steps)
+        if (
+            not steps
+            and self.init_refinements == 0
+            and self.test_steps > 0
+            and self.arch in ("deqdet", "deq_sparse_rcnn")
+        ):
+            raise ValueError(
+                f"ModelConfig: supervise_steps=() with init_refinements=0 leaves the refinement layer F out of "
+                f"every loss, so it stays untrained while inference applies it test_steps={self.test_steps} "
+                "times; supervise a step, set init_refinements >= 1, or test_steps=0"
+            )
         if len(set(steps)) < len(steps):
             raise ValueError(
                 f"ModelConfig.supervise_steps={steps}: a step given twice is one branch (one name, one "

@@ -133,6 +133,7 @@ class DEQDet(QueryDetector):
         self.test_stop_mode = test_stop_mode
         self.stack_branches = stack_branches
         self.last_steps: Tensor | None = None
+        check_test_settings(self.test_settings)
 
     def refinement_layers(self) -> Iterator[nn.Module]:
         """``G``, then ``F`` again and again."""
@@ -147,6 +148,17 @@ class DEQDet(QueryDetector):
     def test_settings(self) -> dict[str, Any]:
         """``test_steps``, ``test_tol`` and ``test_solver``."""
         return {"test_steps": self.test_steps, "test_tol": self.test_tol, "test_solver": self.test_solver}
+
+    def configure_test(self, **settings: Any) -> None:
+        """Change the test-time settings together; values that cannot run are refused, nothing changed."""
+        before = self.test_settings
+        try:
+            super().configure_test(**settings)
+            check_test_settings(self.test_settings)
+        except ValueError:
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
 
     def solve(
         self,
@@ -320,4 +332,24 @@ class DEQDet(QueryDetector):
             f"train_steps={self.train_steps}, test_steps={self.test_steps}, test_tol={self.test_tol}, "
             f"test_solver={self.test_solver!r}, "
             f"supervise_steps={self.supervise_steps}, gradient={self.gradient!r}, perturbation={self.perturbation!r}"
+        )
+
+
+def check_test_settings(settings: dict[str, Any]) -> None:
+    """Refuse test-time settings that would fail at inference or silently do nothing."""
+    steps, tol, solver = settings["test_steps"], settings["test_tol"], settings["test_solver"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(
+            f"test_steps={steps!r}: give the number of applications of F at inference, 0 or more"
+        )
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(
+            f"test_tol={tol!r}: give a tolerance >= 0, or None for exactly test_steps applications"
+        )
+    if solver not in ("fixed", "anderson"):
+        raise ValueError(f"test_solver={solver!r}: choose 'fixed' or 'anderson'")
+    if solver == "anderson" and tol is None:
+        raise ValueError(
+            "test_solver='anderson' solves to test_tol, and no test_tol is set: F would be applied exactly "
+            "test_steps times and no solver would run. Give test_tol too, or keep test_solver='fixed'"
         )

@@ -9,6 +9,8 @@ from functools import partial
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from .neck import check_groups
+
 __all__ = ["FPN"]
 
 
@@ -42,6 +44,8 @@ class FPN(nn.Module):
         self, in_channels: Sequence[int], out_channels: int = 256, norm_groups: int | None = None
     ) -> None:
         super().__init__()
+        if norm_groups is not None:
+            check_groups(norm_groups, out_channels)
         norm = None if norm_groups is None else partial(nn.GroupNorm, norm_groups)
         self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, norm_layer=norm)
         self.reset_parameters()

@@ -47,6 +47,7 @@ class ChannelMapper(nn.Module):
             nn.Conv2d(c, out_channels, kernel_size, padding=kernel_size // 2) for c in in_channels
         )
         self.act = nn.ReLU(inplace=True) if relu else nn.Identity()
+        check_groups(num_groups, out_channels)
         self.norm = nn.GroupNorm(num_groups, out_channels)
         if init not in ("xavier_uniform", "pytorch"):
             raise ValueError(f"init must be 'xavier_uniform' or 'pytorch', got {init!r}")
@@ -65,3 +66,13 @@ class ChannelMapper(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Backbone levels ``[B, in_channels_j, H_j, W_j]`` -> ``[B, out_channels, H_j, W_j]``."""
         return [self.norm(self.act(conv(x))) for conv, x in zip(self.convs, features, strict=True)]
+
+
+def check_groups(groups: int, channels: int) -> None:
+    """A GroupNorm splits the channels into equal groups: refuse a count that does not divide them."""
+    if channels % groups:
+        divisors = [d for d in (32, 16, 8, 4, 2, 1) if channels % d == 0]
+        raise ValueError(
+            f"ModelConfig.gn_groups={groups} does not divide dim={channels} (GroupNorm splits the channels into "
+            f"equal groups); give a divisor of {channels}, such as {divisors[0]}"
+        )

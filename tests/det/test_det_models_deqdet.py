@@ -299,3 +299,52 @@ def test_build_model_rejects_unknown_names_and_applies_overrides(name):
     assert model.queries.embedding.num_embeddings == 7
     with pytest.raises(KeyError, match="unknown model config"):
         build_model("nope", 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(gn_groups=7), r"ModelConfig.gn_groups=7 does not divide dim=64"),
+        (dict(rap_content_prob=1.5), r"ModelConfig.rap_content_prob=1.5: give a value in \[0, 1\]"),
+        (dict(rap_box_pixels=-1.0), r"ModelConfig.rap_box_pixels=-1.0"),
+        (dict(supervise_steps=(), init_refinements=0), r"leaves the refinement layer F out of every loss"),
+        (dict(test_solver="anderson"), r"test_solver='anderson' solves to test_tol, and no test_tol is set"),
+    ],
+)
+def test_options_that_cannot_work_are_named_when_the_model_is_built(overrides, message):
+    # Each was accepted: torch's GroupNorm error, "prob must lie in [0, 1]", an F that never trained, no solver.
+    with pytest.raises(ValueError, match=message):
+        build_model("deqdet_tiny", 3, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(test_solver="no-such-solver"), "choose 'fixed' or 'anderson'"),
+        (dict(test_steps=-3), r"test_steps=-3: give the number of applications of F"),
+        (dict(test_solver="anderson"), "no test_tol is set"),
+    ],
+)
+def test_test_time_settings_are_checked_when_set(settings, message):
+    model = build_model("deqdet_tiny", 3)
+    before = model.test_settings
+    with pytest.raises(ValueError, match=message):
+        model.configure_test(**settings)
+    assert model.test_settings == before  # nothing changed
+    model.configure_test(test_tol=1e-3, test_solver="anderson")
+    assert model.test_settings["test_solver"] == "anderson"
+
+
+def test_frozen_stages_keep_their_batch_norm_statistics():
+    """With norm="batch", frozen stages kept updating their running statistics in training."""
+    from implicitkit_det.models.backbone import ResNetBackbone
+
+    backbone = ResNetBackbone("resnet10", norm="batch", frozen_stages=2).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if k.endswith("running_mean")}
+    backbone(torch.randn(2, 3, 64, 64))
+    changed = {
+        k.split(".")[0] + "." + k.split(".")[1]
+        for k, v in backbone.state_dict().items()
+        if k in before and not torch.equal(v, before[k])
+    }
+    assert changed == {"stages.2", "stages.3"}  # the stem and stages 0-1 are frozen, statistics included

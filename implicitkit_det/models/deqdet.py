@@ -191,6 +191,13 @@ class DEQDet(QueryDetector):
     ) -> Iterator[dict[str, Outputs]]:
         """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch; or,
         stacked (``stack_branches``), one group of every branch."""
+        outside = [step for step in self.supervise_steps if not 1 <= step <= self.train_steps]
+        if outside:  # the attributes may change after the config's check
+            raise ValueError(
+                f"{type(self).__name__}.supervise_steps={tuple(self.supervise_steps)}: {outside} outside 1 .. "
+                f"train_steps={self.train_steps} (each RAG branch starts from the state after that training "
+                "step); drop them or raise train_steps"
+            )
         y0 = self.init_layer(self.queries(image_sizes), features, image_sizes)
         init = {"init": self.init_layer.predict(y0, image_sizes)}
         if self.stack_branches:

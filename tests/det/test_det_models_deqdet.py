@@ -348,3 +348,15 @@ def test_frozen_stages_keep_their_batch_norm_statistics():
         if k in before and not torch.equal(v, before[k])
     }
     assert changed == {"stages.2", "stages.3"}  # the stem and stages 0-1 are frozen, statistics included
+
+
+def test_a_schedule_changed_after_building_is_named_in_the_detectors_terms():
+    # It failed with the solver's "capture steps must lie in [1, max_iter]... raise max_iter".
+    model = build_model("deqdet_tiny", 3, num_queries=4).train()
+    model.train_steps = 4  # the preset supervises steps up to 20
+    targets = [{"labels": torch.tensor([1]), "boxes_normalized": torch.tensor([[0.1, 0.1, 0.5, 0.5]])}]
+    with pytest.raises(
+        ValueError,
+        match=r"DEQDet.supervise_steps=\(1, 3, 6, 9, 12, 20\): \[6, 9, 12, 20\] outside 1 .. train_steps=4",
+    ):
+        model(torch.randn(1, 3, 64, 64), targets)

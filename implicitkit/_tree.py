@@ -101,7 +101,8 @@ def flatten(state: State, spec: StateSpec) -> Tensor:
     except (TypeError, ValueError) as err:
         if isinstance(state, tuple) and len(state) == 2 and pytree.tree_structure(state) != spec.treespec:
             raise type(err)(
-                f"{err} (The cell returned a pair: if it is (state, aux), pass has_aux=True.)"
+                f"{err} (The cell returned a pair: if it is (state, aux), pass has_aux=True; with has_aux=True "
+                "the state is the pair's first element.)"
             ) from None
         raise
     dtype = solver_dtype(spec)

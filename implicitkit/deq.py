@@ -107,8 +107,8 @@ def _warn_of_layers_that_change_per_step(cell: nn.Module) -> bool:
         warnings.warn(
             f"The DEQ's cell holds layers that change the map at every solver step in training mode: "
             f"{', '.join(found)}. Dropout draws a new mask per application: use ik.VariationalDropout (one mask "
-            "per solve). BatchNorm mixes the samples of a batch and updates its running statistics at every "
-            "step: use GroupNorm or LayerNorm, or keep the BatchNorm in eval mode. (Warned once per DEQ.)",
+            "per solve). BatchNorm mixes the samples of a batch (and, tracking statistics, updates them at "
+            "every step): use GroupNorm or LayerNorm, or keep the BatchNorm in eval mode. (Warned once per DEQ.)",
             UserWarning,
             stacklevel=3,
         )

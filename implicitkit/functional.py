@@ -128,12 +128,12 @@ def fixed_point(
 
 
 def check_parts(solver: object, gradient: object, perturbation: object = None) -> None:
-    """Refuse a solver or estimator that is not an instance (``ik.Anderson`` for ``ik.Anderson()``, a name)."""
+    """Refuse a class given for a solver or estimator (``ik.Anderson`` for ``ik.Anderson()``), or a name."""
     for name, value, kind, example in (
         ("solver", solver, Solver, "ik.Anderson(tol=1e-4)"),
         ("gradient", gradient, GradientEstimator, "ik.IFT()"),
     ):
-        if value is not None and not isinstance(value, kind):
+        if isinstance(value, (type, str)):  # an object that only acts like one is left to its own devices
             shown = f"the class {value.__name__}" if isinstance(value, type) else repr(value)
             raise TypeError(f"{name} must be a {kind.__name__} instance such as {example}, got {shown}.")
     if perturbation is not None and not callable(perturbation):

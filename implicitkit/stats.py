@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 import sys
 import warnings
@@ -83,6 +84,7 @@ class SolverStats:
         tol, stop_mode, max_iter: the rule the solve was judged by (``tol=None``: a fixed step count).
         divergence_factor: the growth of the residual at which a sample counts as diverged.
         solver: the solver's name, used in messages.
+        autocast_dtype: the autocast precision the map ran under, or None (for the failure advice).
     """
 
     nstep: Tensor
@@ -94,6 +96,7 @@ class SolverStats:
     max_iter: int
     divergence_factor: float
     solver: str = ""
+    autocast_dtype: torch.dtype | None = None
 
     @property
     def converged(self) -> Tensor:
@@ -129,10 +132,11 @@ class SolverStats:
                     what, _, fix = text.partition(": ")
                     if self.solver in ("Anderson", "Broyden"):  # it is one already
                         fix = fix.replace(", or use Anderson/Broyden", "")
-                    if torch.is_autocast_enabled(self.residual.device.type):
+                    if self.autocast_dtype is not None:
+                        digits = -math.log10(torch.finfo(self.autocast_dtype).eps)
                         fix += (
-                            "; under autocast the cell computes in low precision, whose rounding can keep the "
-                            "residual above a tight tol (bfloat16 resolves about 3 digits)"
+                            f"; the cell ran under autocast in {str(self.autocast_dtype).removeprefix('torch.')}, "
+                            f"whose rounding (about {digits:.0f} digits) can keep the residual above a tight tol"
                         )
                     text = (
                         f"{what} (tol={self.tol:g} {self.stop_mode}, max_iter={self.max_iter}, worst "

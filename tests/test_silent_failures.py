@@ -496,3 +496,31 @@ def test_the_advice_for_a_slow_solve_fits_the_solver():
         solver=ik.FixedPointIteration(tol=1e-12, max_iter=2, on_failure="report"),
     ).stats
     assert "use Anderson/Broyden" in stats.failure_message()
+
+
+def test_the_advice_names_the_precision_the_solve_ran_in():
+    """It read autocast when the message was built: a bf16 solve read later had no hint, an fp32 one read in
+    an autocast block had one."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    solver = ik.Anderson(tol=1e-12, max_iter=2, on_failure="report")
+    plain = ik.fixed_point(lambda z: 0.99 * z + x, torch.zeros(4, 8), solver=solver).stats
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "autocast" not in plain.failure_message()
+        low = ik.fixed_point(lambda z: 0.99 * z + x, torch.zeros(4, 8), solver=solver).stats
+    assert "the cell ran under autocast in bfloat16, whose rounding (about 2 digits)" in low.failure_message()
+
+
+def test_an_object_that_acts_like_a_solver_is_accepted():
+    """The check is for the mistakes (a class, a name), not for subclassing: a wrapper solves as before."""
+
+    class Wrapped:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    x = torch.randn(2, 3)
+    z, stats = ik.fixed_point(lambda z: 0.5 * z + x, torch.zeros(2, 3), solver=Wrapped(ik.Anderson(tol=1e-8)))
+    assert stats.converged.all()
+    torch.testing.assert_close(z, 2 * x)

@@ -124,7 +124,10 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    return SolveResult(best_value, last, history.stats(solver, taken, best_res, limits, last), captured)
+    stats = history.stats(solver, taken, best_res, limits, last)
+    if autocast_on:  # for the advice when a sample fails: the rounding of the cell's low precision
+        stats = dataclasses.replace(stats, autocast_dtype=torch.get_autocast_dtype(z0.device.type))
+    return SolveResult(best_value, last, stats, captured)
 
 
 @dataclass

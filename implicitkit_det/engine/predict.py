@@ -86,6 +86,9 @@ def load_detector(
     load_checkpoint(state, model=model)
     # Checkpoints from before the model record kept them: the run's options hold the same values.
     settings = config.get("test_settings", test_settings_of(state.get("args") or {}))
+    if settings.get("test_solver") == "anderson" and settings.get("test_tol") is None:
+        # Older runs could save anderson without a tolerance: F ran test_steps times, no solver, as here.
+        settings = {**settings, "test_solver": "fixed"}
     if test_steps is not None:
         if "test_steps" not in model.test_settings:
             raise ValueError(

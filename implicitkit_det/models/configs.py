@@ -153,16 +153,11 @@ class ModelConfig:
                 f"ModelConfig.rap_box_pixels={self.rap_box_pixels!r}: give a size in pixels, >= 0"
             )
         steps = tuple(self.supervise_steps)
-        if (
-            not steps
-            and self.init_refinements == 0
-            and self.test_steps > 0
-            and self.arch in ("deqdet", "deq_sparse_rcnn")
-        ):
+        if not steps and self.init_refinements == 0 and self.arch in ("deqdet", "deq_sparse_rcnn"):
             raise ValueError(
-                f"ModelConfig: supervise_steps=() with init_refinements=0 leaves the refinement layer F out of "
-                f"every loss, so it stays untrained while inference applies it test_steps={self.test_steps} "
-                "times; supervise a step, set init_refinements >= 1, or test_steps=0"
+                "ModelConfig: supervise_steps=() with init_refinements=0 leaves the refinement layer F out of "
+                "every loss, so it stays untrained while inference applies it (test_steps times); supervise a "
+                "step, or set init_refinements >= 1"
             )
         if len(set(steps)) < len(steps):
             raise ValueError(

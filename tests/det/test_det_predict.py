@@ -174,6 +174,10 @@ def test_predict_runs_with_the_runs_test_steps(trained_run, tmp_path):
     del state["config"]["test_settings"]
     torch.save(state, tmp_path / "older.pth")
     assert load_detector(tmp_path / "older.pth").model.test_steps == 2
+    # Older runs could save anderson without a tolerance, which applied F test_steps times: so does this.
+    state["config"]["test_settings"] = {"test_steps": 2, "test_tol": None, "test_solver": "anderson"}
+    torch.save(state, tmp_path / "anderson.pth")
+    assert load_detector(tmp_path / "anderson.pth").model.test_settings["test_solver"] == "fixed"
 
 
 def test_drawing_over_an_input_image_is_refused_before_any_work(tmp_path):

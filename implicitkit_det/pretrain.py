@@ -42,6 +42,10 @@ __all__ = ["PretrainConfig", "object_crops", "pretrain_backbone"]
 logger = logging.getLogger(__name__)
 
 
+#: Bump when the crops or the training change, so cached weights are not reused for another recipe.
+PRETRAIN_VERSION = 1
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """How the backbone classifier is trained; every field enters the cache fingerprint.
@@ -71,10 +75,17 @@ class PretrainConfig:
     weight_decay: float = 0.05
     seed: int = 0
 
-    def fingerprint(self, annotation_file: Path) -> str:
-        """A short hash of the annotation file's bytes and of every field."""
-        digest = hashlib.sha256(Path(annotation_file).read_bytes())
+    def fingerprint(self, annotation_file: Path, image_dir: Path) -> str:
+        """A short hash of the pre-training's version, every field, the annotation file's bytes and the size of
+        every image it lists (sets that differ in their pixels only, as two digits sets with another noise
+        level, have the same annotations)."""
+        text = Path(annotation_file).read_bytes()
+        digest = hashlib.sha256(f"pretrain v{PRETRAIN_VERSION}".encode())
+        digest.update(text)
         digest.update(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        for image in json.loads(text).get("images", []):
+            file = Path(image_dir) / image["file_name"]
+            digest.update(f"{image['file_name']}:{file.stat().st_size if file.is_file() else -1};".encode())
         return digest.hexdigest()[:12]
 
 
@@ -220,7 +231,7 @@ def pretrain_backbone(
     """
     config = config or PretrainConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "backbones"
-    path = cache / f"{config.backbone}-{config.fingerprint(Path(annotation_file))}.pth"
+    path = cache / f"{config.backbone}-{config.fingerprint(Path(annotation_file), Path(image_dir))}.pth"
     if path.is_file():
         return path
     start = time.perf_counter()

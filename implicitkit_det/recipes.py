@@ -41,10 +41,13 @@ def digits_backbone(config: DigitsDetectionConfig | None = None) -> str:
     return str(pretrain_backbone(files.images("train"), files.annotations("train"), PretrainConfig()))
 
 
-def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> list[str]:
+def digits_recipe(
+    config: str = "deqdet_tiny", *, pretrained: bool = True, backbone: str | None = None
+) -> list[str]:
     """The demo's options for `config` (any of the ``*_tiny`` detectors) on the bundled digits set.
 
-    With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use).
+    With `pretrained` the backbone starts from :func:`digits_backbone` (built on first use), where the run's
+    backbone (`backbone`, default the config's) is the ResNet-10 it pre-trains; any other trains from scratch.
     """
     args = [
         "--config",
@@ -52,7 +55,7 @@ def digits_recipe(config: str = "deqdet_tiny", *, pretrained: bool = True) -> li
         *_read_by(config, DIGITS_DEMO),
         *architecture_of(CONFIGS[config].arch).demo.options(),
     ]
-    if pretrained:
+    if pretrained and (backbone or CONFIGS[config].backbone) == PretrainConfig().backbone:
         args += ["--model-arg", f"backbone_weights={digits_backbone()}"]
     return args
 

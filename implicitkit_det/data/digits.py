@@ -22,6 +22,7 @@ renamed into place, so concurrent builders never see a half-written set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,7 @@ def build_digits_detection(
         return DigitsDetectionFiles(final)
 
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(cache)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
     try:
         logger.info("building the digits detection set in %s", final)
@@ -160,6 +163,15 @@ def build_digits_detection(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DigitsDetectionFiles(final)
+
+
+def _remove_abandoned_builds(cache: Path, older_than_s: float = 3600.0) -> None:
+    """Delete the temporary folders of builds killed part-way (a build takes seconds, not an hour)."""
+    now = time.time()
+    for folder in cache.glob(".building-*"):
+        with contextlib.suppress(OSError):
+            if now - folder.stat().st_mtime > older_than_s:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def digits_detection_dataset(

@@ -230,6 +230,17 @@ def _state_dict(name: str, weights: str | os.PathLike | WeightsEnum) -> tuple[di
 def _load(net: resnet.ResNet, name: str, weights: str | os.PathLike | WeightsEnum) -> None:
     state, source = _state_dict(name, weights)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = net.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (needs {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong:  # load_state_dict would raise a bare RuntimeError on these
+        raise ValueError(
+            f"{source} does not fit torchvision's {name}: shapes differ, e.g. {wrong[:3]}. It is another depth "
+            f"or width; pass a state dict saved from torchvision.models.{name}()."
+        )
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     if missing or unexpected:

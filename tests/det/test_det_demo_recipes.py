@@ -62,6 +62,33 @@ def test_a_dataset_runs_the_command_line_unchanged(demo):
     assert seen[-1] == argv
 
 
+def test_help_builds_nothing_of_the_demo(demo, monkeypatch):
+    """--help built the digits set and pre-trained a backbone (a minute on a first run) before printing."""
+    module, seen = demo
+    monkeypatch.setattr(recipes, "digits_backbone", lambda config=None: pytest.fail("pre-trained for --help"))
+    module.main(["--help"])
+    assert seen[-1] == ["--help"]
+
+
+@pytest.mark.parametrize(("epochs", "drops"), [("9", "8"), ("4", "3"), ("1", None)])
+def test_more_or_fewer_epochs_keep_the_drop_before_the_last(demo, epochs, drops):
+    # The recipe's --lr-drops 7 stayed: --epochs 4 was refused over an option never typed.
+    module, seen = demo
+    module.main(["--epochs", epochs])
+    argv = seen[-1]
+    assert value(argv, "--epochs") == epochs
+    assert (value(argv, "--lr-drops") if "--lr-drops" in argv else None) == drops
+
+
+def test_another_backbone_trains_from_scratch(demo):
+    """The pre-trained ResNet-10 was handed to any backbone: a resnet18 run failed after pre-training."""
+    module, seen = demo
+    module.main(["--model-arg", "backbone=resnet18"])
+    assert not any(word.startswith("backbone_weights=") for word in seen[-1])
+    module.main(["--config", "deqdet_r50_1x"])
+    assert not any(word.startswith("backbone_weights=") for word in seen[-1])
+
+
 @pytest.mark.parametrize("config", [name for name in CONFIGS if name.endswith("_tiny")])
 def test_each_recipe_passes_only_options_its_detector_reads(config):
     """The shared DEQ schedule is DEQDet's and DEQ Sparse R-CNN's: AdaMixer and Sparse R-CNN get none of it."""

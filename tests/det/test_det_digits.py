@@ -151,3 +151,18 @@ def test_concurrent_builds_agree(tmp_path):
     assert roots[0] == roots[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [roots[0].name]
     assert digests(roots[0]) == digests(build_digits_detection(SMALL, cache_dir=tmp_path / "fresh").root)
+
+
+def test_a_build_killed_part_way_is_cleaned_up_later(tmp_path):
+    """A killed build's temporary folder stayed in the cache for good (up to 60 MB each)."""
+    import os
+    import time
+
+    abandoned, running = tmp_path / ".building-old", tmp_path / ".building-now"
+    for folder in (abandoned, running):
+        folder.mkdir()
+        (folder / "000000.png").write_bytes(b"x")
+    hours_ago = time.time() - 3 * 3600
+    os.utime(abandoned, (hours_ago, hours_ago))
+    build_digits_detection(SMALL, cache_dir=tmp_path)
+    assert not abandoned.exists() and running.exists()  # another process may be writing the recent one

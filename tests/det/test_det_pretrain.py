@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,13 +54,20 @@ def test_pretrain_is_cached_and_loads_into_the_backbone(tiny_digits, tmp_path, m
     assert not backbone.stem[0].weight.requires_grad and backbone.stages[1][0].conv1.weight.requires_grad
 
 
-def test_the_cache_key_follows_the_annotations(tiny_digits, tmp_path):
-    ann = tiny_digits.annotations("train")
+def test_the_cache_key_follows_the_annotations_and_the_images(tiny_digits, tmp_path):
+    ann, images = tiny_digits.annotations("train"), tiny_digits.images("train")
     changed = tmp_path / "instances.json"
     data = json.loads(ann.read_text())
     data["annotations"] = data["annotations"][1:]
     changed.write_text(json.dumps(data))
-    assert TINY.fingerprint(ann) != TINY.fingerprint(changed)
+    assert TINY.fingerprint(ann, images) != TINY.fingerprint(changed, images)
+    # Sets that differ in their pixels only (another noise level) have the same annotations: it reused the
+    # weights trained on the other set's pixels.
+    other = tmp_path / "images"
+    shutil.copytree(images, other)
+    first = other / data["images"][0]["file_name"]
+    first.write_bytes(first.read_bytes() + b"\0")
+    assert TINY.fingerprint(ann, images) != TINY.fingerprint(ann, other)
 
 
 def test_a_split_without_images_is_refused(tmp_path):
@@ -80,3 +88,12 @@ def test_the_digits_backbone_reads_the_train_split_only(monkeypatch, tmp_path):
     assert seen[:2] == [tmp_path / "train", tmp_path / "annotations" / "instances_train.json"]
     args = recipes.digits_recipe("adamixer_tiny")
     assert args[:2] == ["--config", "adamixer_tiny"] and args[-1] == "backbone_weights=w.pth"
+
+
+def test_weights_of_another_depth_are_named_not_a_bare_size_mismatch(tmp_path):
+    # load_state_dict raised a RuntimeError that the command line does not catch (a traceback).
+    import torchvision
+
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match=r"r50.pth does not fit torchvision.s resnet10: shapes differ"):
+        ResNetBackbone("resnet10", weights=tmp_path / "r50.pth")

@@ -75,15 +75,15 @@ class PretrainConfig:
     weight_decay: float = 0.05
     seed: int = 0
 
-    def fingerprint(self, annotation_file: Path, image_dir: Path) -> str:
+    def fingerprint(self, annotation_file: Path, image_dir: Path | None = None) -> str:
         """A short hash of the pre-training's version, every field, the annotation file's bytes and the size of
-        every image it lists (sets that differ in their pixels only, as two digits sets with another noise
-        level, have the same annotations)."""
+        every image it lists, with `image_dir` (sets that differ in their pixels only, as two digits sets with
+        another noise level, have the same annotations; their PNG files differ in size)."""
         text = Path(annotation_file).read_bytes()
         digest = hashlib.sha256(f"pretrain v{PRETRAIN_VERSION}".encode())
         digest.update(text)
         digest.update(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
-        for image in json.loads(text).get("images", []):
+        for image in json.loads(text).get("images", []) if image_dir is not None else []:
             file = Path(image_dir) / image["file_name"]
             digest.update(f"{image['file_name']}:{file.stat().st_size if file.is_file() else -1};".encode())
         return digest.hexdigest()[:12]

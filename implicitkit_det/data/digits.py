@@ -170,7 +170,9 @@ def _remove_abandoned_builds(cache: Path, older_than_s: float = 3600.0) -> None:
     now = time.time()
     for folder in cache.glob(".building-*"):
         with contextlib.suppress(OSError):
-            if now - folder.stat().st_mtime > older_than_s:
+            # A live build writes into its split folders, whose times move while the top folder's does not.
+            touched = max(p.stat().st_mtime for p in [folder, *folder.iterdir()] if p.is_dir())
+            if now - touched > older_than_s:
                 shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -239,12 +239,19 @@ def _load(net: resnet.ResNet, name: str, weights: str | os.PathLike | WeightsEnu
     if wrong:  # load_state_dict would raise a bare RuntimeError on these
         raise ValueError(
             f"{source} does not fit torchvision's {name}: shapes differ, e.g. {wrong[:3]}. It is another depth "
-            f"or width; pass a state dict saved from torchvision.models.{name}()."
+            f"or width; pass a state dict of {_saved_from(name)}."
         )
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(
             f"{source} does not fit torchvision's {name}: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. Pass a state dict saved from torchvision.models.{name}()."
+            f"{unexpected[:5]}. Pass a state dict of {_saved_from(name)}."
         )
+
+
+def _saved_from(name: str) -> str:
+    """Where a state dict that fits `name` comes from."""
+    if name == "resnet10":  # not one of torchvision's depths: built here from its blocks
+        return "this depth (implicitkit_det.pretrain.pretrain_backbone writes one)"
+    return f"torchvision.models.{name}()"

@@ -70,21 +70,32 @@ def test_help_builds_nothing_of_the_demo(demo, monkeypatch):
     assert seen[-1] == ["--help"]
 
 
-@pytest.mark.parametrize(("epochs", "drops"), [("9", "8"), ("4", "3"), ("1", None)])
-def test_more_or_fewer_epochs_keep_the_drop_before_the_last(demo, epochs, drops):
+@pytest.mark.parametrize(
+    ("given", "drops"),
+    [
+        (["--epochs", "9"], "8"),
+        (["--epochs", "4"], "3"),
+        (["--epochs", "1"], ""),
+        (["--epoch", "9"], "8"),  # as argparse reads an abbreviation
+        (["--epochs=4", "--epochs", "9"], "8"),  # and a repeat: the last
+        (["train", "--epochs", "9"], "8"),
+    ],
+)
+def test_more_or_fewer_epochs_keep_the_drop_before_the_last(demo, given, drops):
     # The recipe's --lr-drops 7 stayed: --epochs 4 was refused over an option never typed.
     module, seen = demo
-    module.main(["--epochs", epochs])
+    module.main(given)
     argv = seen[-1]
-    assert value(argv, "--epochs") == epochs
-    assert (value(argv, "--lr-drops") if "--lr-drops" in argv else None) == drops
+    assert argv[0] == given[0] if given[0] == "train" else argv[0] == "--config"
+    assert value(argv, "--lr-drops") == drops
 
 
 def test_another_backbone_trains_from_scratch(demo):
     """The pre-trained ResNet-10 was handed to any backbone: a resnet18 run failed after pre-training."""
     module, seen = demo
-    module.main(["--model-arg", "backbone=resnet18"])
-    assert not any(word.startswith("backbone_weights=") for word in seen[-1])
+    for given in (["--model-arg", "backbone=resnet18"], ["--model-arg=backbone=resnet18"]):
+        module.main(given)
+        assert not any(word.startswith("backbone_weights=") for word in seen[-1])
     module.main(["--config", "deqdet_r50_1x"])
     assert not any(word.startswith("backbone_weights=") for word in seen[-1])
 

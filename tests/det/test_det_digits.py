@@ -160,9 +160,10 @@ def test_a_build_killed_part_way_is_cleaned_up_later(tmp_path):
 
     abandoned, running = tmp_path / ".building-old", tmp_path / ".building-now"
     for folder in (abandoned, running):
-        folder.mkdir()
-        (folder / "000000.png").write_bytes(b"x")
+        (folder / "train").mkdir(parents=True)
+        (folder / "train" / "000000.png").write_bytes(b"x")
     hours_ago = time.time() - 3 * 3600
-    os.utime(abandoned, (hours_ago, hours_ago))
+    for folder in (abandoned, abandoned / "train", running):  # a live build writes into its split folders
+        os.utime(folder, (hours_ago, hours_ago))
     build_digits_detection(SMALL, cache_dir=tmp_path)
     assert not abandoned.exists() and running.exists()  # another process may be writing the recent one

@@ -152,7 +152,7 @@ _DEQDET_DEMO = DemoRecipe(
     model_args=("nms_iou=0.7", "rap_box_prob=0", "query_boxes=grid"),
 )
 
-# AdaMixer's: the same, in 12 epochs (about 9 minutes on two cores: AP 0.615, docs/training.md).
+# AdaMixer's: the same, in 12 epochs (about 7 minutes on two cores: AP 0.615, docs/training.md).
 _ADAMIXER_DEMO = DemoRecipe(lr=6e-4, epochs=12, lr_drops=(11,), amp=True, model_args=("nms_iou=0.7",))
 
 # The Sparse R-CNNs': at a learning rate this high their plain FPN collapses (every image gets the same boxes,

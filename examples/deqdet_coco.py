@@ -36,7 +36,11 @@ DEMO_OUTPUTS = ["--refinement-curve", "12", "--save-predictions", "8"]
 
 def demo_config(argv: list[str]) -> str:
     """The ``--config`` a command line names (the demo's ``deqdet_tiny`` when none): its recipe is used."""
-    config = _read(argv)[0].get("config") or "deqdet_tiny"
+    return _config_of(_read(argv)[0])
+
+
+def _config_of(options: dict) -> str:
+    config = options.get("config") or "deqdet_tiny"
     return config if config in CONFIGS else "deqdet_tiny"  # the command line then refuses an unknown name
 
 
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         return cli.main(argv)  # nothing of the demo is needed: build none of it
     command, rest = (argv[:1], argv[1:]) if argv[:1] and argv[0] in cli.COMMANDS else ([], argv)
     options, given = _read(rest)
-    config = demo_config(rest)
+    config = _config_of(options)
     folder = "outputs/" + config.removesuffix("_tiny") + "_digits_demo"
     start = time.perf_counter()
     backbone = parse_model_args(options.get("model_arg") or []).get("backbone")

@@ -70,7 +70,8 @@ def _check_one(path: Path, width: int, height: int) -> str | None:
         with Image.open(path) as image:
             size = image.size
             image.load()  # decodes the whole file: a truncated image fails here
-            why, note = unreadable_mode(image), orientation_note(image, width, height)
+            why = unreadable_mode(image)
+            note = orientation_note(image, width, height) if size != (width, height) else ""
     except Exception as err:
         return f"{path}: cannot be decoded ({type(err).__name__}: {err})"
     if why is not None:

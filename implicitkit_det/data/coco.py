@@ -371,20 +371,18 @@ class CocoDetectionDataset(torchvision.datasets.CocoDetection):
             with Image.open(path) as pil:
                 if (why := unreadable_mode(pil)) is not None:
                     raise CocoFormatError(f"Image id {id}: {path} {why}.")
-                note = orientation_note(pil, info["width"], info["height"])
-                image = F.to_image(pil.convert("RGB"))
+                if pil.size != (info["width"], info["height"]):  # the EXIF is read only then
+                    note = orientation_note(pil, info["width"], info["height"])
+                    raise CocoFormatError(
+                        f"Image id {id}: {path} is {pil.size[0]}x{pil.size[1]} but {self.ann_file} says "
+                        f"{info['width']}x{info['height']}; its boxes would be wrong."
+                        + (note or " Fix the 'width'/'height' entry of the image.")
+                    )
+                return F.to_image(pil.convert("RGB"))
         except (UnidentifiedImageError, OSError) as err:
             raise CocoFormatError(
                 f"Image id {id}: cannot decode {path} ({err}); the file is corrupt."
             ) from err
-        h, w = image.shape[-2:]
-        if (h, w) != (info["height"], info["width"]):
-            note = note or " Fix the 'width'/'height' entry of the image."
-            raise CocoFormatError(
-                f"Image id {id}: {path} is {w}x{h} but {self.ann_file} says {info['width']}x{info['height']}; "
-                f"its boxes would be wrong.{note}"
-            )
-        return image
 
     def _load_target(self, id: int) -> dict[str, Any]:
         info = self._images[id]

@@ -17,7 +17,7 @@ from .adamixer import AdaMixer
 from .adamixer_stage import AdaMixerStage
 from .backbone import ResNetBackbone
 from .deq_sparse_rcnn import DEQSparseRCNN
-from .deqdet import DEQDet
+from .deqdet import DEQDet, check_supervise_steps
 from .fpn import FPN
 from .neck import ChannelMapper
 from .proposals import LearnedProposals
@@ -164,12 +164,7 @@ class ModelConfig:
                 f"ModelConfig.supervise_steps={steps}: a step given twice is one branch (one name, one "
                 f"loss); give each step once, e.g. {tuple(sorted(set(steps)))}"
             )
-        outside = [step for step in steps if not 1 <= step <= self.train_steps]
-        if outside:
-            raise ValueError(
-                f"ModelConfig.supervise_steps={steps}: {outside} outside 1 .. train_steps={self.train_steps} "
-                "(each branch starts from the state after that training step); drop them or raise train_steps"
-            )
+        check_supervise_steps("ModelConfig", steps, self.train_steps)
 
 
 #: Fields that are counts: the least value each accepts (0 refinements or test steps are meaningful).

@@ -191,13 +191,8 @@ class DEQDet(QueryDetector):
     ) -> Iterator[dict[str, Outputs]]:
         """``{init, init_f1, init_f2}`` (one graph through ``G``), then one group per ``rag_s{i}`` branch; or,
         stacked (``stack_branches``), one group of every branch."""
-        outside = [step for step in self.supervise_steps if not 1 <= step <= self.train_steps]
-        if outside:  # the attributes may change after the config's check
-            raise ValueError(
-                f"{type(self).__name__}.supervise_steps={tuple(self.supervise_steps)}: {outside} outside 1 .. "
-                f"train_steps={self.train_steps} (each RAG branch starts from the state after that training "
-                "step); drop them or raise train_steps"
-            )
+        # The attributes may have changed since the config's check.
+        check_supervise_steps(type(self).__name__, tuple(self.supervise_steps), self.train_steps)
         y0 = self.init_layer(self.queries(image_sizes), features, image_sizes)
         init = {"init": self.init_layer.predict(y0, image_sizes)}
         if self.stack_branches:
@@ -359,4 +354,14 @@ def check_test_settings(settings: dict[str, Any]) -> None:
         raise ValueError(
             "test_solver='anderson' solves to test_tol, and no test_tol is set: F would be applied exactly "
             "test_steps times and no solver would run. Give test_tol too, or keep test_solver='fixed'"
+        )
+
+
+def check_supervise_steps(owner: str, steps: tuple[int, ...], train_steps: int) -> None:
+    """Refuse supervised steps outside ``1 .. train_steps``; `owner` names where they are set."""
+    outside = [step for step in steps if not 1 <= step <= train_steps]
+    if outside:
+        raise ValueError(
+            f"{owner}.supervise_steps={steps}: {outside} outside 1 .. train_steps={train_steps} (each branch "
+            "starts from the state after that training step); drop them or raise train_steps"
         )

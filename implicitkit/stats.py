@@ -30,12 +30,23 @@ class Result(enum.IntEnum):
         return _MESSAGES[self]
 
 
+#: What to try when samples ran out of steps; the last is dropped when the solver is already one of those.
+_MAX_STEPS_REMEDIES = ("raise max_iter", "loosen tol", "use Anderson/Broyden")
+_STALL_ADVICE = (
+    "if the residual stalls, the map may not be contractive here (add damping or a Jacobian regulariser)"
+)
+
+
+def _max_steps_fix(solver: str) -> str:
+    """The advice for samples that ran out of steps, without the remedy the solver already is."""
+    remedies = _MAX_STEPS_REMEDIES[:-1] if solver in ("Anderson", "Broyden") else _MAX_STEPS_REMEDIES
+    either = ", ".join(remedies[:-1]) + ("," if len(remedies) > 2 else "") + " or " + remedies[-1]
+    return f"{either}; {_STALL_ADVICE}"
+
+
 _MESSAGES = {
     Result.successful: "reached the tolerance (or, with tol=None, took its max_iter steps)",
-    Result.max_steps_reached: (
-        "did not reach tol within max_iter: raise max_iter, loosen tol, or use Anderson/Broyden; if the "
-        "residual stalls, the map may not be contractive here (add damping or a Jacobian regulariser)"
-    ),
+    Result.max_steps_reached: "did not reach tol within max_iter: " + _max_steps_fix(""),
     Result.diverged: (
         "diverged (the residual or the state's norm grew past divergence_factor times its first value, or "
         "the state grew 100-fold while the residual did not shrink): the map is likely not contractive here "
@@ -129,9 +140,7 @@ class SolverStats:
                 text = code.message
                 if code == Result.max_steps_reached:
                     worst = float(self.residual[self.result == code].max())
-                    what, _, fix = text.partition(": ")
-                    if self.solver in ("Anderson", "Broyden"):  # it is one already
-                        fix = fix.replace(", or use Anderson/Broyden", "")
+                    what, fix = text.partition(": ")[0], _max_steps_fix(self.solver)
                     if self.autocast_dtype is not None:
                         digits = -math.log10(torch.finfo(self.autocast_dtype).eps)
                         fix += (

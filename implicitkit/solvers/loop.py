@@ -124,9 +124,9 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    stats = history.stats(solver, taken, best_res, limits, last)
-    if autocast_on:  # for the advice when a sample fails: the rounding of the cell's low precision
-        stats = dataclasses.replace(stats, autocast_dtype=torch.get_autocast_dtype(z0.device.type))
+    # The autocast precision is kept for the advice when a sample fails: its rounding can keep a tight tol out of reach.
+    autocast_dtype = torch.get_autocast_dtype(z0.device.type) if autocast_on else None
+    stats = history.stats(solver, taken, best_res, limits, last, autocast_dtype)
     return SolveResult(best_value, last, stats, captured)
 
 
@@ -453,7 +453,13 @@ class _Record:
         return active, int(counts[0]), int(counts[1]), math.fsum(counts[2:])
 
     def stats(
-        self, solver: LoopSolver, taken: int, best_res: Tensor, limits: _Limits | None, last: Tensor
+        self,
+        solver: LoopSolver,
+        taken: int,
+        best_res: Tensor,
+        limits: _Limits | None,
+        last: Tensor,
+        autocast_dtype: torch.dtype | None,
     ) -> SolverStats:
         """Per-sample stats from the first ``taken`` steps."""
         res, act = self.res[:taken], self.active[:taken]
@@ -474,6 +480,7 @@ class _Record:
             max_iter=solver.max_iter,
             divergence_factor=solver.divergence_factor,
             solver=type(solver).__name__,
+            autocast_dtype=autocast_dtype,
         )
 
     def _results(self, tol: float, taken: int, nstep: Tensor, best_res: Tensor, limits: _Limits) -> Tensor:

@@ -5,20 +5,43 @@ bundled digits set, transforms, batching), ``losses`` (matcher, set criterion), 
 (post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, Sparse R-CNN, DEQ Sparse R-CNN, ``build_model``) and ``collectives`` (collective operations that work without a process group).
 """
 
-from .data import (
-    CocoDetectionDataset,
-    CocoFormatError,
-    DetectionBatch,
-    DigitsDetectionConfig,
-    build_digits_detection,
-    collate_detection,
-    digits_detection_dataset,
-    make_eval_transforms,
-    make_train_transforms,
-)
-from .evaluation import CocoEvaluator, PostProcess, to_coco_results
-from .losses import HungarianMatcher, SetCriterion
-from .models import CONFIGS, AdaMixer, DEQDet, DEQSparseRCNN, SparseRCNN, build_model
+# What the detection extra installs (`pip install "implicitkit[det]"`): a plain `pip install implicitkit`
+# brings the core library only.
+_DET_EXTRA = {
+    "torchvision",
+    "pycocotools",
+    "faster_coco_eval",
+    "sklearn",
+    "PIL",
+    "matplotlib",
+    "numpy",
+    "scipy",
+    "tqdm",
+}
+
+try:
+    from .data import (
+        CocoDetectionDataset,
+        CocoFormatError,
+        DetectionBatch,
+        DigitsDetectionConfig,
+        build_digits_detection,
+        collate_detection,
+        digits_detection_dataset,
+        make_eval_transforms,
+        make_train_transforms,
+    )
+    from .evaluation import CocoEvaluator, PostProcess, to_coco_results
+    from .losses import HungarianMatcher, SetCriterion
+    from .models import CONFIGS, AdaMixer, DEQDet, DEQSparseRCNN, SparseRCNN, build_model
+except ModuleNotFoundError as missing:
+    if (missing.name or "").partition(".")[0] not in _DET_EXTRA:
+        raise
+    raise ModuleNotFoundError(
+        f"implicitkit_det needs {missing.name!r}, which the detection extra installs: "
+        "pip install 'implicitkit[det]' (the core library, implicitkit, does without it)",
+        name=missing.name,
+    ) from missing
 
 __all__ = [
     "CONFIGS",

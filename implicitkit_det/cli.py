@@ -45,6 +45,17 @@ _GROUPS = {
 _ARGPARSE_KEYS = ("choices", "metavar", "type")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help already says it or there is none to say
+    (a default of ``None`` means "worked out from other settings", which the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if "default" in (action.help or "").lower() or default is None or default is False or default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options, one per :class:`RunConfig` field that carries option metadata (its default
     and help text there; ``--help`` lists them), and ``--resume``."""
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(python -m implicitkit_det.cli predict --help). On --resume the run's own settings are restored; "
         "an option given again is applied where a running run can change it (epochs, lr, warm-up, drops, "
         "evaluation and checkpoint frequency, loading, test-time steps) and refused otherwise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     groups = {name: p.add_argument_group(title) for name, title in _GROUPS.items()}
     hints = typing.get_type_hints(RunConfig)
@@ -122,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if command == "predict":
         from .predict import main as predict_main
 
-        return predict_main(argv)  # type: ignore[return-value]
+        return predict_main(argv, prog="python -m implicitkit_det.cli predict")  # type: ignore[return-value]
     if command == "eval" and "--eval-only" not in argv:
         argv.insert(0, "--eval-only")
     parser = build_parser()

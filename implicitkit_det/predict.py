@@ -13,17 +13,22 @@ from pathlib import Path
 from .engine.predict import predict_files
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        prog="python -m implicitkit_det.predict", description=__doc__.split("\n\n")[0]
-    )
+def main(argv: Sequence[str] | None = None, prog: str = "python -m implicitkit_det.predict") -> list[dict]:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "checkpoint", type=Path, help="a training run's folder, or one of its checkpoint_*.pth files"
     )
     parser.add_argument("inputs", type=Path, nargs="+", help="image files, or folders of them")
-    parser.add_argument("--out", type=Path, default=Path("predictions"), help="folder for the drawn PNGs")
-    parser.add_argument("--score", type=float, default=0.3, help="draw detections scoring at least this")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions"),
+        help="folder for the drawn PNGs (default: predictions)",
+    )
+    parser.add_argument(
+        "--score", type=float, default=0.3, help="draw detections scoring at least this (default: 0.3)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument(
         "--deq-steps", type=int, default=None, help="a DEQ detector's refinement steps (default: the run's)"
     )

@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def det_only_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     source = tmp / "source"
     for package in ("implicitkit", "implicitkit_det"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     wheels = tmp / "wheels"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
@@ -86,3 +88,41 @@ def test_det_extra_runs_the_command_line(det_only_env: Path, tmp_path: Path):
     assert "Average Precision" in printed
     for name in ("checkpoint_last.pth", "metrics.jsonl", "refinement_curve.png", "predictions.png"):
         assert (out / name).is_file(), name
+
+
+# What a checkout holds beside the tracked files: environments, runs, build leftovers.
+UNTRACKED = shutil.ignore_patterns(".git", ".venv*", "outputs", "predictions", "build", "dist", "*.egg-info",
+                                   "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis")  # fmt: skip
+
+
+def test_the_distributions_carry_the_license_and_the_test_suite_what_it_reads(tmp_path: Path):
+    """The wheel ships the licence text, and the source distribution its tests with the helpers, docs,
+    examples and benchmarks they read (setuptools alone packs ``tests/test_*.py`` and nothing they import)."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=UNTRACKED)
+    # setuptools rewrites sys.argv while it builds: the folder is read first.
+    build = "import sys; out = sys.argv[1]; from setuptools import build_meta as b; b.build_sdist(out); b.build_wheel(out)"
+    run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=source)
+    (sdist,) = (tmp_path / "dist").glob("implicitkit-*.tar.gz")
+    (wheel,) = (tmp_path / "dist").glob("implicitkit-*.whl")
+    with tarfile.open(sdist) as archive:
+        packed = {name.partition("/")[2] for name in archive.getnames()}
+    for needed in ("LICENSE", "tests/conftest.py", "tests/problems.py", "tests/docs_blocks.py",
+                   "tests/det/conftest.py", "docs/quickstart.md", "examples/deqdet_coco.py",
+                   "benchmarks/_common.py"):  # fmt: skip
+        assert needed in packed, needed
+    assert not any("__pycache__" in name for name in packed)
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert not any(name.startswith(("tests/", "docs/", "benchmarks/")) for name in names)
+
+
+def test_the_detection_package_without_its_extra_names_the_extra_to_install():
+    """A plain ``pip install implicitkit`` has no torchvision: importing the detection package says which
+    extra brings it (a bare ModuleNotFoundError before)."""
+    code = "import sys; sys.modules['torchvision'] = None; import implicitkit_det"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "implicitkit_det needs 'torchvision'" in done.stderr
+    assert "pip install 'implicitkit[det]'" in done.stderr

@@ -149,6 +149,13 @@ def check_same_structure(
     return leaves
 
 
+def output_leaves(output: State, spec: StateSpec) -> list[Tensor]:
+    """The leaves of a cell's output in the order of the state's ``spec`` (checked as by
+    :func:`check_same_structure`): a dict returned in another key order is read key by key."""
+    leaves, treespec = leaves_of(output)
+    return check_same_structure(spec, treespec, leaves, output)
+
+
 def _leaves_in_order_of(spec: StateSpec, state: State) -> list[Tensor]:
     """Match leaves by their key paths (dict keys, indices); raise when the paths differ."""
     found = dict(pytree.tree_flatten_with_path(state)[0])

@@ -304,3 +304,57 @@ def test_plain_autograd_estimators_run_under_functorchs_grad(problem, gradient):
     leaf = w.clone().requires_grad_()
     (want,) = torch.autograd.grad(loss(leaf), leaf)
     torch.testing.assert_close(torch.func.grad(loss)(w), want, atol=1e-12, rtol=0)
+
+
+def test_a_dict_state_returned_in_another_key_order_gets_each_leaf_its_own_tangent(problem):
+    """The tangent's pieces were read in the order the cell returned its keys and put back in the state's:
+    with ``b`` first, ``a``'s tangent went to ``b`` (whose exact tangent is zero) and the other way round."""
+    w, u, x, v = problem
+    f = cell(w, u)
+
+    def swapped(s, x):  # "b" does not depend on x: its fixed point is a constant
+        return {"b": 0.5 * torch.sin(s["b"]) + 0.1, "a": f(s["a"], x)}
+
+    def solve_dict(gradient):
+        start = {"a": torch.zeros(B, D, dtype=torch.float64), "b": torch.zeros(B, D, dtype=torch.float64)}
+        return lambda x: ik.fixed_point(lambda s: swapped(s, x), start, solver=TIGHT, gradient=gradient).value
+
+    want = dense_tangent(w, u, x, v)
+    for gradient in (ik.IFT(TIGHT), ik.Neumann(60), ik.IFT(TIGHT, second_order=True)):
+        _, t = jvp(solve_dict(gradient), (x,), (v,))
+        assert torch.allclose(t["a"], want, atol=1e-9), gradient
+        assert t["b"].abs().max() == 0, gradient
+
+    # The value jvp returns keeps IFT's gradient, per leaf: d(sum a*)/dx against the dense reference.
+    xr = x.clone().requires_grad_()
+    value, _ = jvp(solve_dict(ik.IFT(TIGHT)), (xr,), (v,))
+    (grad,) = torch.autograd.grad(value["a"].sum(), xr)
+    z, J, _ = dense_parts(w, u, x, v)
+    dfdx = jacobian(lambda y: f(z, y), x).reshape(B * D, B * N)
+    expected = torch.ones(B * D, dtype=torch.float64) @ torch.linalg.solve(
+        torch.eye(B * D, dtype=torch.float64) - J, dfdx
+    )
+    assert torch.allclose(grad.reshape(-1), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "gradient", [ik.IFT(TIGHT), ik.IFT(TIGHT, second_order=True), ik.IFT(ik.GMRES(tol=1e-12)), ik.Neumann(20)]
+)
+def test_nested_forward_mode_is_refused_where_the_outer_tangent_would_be_lost(problem, gradient):
+    """The tangent is attached after the solve at the innermost level only: a jvp around another jvp (or
+    jacfwd of jacfwd) got zeros for every outer tangent, first order included."""
+    w, u, x, v = problem
+    inner = lambda y: jvp(solve(w, u, gradient), (y,), (v,))[1]  # noqa: E731
+    with pytest.raises(RuntimeError, match="nested forward mode"):
+        jvp(inner, (x,), (v,))
+
+
+def test_nested_forward_mode_through_unrolled_is_the_second_derivative(problem):
+    """Unrolled's graph is plain autograd: jvp of jvp is the second directional derivative of its steps,
+    checked against central differences of the first derivative."""
+    w, u, x, v = problem
+    steps = ik.FixedPointIteration(tol=None, max_iter=60)
+    first = lambda y: jvp(solve(w, u, ik.Unrolled(), steps), (y,), (v,))[1]  # noqa: E731
+    _, second = jvp(first, (x,), (v,))
+    eps = 1e-5
+    assert torch.allclose(second, (first(x + eps * v) - first(x - eps * v)) / (2 * eps), atol=1e-8)

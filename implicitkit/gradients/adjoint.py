@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec
 
-from .._tree import State, flatten, leaves_of, unflatten
+from .._tree import State, flatten, leaves_of, output_leaves, spec_of, unflatten
 from ..linearize import Linearization
 from .tangent import (
     TangentRule,
@@ -26,6 +26,7 @@ from .tangent import (
     in_transform,
     primal,
     refuse_forward_over_reverse,
+    refuse_nested_forward_mode,
     under_reverse_transform,
 )
 
@@ -141,6 +142,7 @@ def attach_adjoint(
         refusal: the message that refuses a derivative through this backward; by default the one naming
             ``name`` and the estimators that allow second derivatives.
     """
+    refuse_nested_forward_mode(name)
     out = attach_reverse(f, z_star, rule, refusal or HIGHER_ORDER_MESSAGE.format(name=name))
     return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule)
 
@@ -157,7 +159,7 @@ def attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule
         # z* needs no grad: a graph to what f closes over only. Whether anything needs a gradient cannot be
         # read here (the transform's tensors report requires_grad=False); autograd decides it below.
         with torch.enable_grad():
-            fz_leaves, _ = leaves_of(f(z_star))
+            fz_leaves = output_leaves(f(z_star), spec_of(z_star))
         lin: Linearization | _LinearizeLater = _LinearizeLater(f, treespec)
     else:
         lin = Linearization(f, z_star)

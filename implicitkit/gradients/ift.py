@@ -16,7 +16,7 @@ from ..stats import FAILURE_POLICIES, AdjointStats, FixedPointError, SolverStats
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
 from .second_order import THIRD_ORDER_MESSAGE, attach_twice_differentiable
-from .tangent import attach_tangent, under_vmap
+from .tangent import attach_tangent, refuse_nested_forward_mode, under_vmap
 
 
 class IFT(GradientEstimator):
@@ -216,6 +216,7 @@ class IFT(GradientEstimator):
         if not self.second_order:
             adjoint = lambda g, vjp: self.adjoint_vector(g, vjp, record)  # noqa: E731
             return attach_adjoint(f, z_star, adjoint, "IFT", tangent)
+        refuse_nested_forward_mode("IFT(second_order=True)")
         out = attach_twice_differentiable(
             f,
             z_star,

@@ -9,7 +9,7 @@ from .._tree import State
 from .adjoint import attach_adjoint
 from .base import VJP, Map, PolynomialAdjoint, Recorder
 from .second_order import attach_twice_differentiable
-from .tangent import attach_tangent
+from .tangent import attach_tangent, refuse_nested_forward_mode
 
 
 class Neumann(PolynomialAdjoint):
@@ -51,6 +51,7 @@ class Neumann(PolynomialAdjoint):
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         if not self.second_order:
             return attach_adjoint(f, z_star, self.adjoint_vector, repr(self), self.tangent_vector)
+        refuse_nested_forward_mode(repr(self))
         out = attach_twice_differentiable(
             f,
             z_star,

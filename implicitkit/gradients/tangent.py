@@ -18,7 +18,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from .._tree import State, flatten, leaves_of, spec_of, unflatten
+from .._tree import State, flatten, leaves_of, output_leaves, spec_of, unflatten
 
 JVP = Callable[[Tensor], Tensor]
 TangentRule = Callable[[Tensor, JVP], Tensor]  # (b, v -> J v) -> t, all flat [B, D]
@@ -27,6 +27,23 @@ TangentRule = Callable[[Tensor, JVP], Tensor]  # (b, v -> J v) -> t, all flat [B
 def forward_mode_active() -> bool:
     """A forward-AD level is open (``forward_ad.dual_level``, or inside ``torch.func.jvp``/``jacfwd``)."""
     return fwAD._current_level >= 0
+
+
+NESTED_FORWARD_MESSAGE = (
+    "{name} under nested forward mode (a torch.func.jvp inside another, jacfwd of jacfwd) is not supported: "
+    "its tangent is found after the solve, at the innermost level only, so the tangents of the outer levels "
+    "would come back as zeros. Take the second derivative in reverse mode (IFT(second_order=True) with "
+    "torch.autograd.grad(..., create_graph=True)), or use an estimator whose graph is plain autograd "
+    "(Unrolled, JFB, Phantom, RAG)."
+)
+
+
+def refuse_nested_forward_mode(name: str) -> None:
+    """Raise when more than one forward-mode level is open: :func:`attach_tangent` serves one level."""
+    if forward_mode_active():
+        levels = sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+        if levels > 1:
+            raise RuntimeError(NESTED_FORWARD_MESSAGE.format(name=name))
 
 
 def primals_only() -> fwAD._set_fwd_grad_enabled:
@@ -132,7 +149,7 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
     spec = spec_of(z_star)
     leaves, treespec = leaves_of(z_star)
     z_leaves = [primal(x).detach() for x in leaves]
-    fz_leaves, _ = leaves_of(f(treespec.unflatten(z_leaves)))
+    fz_leaves = output_leaves(f(treespec.unflatten(z_leaves)), spec)
     b_leaves = [_tangent(y) for y in fz_leaves]
     if all(b is None for b in b_leaves):
         return out
@@ -143,7 +160,7 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
         """``J v``: the tangent of ``f`` at ``z*`` moved along ``v``, less the part that ``theta`` moves (``b``)."""
         v_leaves, _ = leaves_of(unflatten(v, spec))
         duals = [fwAD.make_dual(z, w.to(z.dtype)) for z, w in zip(z_leaves, v_leaves, strict=True)]
-        moved, _ = leaves_of(f(treespec.unflatten(duals)))
+        moved = output_leaves(f(treespec.unflatten(duals)), spec)
         tangents = [
             torch.zeros_like(z) if _tangent(y) is None else _tangent(y) for y, z in zip(moved, z_leaves)
         ]

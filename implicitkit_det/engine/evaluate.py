@@ -13,7 +13,7 @@ from ..collectives import broadcast_object, is_dist, is_main_process
 from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
 from ..models.detector import QueryDetector
-from .process_group import unwrap
+from .process_group import broadcast_buffers, unwrap
 from .progress import progress_bar
 from .train import autocast
 
@@ -80,8 +80,9 @@ def evaluate(
     Arguments:
         model: the detector (plain or in DDP); set to evaluation mode here.
         loader: yields :class:`~implicitkit_det.data.DetectionBatch` with ``image_id``, ``size`` and
-            ``orig_size`` in the targets. Under several processes each sees its share (a
-            ``DistributedSampler``); the evaluator gathers and de-duplicates.
+            ``orig_size`` in the targets. Under several processes each sees its share (the engine's
+            :class:`~implicitkit_det.engine.process_group.DealtBatches`); the evaluator gathers them and
+            drops an image seen twice (a padding ``DistributedSampler`` repeats some).
         evaluator: a fresh :class:`~implicitkit_det.evaluation.CocoEvaluator` over the ground truth.
         label_to_category_id: the dataset's map from contiguous labels to the file's category ids.
         boxes_in: whether the model's boxes are in the network input's pixels (``"input"``, rescaled
@@ -97,10 +98,14 @@ def evaluate(
         (the distinct images scored, over all processes) and ``time_s``. For a model that reports its
         refinement steps per
         image (DEQDet's ``last_steps``), also ``mean_steps``: the mean applications of the refinement layer
-        per image over all processes (each process's repeated padding images included).
+        per image over all processes (images a padding sampler repeats included).
     """
     if boxes_in not in ("input", "original"):
         raise ValueError(f"boxes_in must be 'input' or 'original', got {boxes_in!r}")
+    # The module itself, not its DDP wrapper: a wrapper's forward may broadcast buffers, a collective that
+    # processes with unequal numbers of batches cannot all join. They are made equal once here instead.
+    model = unwrap(model)
+    broadcast_buffers(model)
     model.eval()
     evaluator.reset()
     start = time.perf_counter()

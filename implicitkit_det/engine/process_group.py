@@ -8,18 +8,29 @@ single-process answer.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..collectives import get_rank, get_world_size, is_dist
 
-__all__ = ["DistInfo", "build_sampler", "cleanup_distributed", "init_distributed", "unwrap", "wrap_ddp"]
+__all__ = [
+    "DealtBatches",
+    "DistInfo",
+    "broadcast_buffers",
+    "build_sampler",
+    "cleanup_distributed",
+    "init_distributed",
+    "unwrap",
+    "wrap_ddp",
+]
 
 
 @dataclass(frozen=True)
@@ -88,8 +99,8 @@ def build_sampler(dataset: Dataset, *, shuffle: bool, seed: int = 0) -> Distribu
     call ``sampler.set_epoch(epoch)`` before each epoch. With ``drop_last=False`` (used here), when the
     dataset does not divide evenly the sampler repeats the first samples so that every process gets
     ``ceil(len / world_size)`` samples, hence the same number of batches, which DDP's collective
-    operations need. In evaluation the repeated images are dropped by ``CocoEvaluator``, so the score is
-    over each image exactly once; in training a handful of images are seen twice per epoch.
+    operations need: a handful of images are seen twice per epoch. (Evaluation reads through
+    :class:`DealtBatches` instead.)
     """
     return DistributedSampler(
         dataset,
@@ -99,6 +110,41 @@ def build_sampler(dataset: Dataset, *, shuffle: bool, seed: int = 0) -> Distribu
         seed=seed,
         drop_last=False,
     )
+
+
+class DealtBatches(Sampler[list[int]]):
+    """Evaluation batches formed in the dataset's order, as one process forms them, dealt to the processes
+    in turn: process ``r`` of ``W`` gets batches ``r, r + W, ...``.
+
+    A detection depends on its batch through the padding to the batch's largest image (the backbone's
+    normalisation layers give padded pixels a value), so batches formed the same way at any number of
+    processes give the same detections, hence the same AP. Every image is in one batch exactly; the
+    processes may get one batch more or less than each other (evaluation runs no collective per batch).
+    """
+
+    def __init__(self, size: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.size, self.batch_size = size, batch_size
+        self.rank, self.world_size = get_rank(), get_world_size()
+
+    def _batches(self) -> range:
+        return range(self.rank, math.ceil(self.size / self.batch_size), self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches():
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm's running statistics): a process updates its own in
+    each training forward after DDP's broadcast, so they differ by the last step when evaluation starts."""
+    if is_dist():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:

@@ -15,7 +15,7 @@ from ..data import DetectionBatch
 from ..evaluation import CocoEvaluator, to_coco_results
 from ..models.detector import QueryDetector
 from .evaluate import rescale_to_original
-from .process_group import unwrap
+from .process_group import broadcast_buffers, unwrap
 from .train import autocast
 
 __all__ = [
@@ -78,6 +78,7 @@ def refinement_curve(
     """
     model = unwrap(model).eval()
     refinement_layers(model)  # the model's kind is checked before any work
+    broadcast_buffers(model)  # every process scores with rank 0's normalisation statistics
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     evaluators = [CocoEvaluator(coco_gt) for _ in range(max_steps + 1)]

@@ -32,7 +32,7 @@ from ..data.seeding import EpochBatches, SeededSamples, ignore_sigint
 from ..models import CONFIGS, build_model
 from ..models.registry import read_overrides, without_weight_files
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
-from .process_group import build_sampler
+from .process_group import DealtBatches, build_sampler
 from .run_config import COCO_SIZE, RunConfig, RunConfigError, test_settings_of
 
 __all__ = [
@@ -266,10 +266,10 @@ def make_eval_loader(
     cfg: RunConfig, dataset: CocoDetectionDataset, device: torch.device, digits: bool
 ) -> DataLoader:
     """Evaluation batches of this process's share, in order (``eval_batch_size``: default 1 for COCO-format
-    data, as the official test runs, and ``batch_size`` for the digits set)."""
+    data, as the official test runs, and ``batch_size`` for the digits set): the batches one process would
+    form, dealt to the processes (:class:`DealtBatches`), so the AP does not depend on their number."""
     batch_size = cfg.eval_batch_size or (cfg.batch_size if digits else 1)
-    batches = BatchSampler(build_sampler(dataset, shuffle=False, seed=cfg.seed), batch_size, drop_last=False)
-    return _loader(dataset, batches, cfg, device)
+    return _loader(dataset, DealtBatches(len(dataset), batch_size), cfg, device)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from det_engine_toy import ToyDetector, random_batch
 
+from implicitkit_det import cli
 from implicitkit_det.engine import (
     NonFiniteLossError,
     build_optimizer,
@@ -114,11 +116,30 @@ def test_ddp_steps_from_torchrun_environment(tmp_path, monkeypatch):
         assert "epoch 5, iteration 0" in r["error"] and "loss inf" in r["error"]
 
 
+def _recording_batches(into: list) -> object:
+    """``forward_eval`` that also notes each evaluation batch: its image ids and padded image shape."""
+    evaluate = importlib.import_module(
+        "implicitkit_det.engine.evaluate"
+    )  # the package's `evaluate` is a function
+
+    original = evaluate.forward_eval
+
+    def recording(model, batch):
+        into.append([[t["image_id"] for t in batch.targets], list(batch.images.shape)])
+        return original(model, batch)
+
+    return recording
+
+
 def _cli_worker(rank: int, port: int, root: str, out_dir: str) -> None:
     from test_det_engine_cli import FAST
 
-    from implicitkit_det import cli
+    evaluate = importlib.import_module(
+        "implicitkit_det.engine.evaluate"
+    )  # the package's `evaluate` is a function
 
+    batches: list = []
+    evaluate.forward_eval = _recording_batches(batches)
     torch.set_num_threads(1)
     env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()})
@@ -137,7 +158,7 @@ def _cli_worker(rank: int, port: int, root: str, out_dir: str) -> None:
             "2",
         ]
     )
-    Path(out_dir, f"stats{rank}.json").write_text(json.dumps(stats))
+    Path(out_dir, f"stats{rank}.json").write_text(json.dumps({**stats, "batches": batches}))
 
 
 @pytest.mark.skipif(
@@ -163,10 +184,39 @@ def test_cli_under_two_processes(tiny_digits, tmp_path, monkeypatch):
     s0, s1 = (json.loads((out / f"stats{r}.json").read_text()) for r in (0, 1))
     for key in (*STAT_NAMES, "per_class_AP"):  # every rank receives rank 0's summary
         assert s0[key] == s1[key]
-    # 5 val images, padded to 6 by repeating one (3 per process): each distinct image counted once.
+    # 5 val images in batches of 2, dealt [0, 1], [4] and [2, 3]: each image scored once.
     assert s0["images"] == s1["images"] == 5
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # written by rank 0 only
     record = json.loads(lines[0])
     assert record["train"]["iters"] == 2 and record["eval"]["AP"] == s0["AP"]
     assert (out / "checkpoint_last.pth").is_file()
+    # The same checkpoint scored by one process: the same batches, padded alike, so the same AP (a strided
+    # share of the images put them in other batches, padded otherwise, and moved the AP).
+    evaluate = importlib.import_module(
+        "implicitkit_det.engine.evaluate"
+    )  # the package's `evaluate` is a function
+
+    batches: list = []
+    monkeypatch.setattr(evaluate, "forward_eval", _recording_batches(batches))
+    alone = cli.main(["eval", "--resume", str(out), "--eval-batch-size", "2", "--device", "cpu"])
+    assert len(batches) == 3 and sorted(s0["batches"] + s1["batches"]) == sorted(batches)
+    for key in (*STAT_NAMES, "per_class_AP"):
+        assert alone[key] == s0[key], key
+
+
+def test_evaluation_batches_are_one_process_batches_dealt_in_turn(monkeypatch):
+    import implicitkit_det.engine.process_group as pg
+
+    def share(rank, world, size=7, batch=2):
+        monkeypatch.setattr(pg, "get_rank", lambda: rank)
+        monkeypatch.setattr(pg, "get_world_size", lambda: world)
+        batches = pg.DealtBatches(size, batch)
+        assert len(batches) == len(list(batches))
+        return list(batches)
+
+    assert share(0, 1) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert share(0, 3) == [[0, 1], [6]] and share(1, 3) == [[2, 3]] and share(2, 3) == [[4, 5]]
+    assert share(4, 5) == []  # more processes than batches: nothing to do, no repeats
+    with pytest.raises(ValueError, match="batch_size"):
+        pg.DealtBatches(3, 0)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["EpochBatches", "SeededSamples", "ignore_sigint", "sample_seed"]
+__all__ = ["EpochBatches", "SeededSamples", "ignore_stop_signals", "sample_seed"]
 
 _MASK = (1 << 63) - 1
 
@@ -97,7 +97,9 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def ignore_sigint(_worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: Ctrl-C goes to the training process, which stops cleanly, and not
-    to its data workers, which would die and take the run down with them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: a Ctrl-C (SIGINT) or a SIGTERM (what ``torchrun`` and schedulers send,
+    to the whole process group) is for the training process, which stops cleanly and then shuts its data
+    workers down; a worker that took it would die and take the run down with it, unsaved."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

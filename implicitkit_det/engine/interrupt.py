@@ -23,8 +23,9 @@ __all__ = ["INTERRUPT_AT_ENV", "StopRequest", "TrainingInterrupted"]
 
 #: For tests: ``"EPOCH:ITERATION"`` makes rank 0 send itself SIGINT after that iteration (0-based), as a
 #: Ctrl-C would; ``"EPOCH:ITERATION:launcher"`` sends it to the parent process instead (``torchrun``, which
-#: forwards it to every process, as it does a Ctrl-C in its terminal); ``"EPOCH:ITERATION:kill"`` sends
-#: itself SIGKILL (a crash: nothing is saved).
+#: forwards it to every process, as it does a Ctrl-C in its terminal); ``"EPOCH:ITERATION:group-term"`` sends
+#: SIGTERM to its whole process group, data workers included, as a scheduler stopping a job does;
+#: ``"EPOCH:ITERATION:kill"`` sends itself SIGKILL (a crash: nothing is saved).
 INTERRUPT_AT_ENV = "IMPLICITKIT_DET_INTERRUPT_AT"
 
 
@@ -78,7 +79,10 @@ class StopRequest:
             return
         if self._hook[2] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        os.kill(os.getppid() if self._hook[2] == "launcher" else os.getpid(), signal.SIGINT)
+        if self._hook[2] == "group-term":
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        else:
+            os.kill(os.getppid() if self._hook[2] == "launcher" else os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 30
         while not self.requested and time.monotonic() < deadline:  # the launcher forwards it: wait for it
             time.sleep(0.01)

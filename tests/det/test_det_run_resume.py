@@ -34,6 +34,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=
 def _run(
     args: list[str], *, interrupt_at: str | None = None, timeout: int = 240
 ) -> subprocess.CompletedProcess:
+    """`args` run by this Python in a session of its own (a process group that a hook may signal whole)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     env.pop(INTERRUPT_AT_ENV, None)
     if interrupt_at is not None:
@@ -41,7 +42,13 @@ def _run(
     # The subprocess imports this checkout, whatever the working directory.
     env["PYTHONPATH"] = os.pathsep.join([str(Path(cli.__file__).parents[1]), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        start_new_session=True,
     )
 
 
@@ -82,10 +89,12 @@ def _interrupt_and_resume(launcher: list[str], data: list[str], tmp_path: Path, 
         assert a["eval"]["AP"] == b["eval"]["AP"] and a["train"]["loss"] == pytest.approx(b["train"]["loss"])
 
 
-def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_digits, tmp_path):
-    # SIGINT after iteration 2 (0-based 1): the next iteration votes to stop, so the run stops after 3 of 5.
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_digits, tmp_path):
+    # SIGTERM to the whole process group after iteration 2 (0-based 1), as a scheduler stops a job: the data
+    # workers get it too (they died of it, and the run with them, unsaved); the next iteration votes to
+    # stop, so the run stops after 3 of 5. (Ctrl-C's SIGINT: the torchrun test below, and the CLI's tests.)
     data = ["--data-root", str(tiny_digits.root)]
-    _interrupt_and_resume([], data, tmp_path, interrupt_at="0:1")
+    _interrupt_and_resume([], data, tmp_path, interrupt_at="0:1:group-term")
 
     # A crash (SIGKILL) in the second epoch: the run resumes from the last --checkpoint-every checkpoint
     # (after iteration 3 of epoch 1: 8 iterations in all, a multiple of 2) and still ends the same.

@@ -28,6 +28,7 @@ __all__ = [
     "build_sampler",
     "cleanup_distributed",
     "init_distributed",
+    "per_process_batch_norms",
     "unwrap",
     "wrap_ddp",
 ]
@@ -145,6 +146,14 @@ def broadcast_buffers(model: nn.Module) -> None:
     if is_dist():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def per_process_batch_norms(model: nn.Module) -> int:
+    """How many trained ``BatchNorm`` layers `model` has (plain ones; frozen-statistics subclasses and frozen
+    stages aside). Under DDP each normalises over its own process's batch, not the total one: SyncBatchNorm
+    would share the statistics, but it runs on CUDA only, and is not applied here."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return sum(type(m) in plain and (m.weight is None or m.weight.requires_grad) for m in model.modules())
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:

@@ -44,7 +44,7 @@ from .host_memory import keep_freed_host_memory
 from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
-from .process_group import DistInfo, init_distributed, unwrap, wrap_ddp
+from .process_group import DistInfo, init_distributed, per_process_batch_norms, unwrap, wrap_ddp
 from .progress import RunPosition, StepLog, evaluation_banner, plot_training_curves, training_banner
 from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError, test_settings_of
@@ -180,6 +180,11 @@ class _Trainer:
         self.base_lrs = list(self.scheduler.base_lrs)
         self.scaler = make_grad_scaler(info.device, cfg.amp)
         self.model = wrap_ddp(model, info, find_unused_parameters=cfg.find_unused_parameters)
+        if info.world_size > 1 and (norms := per_process_batch_norms(model)):
+            say(
+                f"note: {norms} BatchNorm layers normalise over each process's batch of {cfg.batch_size} "
+                f"images, not the total {cfg.batch_size * info.world_size}: their statistics are per process"
+            )
         self.epoch, self.iteration, self.closed = 0, 0, True
         self.meter, self.best_ap, self.stats = EpochMeter(), None, {}
         self.metrics = cfg.output_dir / "metrics.jsonl"

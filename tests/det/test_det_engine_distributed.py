@@ -220,3 +220,15 @@ def test_evaluation_batches_are_one_process_batches_dealt_in_turn(monkeypatch):
     assert share(4, 5) == []  # more processes than batches: nothing to do, no repeats
     with pytest.raises(ValueError, match="batch_size"):
         pg.DealtBatches(3, 0)
+
+
+def test_trained_batch_norms_are_counted_for_the_per_process_note():
+    """Under DDP a trained BatchNorm normalises each process's own images: the run names how many there are.
+    Frozen statistics (the pre-trained presets') and frozen stages do not count."""
+    from implicitkit_det.engine.process_group import per_process_batch_norms
+    from implicitkit_det.models import build_model
+
+    assert per_process_batch_norms(build_model("deqdet_tiny", 3)) == 12  # ResNet-10 from scratch
+    assert per_process_batch_norms(build_model("deqdet_tiny", 3, frozen_stages=2)) == 6
+    assert per_process_batch_norms(build_model("deqdet_tiny", 3, backbone_norm="frozen_stats")) == 0
+    assert per_process_batch_norms(build_model("deqdet_tiny", 3, backbone_norm="frozen")) == 0

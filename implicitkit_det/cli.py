@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -117,6 +118,16 @@ def names_data(argv: Sequence[str]) -> bool:
     return not uses_digits(dict.fromkeys(given_options(build_parser(), argv), True))
 
 
+def launcher_for(world_size: int, local_world_size: int) -> str:
+    """The command that starts a run again with `world_size` processes, `local_world_size` per node."""
+    if world_size == 1:
+        return "python"
+    if local_world_size >= world_size:
+        return f"torchrun --nproc-per-node={world_size}"
+    nodes = world_size // local_world_size
+    return f"torchrun --nnodes={nodes} --nproc-per-node={local_world_size} [rendezvous options]"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run training, evaluation or prediction as the command line says.
 
@@ -151,9 +162,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if is_main_process():
             folder = stop.checkpoint.parent if stop.checkpoint is not None else cfg.output_dir
             world = get_world_size()
-            launcher = f"torchrun --nproc-per-node={world}" if world > 1 else "python"
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's processes on this node
             print(f"\n{stop}", flush=True)
-            print(f"resume with: {launcher} -m implicitkit_det.cli --resume {folder}", flush=True)
+            print(
+                f"resume with: {launcher_for(world, local)} -m implicitkit_det.cli --resume {folder}",
+                flush=True,
+            )
         raise SystemExit(130) from None
     except (DataError, CocoFormatError, RunConfigError) as err:
         parser.error(str(err))

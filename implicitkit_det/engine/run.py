@@ -234,7 +234,8 @@ class _Trainer:
             set_rng_state(rng)
         else:
             say(
-                f"note: the random state was saved by another number of processes; re-seeded for epoch {self.epoch}"
+                "note: the random state was saved by another number of processes; re-seeded for the next "
+                f"epoch, {self.epoch + 1}"
             )
             seed_everything(self.cfg.seed + self.info.rank + 1000 * (self.epoch + 1))
 

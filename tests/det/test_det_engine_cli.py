@@ -74,7 +74,7 @@ def _steps(folder) -> list[tuple[int, float]]:
     return [(r["epoch"], r["lr"]) for r in map(json.loads, (folder / "steps.jsonl").read_text().splitlines())]
 
 
-def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tiny_digits, tmp_path):
+def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tiny_digits, tmp_path, capsys):
     """The lr drops stay on their epochs when an epoch splits into other iterations (another world size)."""
     whole = tmp_path / "whole"
     schedule = ["--epochs", "3", "--lr-drops", "2", "--eval-every", "3", "--log-steps"]
@@ -82,14 +82,25 @@ def test_an_epoch_end_checkpoint_resumes_on_another_number_of_processes(tiny_dig
     # Epoch 0's checkpoint as two processes would have written it: one iteration an epoch each.
     ckpt = torch.load(whole / "checkpoint_epoch0.pth", map_location="cpu", weights_only=True)
     ckpt["progress"].update(iteration=1, iters_per_epoch=1, world_size=2)
+    ckpt["rng"] = [ckpt["rng"][0]] * 2  # one random state per process
     ckpt["scheduler"]["last_epoch"] = 1
     for lam in ckpt["scheduler"]["lr_lambdas"]:
         lam["iters_per_epoch"] = 1
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     torch.save(ckpt, resumed / "checkpoint_last.pth")
+    capsys.readouterr()
     cli.main([*FAST[2:], *data_args(tiny_digits), *schedule, "--resume", str(resumed)])
     assert _steps(resumed) == [step for step in _steps(whole) if step[0] > 0]
+    # It trains epoch 1 next, and says so (it named the epoch saved, 0).
+    assert "re-seeded for the next epoch, 1" in capsys.readouterr().out
+
+
+def test_the_resume_hint_names_the_launch_that_ran():
+    assert cli.launcher_for(1, 1) == "python"
+    assert cli.launcher_for(4, 4) == "torchrun --nproc-per-node=4"
+    # Two nodes of four: not --nproc-per-node=8 (eight processes on one node).
+    assert cli.launcher_for(8, 4) == "torchrun --nnodes=2 --nproc-per-node=4 [rendezvous options]"
 
 
 @pytest.mark.parametrize(

@@ -168,3 +168,28 @@ def test_ift_raise_on_unconverged_adjoint(gen):
     )
     with pytest.raises(ik.FixedPointError, match=r"IFT adjoint.*max_iter=2"):
         z.sum().backward()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-9, 1e-13])
+def test_the_relative_adjoint_rule_holds_at_any_scale_of_the_loss(scale):
+    """The default adjoint stops on ||u_{k+1} - u_k|| / (||u_{k+1}|| + 1e-8): a cotangent of norm 1e-8 or
+    less ended it at once (u = g, JFB's gradient; 5e-3 off at a loss scaled by 1e-13). The system is linear, so
+    it is solved for g / ||g|| and scaled back: grad(c L) / c is the same gradient at every c."""
+    gen = torch.Generator().manual_seed(0)
+    w = contraction(16, 0.9, gen)
+    x0 = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+
+    def gradient(c: float) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        f = lambda z: torch.tanh(z @ w.T + x)  # noqa: E731
+        value = ik.fixed_point(f, torch.zeros_like(x0), solver=ik.Anderson(**TIGHT), gradient=ik.IFT()).value
+        (g,) = torch.autograd.grad(c * (value**2).sum(), x)
+        return g / c
+
+    x = x0.clone().requires_grad_()  # the reference: the iteration unrolled to convergence
+    z = torch.zeros_like(x0)
+    for _ in range(600):
+        z = torch.tanh(z @ w.T + x)
+    (exact,) = torch.autograd.grad((z**2).sum(), x)
+    # The default adjoint's tolerance (1e-6, relative) bounds the error, at every scale alike.
+    assert torch.linalg.vector_norm(gradient(scale) - exact) <= 2e-6 * torch.linalg.vector_norm(exact)

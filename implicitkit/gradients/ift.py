@@ -208,8 +208,17 @@ class IFT(GradientEstimator):
                     "only J v. Use IFT(GMRES()) or IFT(DirectSolve()) under torch.func.jvp / forward_ad."
                 )
             return self.solver.solve(lambda x: x - product(x), rhs, apply_transposed=product_transposed)
-        result = iterate(self.solver, lambda x: product(x) + rhs, rhs)
-        return result.value, result.stats
+        if self.solver.stop_mode != "rel":
+            result = iterate(self.solver, lambda x: product(x) + rhs, rhs)
+            return result.value, result.stats
+        # The system is linear: solved for rhs / ||rhs|| and scaled back, per sample, the relative rule is
+        # the same at any scale of the loss (its guard against a zero denominator, 1e-8, would otherwise
+        # end the solve early for a cotangent of norm 1e-8 or less).
+        scale = torch.linalg.vector_norm(rhs, dim=1, keepdim=True)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        unit = rhs / scale
+        result = iterate(self.solver, lambda x: product(x) + unit, unit)
+        return result.value * scale, result.stats
 
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         tangent = lambda b, jvp: self.tangent_vector(b, jvp, record)  # noqa: E731

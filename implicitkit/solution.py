@@ -161,7 +161,9 @@ class Solution:
             (and then kept), so a caller that only needs ``last`` or ``path`` never pays for it; the grad mode
             and autocast are the call's, whatever those of the read, and a first read after an optimizer
             stepped a parameter it reads is refused (``f`` is no longer the solve's); so is a path branch.
-            (A call under ``inference_mode`` keeps no way to tell which parameters: any step refuses.)
+            (A call under ``inference_mode`` keeps no way to tell which parameters: any step refuses.) A change
+            made in place by other means (a hand-written update under ``no_grad``, ``x.copy_(next_batch)``)
+            is not seen: the value is then built from the changed tensors, so read it before such a change.
         last: the final iterate as the solver left it, without an estimator: detached, except under
             :class:`~implicitkit.Unrolled`. With ``tol=None`` it is exactly the ``max_iter``-th iterate.
         stats: the forward solve's :class:`~implicitkit.SolverStats` (per-sample ``nstep``, ``residual``,

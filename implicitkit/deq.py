@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
+from ._compile import not_compiled
 from ._tree import State
 from .functional import Perturbation, check_parts, fixed_point
 from .gradients import GradientEstimator
@@ -61,7 +61,7 @@ class DEQ(nn.Module):
         self.has_aux = has_aux
         self._warned_of_layers = False
 
-    @torch.compiler.disable  # the solve and its gradient in one graph break (see functional.py)
+    @not_compiled  # the solve and its gradient in one graph break (see functional.py)
     def forward(self, z0: State, *inputs, capture: Iterable[int] = ()) -> Solution:
         """Solve ``z = cell(z, *inputs)`` from ``z0``; ``value`` is built here, where DDP looks for it."""
         if self.training and not self._warned_of_layers and isinstance(self.cell, nn.Module):

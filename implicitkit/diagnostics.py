@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._compile import not_compiled
 from ._tree import State, flatten, spec_of
 from .functional import fixed_point
 from .gradients import IFT, GradientEstimator
@@ -19,7 +20,7 @@ from .stats import SolverStats
 
 # Outside torch.compile's graph: its vector-Jacobian products (torch.autograd.grad on a graph made here)
 # would break it several times; run eagerly, it is one break and gives eager's numbers and graph.
-@torch.compiler.disable
+@not_compiled
 def spectral_radius(
     f: Callable[[State], State],
     z: State,

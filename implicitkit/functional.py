@@ -11,6 +11,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
 from ._call_state import CallState
+from ._compile import not_compiled
 from ._tree import State, StateSpec, flatten, leaves_of, spec_of, tree_map, unflatten
 from .gradients import IFT, GradientEstimator
 from .perturbation import Perturbation
@@ -27,7 +28,7 @@ __all__ = ["Perturbation", "fixed_point"]
 # breaks the graph at every host read and recompiles per step index; running the whole solve, and the
 # gradient attached to its result, outside the compiled graph costs one clean break instead (two when the
 # value is read after the call) and leaves the model around the solve compiled. See docs/gradients.md.
-@torch.compiler.disable
+@not_compiled
 def fixed_point(
     f: Callable[[State], State],
     z0: State,
@@ -113,9 +114,9 @@ def fixed_point(
     # Built on first access, which may come from compiled code: they run outside the graph like the solve.
     path = Path(
         sorted(result.captured),
-        torch.compiler.disable(branch),
+        not_compiled(branch),
         shared_graph=shared_graph,
-        make_stacked=torch.compiler.disable(attach_stacked) if stackable else None,
+        make_stacked=not_compiled(attach_stacked) if stackable else None,
         make_states=lambda: [unflatten(result.captured[s], spec) for s in sorted(result.captured)],
     )
     return Solution(
@@ -123,7 +124,7 @@ def fixed_point(
         unflatten(result.last, spec),
         path,
         backward_stats,
-        _make_value=torch.compiler.disable(value_and_aux),
+        _make_value=not_compiled(value_and_aux),
     )
 
 

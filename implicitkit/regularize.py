@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._compile import not_compiled
 from ._settings import as_count
 from ._tree import State, flatten
 from .linearize import Linearization
@@ -16,7 +17,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 # Outside torch.compile's graph: its vector-Jacobian products (torch.autograd.grad on a graph made here)
 # would break it several times; run eagerly, it is one break and gives eager's numbers and graph.
-@torch.compiler.disable
+@not_compiled
 def jacobian_frobenius(
     f: Callable[[State], State],
     z: State,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec
 
+from .._compile import not_compiled
 from .._tree import State, flatten, leaves_of, output_leaves, spec_of, unflatten
 from ..linearize import Linearization
 from .tangent import (
@@ -117,7 +118,7 @@ class _Adjoint(torch.autograd.Function):
         )
 
 
-@torch.compiler.disable  # a graph walk and a backward that solves: untraceable (see functional.py)
+@not_compiled  # a graph walk and a backward that solves: untraceable (see functional.py)
 def attach_adjoint(
     f: Callable[[State], State],
     z_star: State,

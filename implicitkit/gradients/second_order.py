@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._compile import not_compiled
 from .._tree import State, flatten, leaves_of, unflatten
 from ..linearize import Linearization
 from .adjoint import AdjointRule, attach_reverse
@@ -110,7 +111,7 @@ class _Outer(torch.autograd.Function):
         return (None,) * 4 + tuple(z_grads) + tuple(_leaves_for(u_flat, lin, lin.fz_leaves))
 
 
-@torch.compiler.disable  # backward passes that solve: untraceable (see functional.py)
+@not_compiled  # backward passes that solve: untraceable (see functional.py)
 def attach_twice_differentiable(
     f: Callable[[State], State],
     z_star: State,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .._compile import not_compiled
 from .._settings import as_count
 from ..stats import Result, SolverStats
 
@@ -65,7 +66,7 @@ class SolveResult:
     captured: dict[int, Tensor]
 
 
-@torch.compiler.disable  # a data-dependent loop: one graph break for direct callers (see functional.py)
+@not_compiled  # a data-dependent loop: one graph break for direct callers (see functional.py)
 def iterate(
     solver: LoopSolver,
     f: FlatMap,

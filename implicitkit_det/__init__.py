@@ -5,6 +5,9 @@ bundled digits set, transforms, batching), ``losses`` (matcher, set criterion), 
 (post-processing, COCO evaluator), ``models`` (DEQDet, AdaMixer, Sparse R-CNN, DEQ Sparse R-CNN, ``build_model``) and ``collectives`` (collective operations that work without a process group).
 """
 
+# One version for the distribution that ships both packages.
+from implicitkit import __version__ as __version__
+
 # What the detection extra installs (`pip install "implicitkit[det]"`): a plain `pip install implicitkit`
 # brings the core library only.
 _DET_EXTRA = {

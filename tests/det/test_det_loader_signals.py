@@ -32,7 +32,7 @@ class Numbers(Dataset):
 def test_workers_outlive_a_stop_signal_sent_to_the_process_group(stop):
     loader = DataLoader(Numbers(), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
-    seen = [next(batches)]
+    seen = [next(batches) for _ in range(2)]  # one batch from each worker: both have started
     previous = signal.signal(stop, signal.SIG_IGN)  # this process stands for the training process
     try:
         for worker in batches._workers:  # what a signal to the group does to each of them

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..collectives import any_process, gather_object, get_rank, is_main_process
 from ..evaluation import CocoEvaluator
 from ..models.detector import QueryDetector
+from ..models.registry import with_backbone_layout
 from .checkpoint import (
     BEST,
     LAST,
@@ -78,7 +79,10 @@ def model_record(cfg: RunConfig, data: RunData) -> dict[str, Any]:
     return {
         "name": cfg.config,
         "num_classes": data.val.num_classes,
-        "overrides": dict(cfg.overrides),
+        # With the backbone's norm and frozen stages written out: rebuilt from these options without its
+        # weights file (as build_model(name, num_classes, **overrides) does once the path is dropped), a
+        # pre-trained backbone would take the from-scratch defaults instead.
+        "overrides": with_backbone_layout(cfg.config, cfg.overrides),
         "class_names": list(data.val.category_names),
         "input_size": [cfg.image_size, cfg.max_size],
         "test_settings": test_settings_of(cfg),

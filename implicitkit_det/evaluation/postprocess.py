@@ -52,7 +52,8 @@ class PostProcess(nn.Module):
 
         Returns:
             Per image ``{"scores": [k], "labels": [k] int64, "boxes": [k, 4] xyxy pixels}``, sorted
-            by decreasing score, ``k = min(num_select, N * C)``.
+            by decreasing score, ``k = min(num_select, N * C)``; scores and boxes in float32 whatever the
+            model's precision.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if orig_sizes.shape != (len(logits), 2):
@@ -62,7 +63,8 @@ class PostProcess(nn.Module):
             )
         n, c = logits.shape[1:]
         k = min(self.num_select, n * c)
-        scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)
+        # Scores and boxes in float32 whatever the model's precision (torchvision's NMS wants one dtype).
+        scores, flat = logits.float().sigmoid().flatten(1).topk(k, dim=1)
         query = torch.div(flat, c, rounding_mode="floor")
         labels = flat % c
         picked = boxes.gather(1, query[..., None].expand(-1, -1, 4)).float()

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
-__all__ = ["HungarianMatcher", "check_targets", "focal_cost"]
+__all__ = ["HungarianMatcher", "check_target_fields", "check_targets", "focal_cost"]
 
 
 def focal_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -112,6 +112,7 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} images in the outputs but {len(targets)} targets")
+        check_target_fields(targets)
         sizes = [len(t["labels"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
@@ -155,19 +156,37 @@ def _non_finite_cost(
     )
 
 
+def check_target_fields(targets: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse, per image and before they are joined, targets the matcher would misread: without ``labels``
+    and ``boxes_normalized``, with labels that are not integers (joined with another image's int64 labels,
+    bool ones became classes 0 and 1), or with as many labels as boxes not."""
+    for image, target in enumerate(targets):
+        where = f"image {image} (image_id {target.get('image_id')})"
+        if "labels" not in target or "boxes_normalized" not in target:
+            raise KeyError(
+                f"the target of {where} has {sorted(target)}; the detectors need 'labels' (class indices) and "
+                "'boxes_normalized' (xyxy divided by the image's (w, h, w, h)), as the dataset's transforms "
+                "give them (torchvision-style pixel 'boxes': divide by the image size)"
+            )
+        dtype = torch.as_tensor(target["labels"]).dtype
+        if not _integer(dtype):
+            raise TypeError(
+                f"target labels must be integer class indices; {where} has {dtype} labels (an image without "
+                "objects needs torch.zeros(0, dtype=torch.int64), not torch.tensor([]))"
+            )
+        if len(target["labels"]) != len(target["boxes_normalized"]):
+            raise ValueError(
+                f"{where} has {len(target['labels'])} labels for {len(target['boxes_normalized'])} boxes: "
+                "one label per box"
+            )
+
+
 def check_targets(
     labels: Tensor, boxes: Tensor, num_classes: int, sizes: list[int], targets: Sequence[Mapping[str, Any]]
 ) -> None:
     """Refuse targets that would be matched and scored wrongly without an error: a label outside
     ``0..num_classes-1`` (a negative one indexes from the end), or a box that is not normalised xyxy (corners
     swapped, or in pixels). One check for the batch; the message names the first bad image."""
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        image = next(i for i, t in enumerate(targets) if not _integer(torch.as_tensor(t["labels"]).dtype))
-        raise TypeError(
-            f"target labels must be integer class indices; image {image} (image_id "
-            f"{targets[image].get('image_id')}) has {torch.as_tensor(targets[image]['labels']).dtype} labels (an "
-            "image without objects needs torch.zeros(0, dtype=torch.int64), not torch.tensor([]))"
-        )
     bad_label = (labels < 0) | (labels >= num_classes)
     # Normalised by the image's size, a box lies in [0, 1]; the margin leaves room for boxes past the edge.
     bad_box = (boxes[:, 2:] < boxes[:, :2]).any(dim=1) | (boxes.abs() > 2).any(dim=1)

@@ -72,7 +72,12 @@ class QueryDetector(nn.Module, ABC):
     Inputs follow :func:`~implicitkit_det.data.collate_detection`: ``images`` ``[B, 3, H, W]`` padded at the
     bottom and right, ``mask`` ``[B, H, W]`` True on padding, ``targets`` with ``labels``,
     ``boxes_normalized``, ``size`` and ``orig_size``. Boxes are normalised by each image's real
-    (unpadded) size, taken from ``targets[i]["size"]``, else from ``mask``, else the padded size.
+    (unpadded) size, taken from ``targets[i]["size"]``, else from ``mask``, else the padded size. The mask
+    gives those sizes only: the backbone and the neck see the padded pixels (a normalisation gives them a
+    value, a convolution carries it inwards, the neck's GroupNorm counts them), so an image's detections
+    depend on how much its batch pads it, as in other CNN detectors. On a digits model trained 3 epochs, 8
+    val images in one batch against each alone: boxes moved by up to 33 px, scores by up to 0.21, AP 0.165
+    against 0.158. Evaluation therefore forms its batches the same way at any number of processes.
 
     Subclasses provide :meth:`training_branches` and :meth:`inference_outputs`.
 

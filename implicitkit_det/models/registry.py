@@ -358,11 +358,10 @@ def read_overrides(
     return kept, unread
 
 
-def without_weight_files(config: str | ModelConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """`overrides` for a model whose weights a checkpoint will replace: the pre-trained backbone's layout (its
-    norm and frozen stages, the defaults :class:`~.backbone.ResNetBackbone` takes with weights) without the
-    weights file, which a resumed, evaluated or deployed run need not have (a cleared cache, another
-    machine). The state dict and the trainable parameters are the same."""
+def with_backbone_layout(config: str | ModelConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` with a pre-trained backbone's layout written out: its norm and frozen stages, the defaults
+    :class:`~.backbone.ResNetBackbone` takes when it is given weights (and not without). A checkpoint keeps
+    them so, and a model rebuilt from its options without the weights file has the same layout."""
     preset = _named_config(config)
     overrides = current_field_names(overrides)
     if overrides.get("backbone_weights", preset.backbone_weights) is None:
@@ -371,10 +370,19 @@ def without_weight_files(config: str | ModelConfig, overrides: Mapping[str, Any]
     frozen = overrides.get("frozen_stages", preset.frozen_stages)
     return {
         **overrides,
-        "backbone_weights": None,
         "backbone_norm": PRETRAINED_NORM if norm is None else norm,
         "frozen_stages": PRETRAINED_FROZEN_STAGES if frozen is None else frozen,
     }
+
+
+def without_weight_files(config: str | ModelConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`overrides` for a model whose weights a checkpoint will replace: the pre-trained backbone's layout
+    (:func:`with_backbone_layout`) without the weights file, which a resumed, evaluated or deployed run need
+    not have (a cleared cache, another machine). The state dict and the trainable parameters are the same."""
+    laid_out = with_backbone_layout(config, overrides)
+    if laid_out.get("backbone_weights", _named_config(config).backbone_weights) is None:
+        return laid_out
+    return {**laid_out, "backbone_weights": None}
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -277,3 +277,17 @@ def test_end_to_end_targets_as_predictions_score_one(tiny_digits, backend):
     s = ev.summarize(verbose=False)
     assert s["AP50"] == pytest.approx(1.0) and s["AP75"] == pytest.approx(1.0)
     assert s["AP"] > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_post_processing_with_nms_works_in_the_models_precision(dtype):
+    """A model in float64 or half precision: the boxes were cast to float32 and the scores were not, so
+    torchvision's NMS refused them (the digits recipe sets nms_iou). Both come back in float32."""
+    logits = torch.tensor([[[4.0, -4.0], [3.0, -4.0], [-4.0, 2.0]]], dtype=dtype)
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]], dtype=dtype)
+    (det,) = PostProcess(num_select=3, nms_iou=0.7)(
+        {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]])
+    )
+    assert det["scores"].dtype == det["boxes"].dtype == torch.float32
+    assert det["labels"].tolist() == [0, 1]  # the near-duplicate of the first box is suppressed
+    assert det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item(), rel=1e-2)

@@ -149,9 +149,13 @@ def test_batch_size_mismatch():
             TypeError,
             r"integer class indices; image 1 .*torch.zeros\(0, dtype=torch.int64\)",
         ),
+        # Joined with the other image's int64 labels, bool ones became classes 0 and 1 without an error.
+        ([True], [0.1, 0.1, 0.4, 0.5], TypeError, r"image 1 .* has torch.bool labels"),
+        ([1, 2], [0.1, 0.1, 0.4, 0.5], ValueError, r"image 1 .* has 2 labels for 1 boxes"),
     ],
-    ids=["negative label", "label = classes", "swapped corners", "pixels", "float label"],
-)
+    ids=["negative label", "label = classes", "swapped corners", "pixels", "float label", "bool label",
+         "more labels than boxes"],
+)  # fmt: skip
 def test_targets_that_would_be_scored_wrongly_are_refused(labels, boxes, error, message):
     """Through the criterion, as training meets them: the second image's target is the bad one."""
     from implicitkit_det.losses import SetCriterion
@@ -166,3 +170,17 @@ def test_targets_that_would_be_scored_wrongly_are_refused(labels, boxes, error, 
         SetCriterion()(outputs, [good, bad])
     edges = target([0, 4], [[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])  # whole image, a point: valid
     assert torch.isfinite(SetCriterion()(outputs, [good, edges])["loss"])
+
+
+def test_targets_the_matcher_cannot_read_are_named_before_any_work():
+    """torchvision-style targets gave a bare KeyError 'boxes_normalized'; a batch without any object whose
+    labels were torch.tensor([]) (float) passed the early return and failed later, with an IndexError."""
+    from implicitkit_det.losses import SetCriterion
+
+    outputs = {"pred_logits": torch.zeros(1, 3, 5), "pred_boxes": torch.rand(1, 3, 4)}
+    pixels = {"labels": torch.tensor([1]), "boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]])}
+    with pytest.raises(KeyError, match=r"image 0 .* need 'labels' .* and 'boxes_normalized'"):
+        SetCriterion()(outputs, [pixels])
+    nothing = {"labels": torch.tensor([]), "boxes_normalized": torch.zeros(0, 4)}
+    with pytest.raises(TypeError, match=r"torch.float32 labels .*torch.zeros\(0, dtype=torch.int64\)"):
+        SetCriterion()(outputs, [nothing])

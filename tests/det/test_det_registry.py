@@ -249,3 +249,22 @@ def test_gn_groups_is_read_by_the_sparse_rcnns_only_with_their_fpn_norm():
         build_model("sparse_rcnn_tiny", 10, gn_groups=16)
     model = build_model("sparse_rcnn_tiny", 10, gn_groups=16, fpn_norm=True)
     assert {m.num_groups for m in model.neck.modules() if isinstance(m, torch.nn.GroupNorm)} == {16}
+
+
+def test_a_checkpoints_options_rebuild_a_pretrained_backbones_layout_without_its_file():
+    """The record kept the weights path only: rebuilt from its options without the (machine-local) file, a
+    pre-trained backbone took the from-scratch defaults (trained batch norm, no frozen stage: 83,520 more
+    trainable parameters in deqdet_tiny) while its state dict still loaded, key for key."""
+    from implicitkit_det.models.backbone import PRETRAINED_FROZEN_STAGES, PRETRAINED_NORM
+    from implicitkit_det.models.registry import with_backbone_layout, without_weight_files
+
+    saved = with_backbone_layout("deqdet_tiny", {"backbone_weights": "/elsewhere/resnet10.pth"})
+    assert saved["backbone_norm"] == PRETRAINED_NORM and saved["frozen_stages"] == PRETRAINED_FROZEN_STAGES
+    assert saved["backbone_weights"] == "/elsewhere/resnet10.pth"
+    by_hand = build_model("deqdet_tiny", 3, **{k: v for k, v in saved.items() if k != "backbone_weights"})
+    by_loader = build_model("deqdet_tiny", 3, **without_weight_files("deqdet_tiny", saved))
+    trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (by_hand, by_loader)]
+    assert trainable[0] == trainable[1]
+    assert by_hand.backbone.norm == PRETRAINED_NORM
+    # Without weights nothing is written out: a from-scratch run keeps its own defaults.
+    assert with_backbone_layout("deqdet_tiny", {"num_queries": 4}) == {"num_queries": 4}

@@ -182,13 +182,17 @@ class QueryDetector(nn.Module, ABC):
         images: Tensor, targets: Sequence[Mapping[str, Any]] | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """Each image's real ``(h, w)`` as a float ``[B, 2]``: from ``targets[i]["size"]``, else ``mask``, else
-        the padded size."""
-        if targets is not None and all("size" in t for t in targets):
-            sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets])
-        elif mask is not None:
+        the padded size. Given both, they must agree (a size given as ``(w, h)`` would be read silently)."""
+        from_mask = None
+        if mask is not None:
             _check_mask(mask, images)
             valid = ~mask
-            sizes = torch.stack([valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)], dim=-1)
+            from_mask = torch.stack([valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)], dim=-1)
+        if targets is not None and all("size" in t for t in targets):
+            sizes = torch.stack([torch.as_tensor(t["size"]) for t in targets]).to(images.device)
+            _check_sizes(sizes, from_mask, images)
+        elif from_mask is not None:
+            sizes = from_mask
         else:
             sizes = torch.tensor(images.shape[-2:]).expand(images.shape[0], 2)
         return sizes.to(device=images.device, dtype=images.dtype)
@@ -265,8 +269,14 @@ class QueryDetector(nn.Module, ABC):
                 outputs.update(group)
             return self.losses(outputs, targets)
         outputs_final = self.inference_outputs(features, sizes)
-        if targets is not None and all("orig_size" in t for t in targets):
-            out_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(sizes)
+        given = [t for t in targets or () if "orig_size" in t]
+        if given and len(given) < len(targets):  # type: ignore[arg-type]
+            raise ValueError(
+                f"{len(given)} of {len(targets)} targets have an orig_size: give it for every image (its boxes "  # type: ignore[arg-type]
+                "are returned in those pixels) or for none (boxes in the input's pixels)"
+            )
+        if given:
+            out_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in given]).to(sizes)
         else:
             out_sizes = sizes
         return self.postprocess(outputs_final, out_sizes)
@@ -410,6 +420,22 @@ def _check_images(images: Tensor) -> None:
         )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a [B, 3, H, W] batch, got shape {tuple(images.shape)}")
+
+
+def _check_sizes(sizes: Tensor, from_mask: Tensor | None, images: Tensor) -> None:
+    """Refuse targets' ``size`` that disagrees with the mask, or exceeds the padded image (``(w, h)``
+    given for ``(h, w)``, a size before the resize)."""
+    padded = torch.tensor(images.shape[-2:], device=sizes.device)
+    bad = (sizes > padded).any(dim=1) | (sizes <= 0).any(dim=1)
+    if from_mask is not None:
+        bad |= (sizes != from_mask.to(sizes)).any(dim=1)
+    if bool(bad.any()):
+        image = int(bad.nonzero()[0])
+        masked = f", the mask says {from_mask[image].tolist()}" if from_mask is not None else ""
+        raise ValueError(
+            f"targets[{image}]['size'] is {sizes[image].tolist()} for a batch padded to {padded.tolist()}"
+            f"{masked}: size is the image's (h, w) after the transforms, as collate_detection pads it"
+        )
 
 
 def _check_mask(mask: Tensor, images: Tensor) -> None:

@@ -360,3 +360,28 @@ def test_a_schedule_changed_after_building_is_named_in_the_detectors_terms():
         match=r"DEQDet.supervise_steps=\(1, 3, 6, 9, 12, 20\): \[6, 9, 12, 20\] outside 1 .. train_steps=4",
     ):
         model(torch.randn(1, 3, 64, 64), targets)
+
+
+def test_settings_and_sizes_that_would_be_read_silently_are_refused():
+    """Three ways to get other detections than asked for, each without an error before: test settings set
+    as attributes (configure_test checks them, plain assignment did not), an orig_size on some targets only
+    (every image then came back in input pixels), and a target size that disagrees with the mask."""
+    images, mask, targets = batch()
+    model = tiny().eval()
+    with torch.no_grad():
+        model.test_solver = "anderson"  # without test_tol: F would run test_steps times, no solver
+        with pytest.raises(ValueError, match="test_solver='anderson' solves to test_tol"):
+            model(images, mask=mask)
+        model.test_solver = "fixed"
+        partial = [targets[0], {k: v for k, v in targets[1].items() if k != "orig_size"}]
+        with pytest.raises(ValueError, match="1 of 2 targets have an orig_size"):
+            model(images, partial, mask=mask)
+        swapped = [targets[0], {**targets[1], "size": torch.tensor([80, 48])}]  # (w, h)
+        with pytest.raises(
+            ValueError, match=r"targets\[1\]\['size'\] is \[80, 48\] .* the mask says \[48, 80\]"
+        ):
+            model(images, swapped, mask=mask)
+        before_resize = [{**targets[0], "size": torch.tensor([128, 192])}, targets[1]]
+        with pytest.raises(ValueError, match=r"targets\[0\]\['size'\] is \[128, 192\] for a batch padded to"):
+            model(images, before_resize)
+        assert len(model(images, targets, mask=mask)) == 2  # as collate_detection gives them: fine

@@ -88,7 +88,16 @@ def fixed_point(
     # no-grad log line must not drop the graph). Path branches are built anew at each access, under the
     # access's modes. Either is refused if an optimizer stepped a parameter it reads since the call.
 
+    # `last` and the path's states may share storage with the returned state: a change made to one of them in
+    # place before the value or a branch is built would be built into it.
+    versions = {id(t): t._version for t in (result.value, *result.captured.values()) if not t.is_inference()}
+
+    def unchanged(state: Tensor, what: str) -> None:
+        if id(state) in versions and state._version != versions[id(state)]:
+            raise RuntimeError(SHARED_STATE_CHANGED_MESSAGE.format(what=what))
+
     def value_and_aux():
+        unchanged(result.value, "Solution.value")
         if f_aux is None:
             return call.build(lambda: (attach(None), None), "Solution.value")
         return call.build(
@@ -97,6 +106,7 @@ def fixed_point(
         )
 
     def branch(step):
+        unchanged(result.captured[step], f"The path branch of step {step}")
         return call.branch(lambda: attach(step), "A Solution.path branch")
 
     def attach_stacked(f_stacked):
@@ -165,7 +175,11 @@ def _solve_flat(
     if perturbation is not None:
 
         def flat_perturbation(z: Tensor, step: int) -> Tensor:
-            return flatten(perturbation(unflatten(z, spec), step), spec)
+            version = None if z.is_inference() else z._version  # the solver's iterate, as for the cell
+            moved = flatten(perturbation(unflatten(z, spec), step), spec)
+            if version is not None and z._version != version:
+                raise RuntimeError(PERTURBATION_IN_PLACE_MESSAGE)
+            return moved
 
     with _forward_mode_refused():
         result = gradient.solve(
@@ -179,6 +193,16 @@ IN_PLACE_MESSAGE = (
     "The cell changed its input state in place (e.g. `z += ...` or `z.mul_(...)`): the state it receives is "
     "the solver's own iterate, so the residual would read 0 and the solve stop at once, wrongly converged. "
     "Return a new tensor instead (`z = z + ...`)."
+)
+SHARED_STATE_CHANGED_MESSAGE = (
+    "{what} is built from a state of the solve that was changed in place after the call (Solution.last and "
+    "the path's states may share its storage): it would be built from the changed values. Read {what} "
+    "before such a change, or change a copy (sol.last.clone())."
+)
+PERTURBATION_IN_PLACE_MESSAGE = (
+    "The perturbation changed the state it was given in place (e.g. `z.add_(...)`): that state is the "
+    "solver's own iterate, which the caller's z0, the returned value and the path may share (they may have "
+    "changed with it). Return a new tensor instead (`z + noise`)."
 )
 
 

@@ -524,3 +524,63 @@ def test_an_object_that_acts_like_a_solver_is_accepted():
     z, stats = ik.fixed_point(lambda z: 0.5 * z + x, torch.zeros(2, 3), solver=Wrapped(ik.Anderson(tol=1e-8)))
     assert stats.converged.all()
     torch.testing.assert_close(z, 2 * x)
+
+
+def test_a_perturbation_that_changes_its_state_in_place_is_refused():
+    """The perturbation gets the solver's own iterate, which is the caller's z0 at step 1 and the returned
+    value later: `z.add_` moved z0, the value and the path states without a sign (0.62 off the value)."""
+    z0 = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="The perturbation changed the state it was given in place"):
+        ik.fixed_point(
+            lambda z: 0.5 * z + 1.0,
+            z0,
+            solver=ik.FixedPointIteration(tol=None, max_iter=6),
+            perturbation=lambda z, k: z.add_(1.0) if k in (1, 5) else z,
+        )
+    z0 = torch.zeros(2, 3)  # (the refused step had already moved it: the error says so)
+    moved = ik.fixed_point(  # the same shift out of place: fine
+        lambda z: 0.5 * z + 1.0,
+        z0,
+        solver=ik.FixedPointIteration(tol=None, max_iter=6),
+        perturbation=lambda z, k: z + 1.0 if k in (1, 5) else z,
+    )
+    assert torch.isfinite(moved.value).all() and z0.abs().max() == 0
+
+
+@pytest.mark.parametrize("gradient", [ik.IFT(), ik.JFB(), ik.Unrolled()])
+def test_a_value_read_after_last_was_changed_in_place_is_refused(gradient):
+    """`last` is the returned state itself when every sample improved at its last step, and the value is
+    built from that state at its first read: `sol.last.mul_(0)` before it moved the value by 1.2."""
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sol = ik.fixed_point(
+        lambda z: 0.5 * torch.tanh(z) + x,
+        torch.zeros(2, 3, dtype=torch.float64),
+        solver=ik.FixedPointIteration(tol=None, max_iter=12),
+        gradient=gradient,
+        capture=[12],
+    )
+    with torch.no_grad():
+        sol.last.mul_(0)
+    with pytest.raises(
+        RuntimeError, match=r"Solution.value is built from a state of the solve that was changed"
+    ):
+        sol.value
+    with pytest.raises(RuntimeError, match=r"The path branch of step 12 is built from a state"):
+        sol.path[0]
+
+
+def test_unrolled_differentiates_every_step_of_a_sample_that_starts_at_its_fixed_point():
+    """Of equal residuals the first iterate was kept as the value: a sample starting at z* (residual 0 at
+    every step) got one step's gradient from Unrolled (JFB's) although 40 ran. The later one is kept now."""
+    gen = torch.Generator().manual_seed(0)
+    a = 0.5 * torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
+    b = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)  # z* = 0 = z0
+    sol = ik.fixed_point(
+        lambda z: z @ a.T + b,
+        torch.zeros(1, 3, dtype=torch.float64),
+        solver=ik.FixedPointIteration(tol=None, max_iter=40),
+        gradient=ik.Unrolled(),
+    )
+    (grad,) = torch.autograd.grad(sol.value.sum(), b)
+    exact = torch.linalg.solve((torch.eye(3, dtype=torch.float64) - a).T, torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(grad[0], exact, atol=1e-10)  # 0.5^40 of the series is left out

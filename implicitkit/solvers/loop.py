@@ -406,7 +406,9 @@ class _Record:
         abs_res, res, fz_norm = self.residuals(k, z, fz, safe=not reads_host)
         if k == 1:
             limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
-        improved = torch.lt(res, best_res, out=self.improved)  # NaN is false: never an improvement
+        # A tie counts: of equal residuals the later iterate is kept (a sample that starts at its fixed
+        # point keeps every step's graph under Unrolled, not the first's). NaN is false: never an improvement.
+        improved = torch.le(res, best_res, out=self.improved)
         batch = res.shape[0]
         if not reads_host:
             n_active, n_improved = batch, -1  # no stopping, no host sync
@@ -416,7 +418,7 @@ class _Record:
                 abs_res, res, fz_norm = self.residuals(k, z, fz, safe=True)
                 if k == 1:
                     limits = _Limits.at_first_step(self.divergence_factor, abs_res, z, fz_norm)
-                improved = torch.lt(res, best_res, out=self.improved)
+                improved = torch.le(res, best_res, out=self.improved)
                 active, n_active, n_improved, _ = self.stop(rule, k, limits, improved, False)
         if n_improved != batch:  # else the usual case: every sample improved, no masking needed
             res = torch.where(improved, res, best_res, out=self.best[k % 2])

@@ -272,3 +272,20 @@ def test_gmres_stops_a_sample_whose_true_residual_no_longer_falls():
     assert (stats.result == ik.Result.max_steps_reached).all()
     assert int((stats.nstep < 300).sum()) >= 2, stats.nstep
     assert (true_residual(a, b, x) < 1e-5).all()
+
+
+def test_direct_solve_treats_a_singular_sample_as_one_sample():
+    """One singular matrix failed the whole batch (torch.linalg.solve raised), bypassing IFT's per-sample
+    failure policy. Now that sample gets the least-norm solution, judged by its residual like any other."""
+    a = torch.eye(2, dtype=torch.float64).repeat(3, 1, 1)
+    a[0, 0, 0] = 0.0  # singular: the first coordinate is not reached
+    a[2] = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 4.0], [1.0, 2.0], [1.0, 1.0]], dtype=torch.float64)  # sample 0 consistent
+    x, stats = ik.DirectSolve(tol=1e-10).solve(lambda v: (a @ v[..., None]).squeeze(-1), b)
+    assert torch.allclose(x[0], torch.tensor([0.0, 4.0], dtype=torch.float64))  # the least-norm solution
+    assert torch.allclose(x[1:], torch.linalg.solve(a[1:], b[1:]))
+    assert stats.converged.tolist() == [True, True, True]
+    b[0, 0] = 1.0  # now no x solves sample 0: it alone is reported, the others are untouched
+    x, stats = ik.DirectSolve(tol=1e-10).solve(lambda v: (a @ v[..., None]).squeeze(-1), b)
+    assert stats.converged.tolist() == [False, True, True]
+    assert torch.allclose(x[1:], torch.linalg.solve(a[1:], b[1:]))

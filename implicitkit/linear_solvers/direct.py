@@ -15,7 +15,10 @@ class DirectSolve(LinearSolver):
 
     Column ``i`` is ``A e_i``, one product for all samples at once (for IFT's adjoint: ``D`` VJPs). Costs
     ``D`` products and ``B D^2`` numbers of memory, so it is for small states; above ``max_size`` it refuses
-    with the memory it would need. Its stats report one step (the solve) and the residual of the result.
+    with the memory it would need. A sample whose matrix is singular gets the least-norm solution (the
+    pseudo-inverse's), which its residual then judges: exact when ``b`` lies in the range of ``A``, a failed
+    sample otherwise, handled by the caller's failure policy like any other. Its stats report one step (the
+    solve) and the residual of the result.
 
     Arguments:
         max_size: the largest per-sample state size ``D`` accepted.
@@ -40,7 +43,10 @@ class DirectSolve(LinearSolver):
         eye = torch.eye(dim, dtype=b.dtype, device=b.device)
         columns = [apply(eye[i].expand(batch, dim)) for i in range(dim)]
         matrix = torch.stack(columns, dim=2)  # [B, D, D], column i = A e_i
-        x = torch.linalg.solve(matrix, b)
+        x, info = torch.linalg.solve_ex(matrix, b)
+        singular = info != 0
+        if bool(singular.any()):  # per sample: the least-norm solution, judged by its residual like any
+            x[singular] = (torch.linalg.pinv(matrix[singular]) @ b[singular][..., None]).squeeze(-1)
         b_norm = torch.linalg.vector_norm(b, dim=1)
         residual = self.residual(b - (matrix @ x[..., None]).squeeze(-1), b_norm)
         return x, self.stats([residual], torch.ones(batch, dtype=torch.long, device=b.device))

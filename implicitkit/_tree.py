@@ -76,6 +76,18 @@ def spec_of(state: State) -> StateSpec:
             f"z0[None] (shape (1, {shape[0]})); {shape[0]} samples of one number each: pass z0[:, None]. (A "
             "1-D leaf is read as one number per sample only beside a leaf with more dimensions.)"
         )
+    for i, leaf in enumerate(leaves):
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"Leaf {i} of the state z0 is {leaf.dtype}: a fixed-point state is real floating point (an "
+                "integer one has no gradient and rounds every step; complex ones are not supported). Start from "
+                f"z0.float() or z0.double()."
+            )
+        if leaf.device.type == "meta":
+            raise ValueError(
+                f"Leaf {i} of the state z0 is on the meta device, which holds shapes but no values: a solve "
+                "needs values (build the model on a real device, or with to_empty(), before solving)."
+            )
     return StateSpec(treespec, tuple(x.shape for x in leaves), tuple(x.dtype for x in leaves))
 
 

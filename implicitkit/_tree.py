@@ -83,11 +83,6 @@ def spec_of(state: State) -> StateSpec:
                 "integer one has no gradient and rounds every step; complex ones are not supported). Start from "
                 f"z0.float() or z0.double()."
             )
-        if leaf.device.type == "meta":
-            raise ValueError(
-                f"Leaf {i} of the state z0 is on the meta device, which holds shapes but no values: a solve "
-                "needs values (build the model on a real device, or with to_empty(), before solving)."
-            )
     return StateSpec(treespec, tuple(x.shape for x in leaves), tuple(x.dtype for x in leaves))
 
 

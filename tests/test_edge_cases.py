@@ -118,12 +118,11 @@ def test_solution_is_a_pytree_and_a_dataclass(gen):
             r"Leaf 0 of the state z0 is torch.int64: .* z0.float\(\)",
         ),
         (torch.zeros(2, 3, dtype=torch.complex64), TypeError, r"complex ones are not supported"),
-        (torch.zeros(2, 3, device="meta"), ValueError, r"meta device, which holds shapes but no values"),
     ],
-    ids=["integer", "complex", "meta"],
+    ids=["integer", "complex"],
 )
 def test_a_state_that_cannot_be_solved_is_named_at_the_start(z0, error, message):
     """An integer z0 was blamed on the cell ('the cell returned state leaf 0 in torch.int64 ... return
-    torch.int64'), a meta one failed inside autocast's device lookup."""
+    torch.int64'). (A meta state stays allowed: the tests solve on it to prove a fixed count reads nothing.)"""
     with pytest.raises(error, match=message):
         ik.fixed_point(lambda z: z, z0)

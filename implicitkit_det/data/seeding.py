@@ -15,15 +15,15 @@ interrupted epoch consumed without loading them.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["EpochBatches", "SeededSamples", "ignore_stop_signals", "sample_seed"]
+__all__ = ["EpochBatches", "SeededSamples", "leave_the_process_group", "sample_seed"]
 
 _MASK = (1 << 63) - 1
 
@@ -97,9 +97,13 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: a Ctrl-C (SIGINT) or a SIGTERM (what ``torchrun`` and schedulers send,
-    to the whole process group) is for the training process, which stops cleanly and then shuts its data
-    workers down; a worker that took it would die and take the run down with it, unsaved."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+def leave_the_process_group(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker moves to a process group of its own.
+
+    A terminal's Ctrl-C (SIGINT), ``torchrun`` and job schedulers (SIGTERM) signal the training process's
+    whole group; the training process turns either into a clean stop with a checkpoint and then shuts its
+    workers down, but a worker that took the signal died of it and failed the run before it saved. Out of
+    the group the workers miss those signals, and still answer the loader's own ``terminate()``.
+    """
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()

@@ -28,7 +28,7 @@ from ..data import (
     make_train_transforms,
 )
 from ..data.checks import DataError, check_images, check_splits
-from ..data.seeding import EpochBatches, SeededSamples, ignore_stop_signals
+from ..data.seeding import EpochBatches, SeededSamples, leave_the_process_group
 from ..models import CONFIGS, build_model
 from ..models.registry import read_overrides, without_weight_files
 from .checkpoint import BEST, LAST, LEGACY, remove_stale_temporaries
@@ -245,7 +245,7 @@ def _loader(dataset: Any, batches: Any, cfg: RunConfig, device: torch.device) ->
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
-        worker_init_fn=ignore_stop_signals if cfg.workers > 0 else None,
+        worker_init_fn=leave_the_process_group if cfg.workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 

@@ -111,6 +111,8 @@ def fixed_point(
 
     def attach_stacked(f_stacked):
         steps = sorted(result.captured)
+        for s in steps:
+            unchanged(result.captured[s], "Solution.path.stacked")
         stacked = tree_map(
             lambda *leaves: torch.cat(leaves), *(unflatten(result.captured[s], spec) for s in steps)
         )

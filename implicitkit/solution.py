@@ -161,9 +161,11 @@ class Solution:
             (and then kept), so a caller that only needs ``last`` or ``path`` never pays for it; the grad mode
             and autocast are the call's, whatever those of the read, and a first read after an optimizer
             stepped a parameter it reads is refused (``f`` is no longer the solve's); so is a path branch.
-            (A call under ``inference_mode`` keeps no way to tell which parameters: any step refuses.) A change
-            made in place by other means (a hand-written update under ``no_grad``, ``x.copy_(next_batch)``)
-            is not seen: the value is then built from the changed tensors, so read it before such a change.
+            (A call under ``inference_mode`` keeps no way to tell which parameters: any step refuses.) So is a
+            first read after ``last`` or a path state, which may share the returned state's storage, was
+            changed in place. A change made in place to what ``f`` reads by other means (a hand-written
+            update under ``no_grad``, ``x.copy_(next_batch)``) is not seen: the value is then built from the
+            changed tensors, so read it before such a change.
         last: the final iterate as the solver left it, without an estimator: detached, except under
             :class:`~implicitkit.Unrolled`. With ``tol=None`` it is exactly the ``max_iter``-th iterate.
         stats: the forward solve's :class:`~implicitkit.SolverStats` (per-sample ``nstep``, ``residual``,

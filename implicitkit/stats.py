@@ -140,7 +140,9 @@ class SolverStats:
                 text = code.message
                 if code == Result.max_steps_reached:
                     worst = float(self.residual[self.result == code].max())
-                    what, fix = text.partition(": ")[0], _max_steps_fix(self.solver)
+                    # "Anderson", or "IFT adjoint (Anderson)" for an adjoint solve: the solver is the last name
+                    solver = self.solver.rstrip(")").rpartition("(")[2]
+                    what, fix = text.partition(": ")[0], _max_steps_fix(solver)
                     if self.autocast_dtype is not None:
                         digits = -math.log10(torch.finfo(self.autocast_dtype).eps)
                         fix += (

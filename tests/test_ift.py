@@ -170,11 +170,12 @@ def test_ift_raise_on_unconverged_adjoint(gen):
         z.sum().backward()
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-9, 1e-13])
+@pytest.mark.parametrize("scale", [1.0, 1e-13])
 def test_the_relative_adjoint_rule_holds_at_any_scale_of_the_loss(scale):
-    """The default adjoint stops on ||u_{k+1} - u_k|| / (||u_{k+1}|| + 1e-8): a cotangent of norm 1e-8 or
-    less ended it at once (u = g, JFB's gradient; 5e-3 off at a loss scaled by 1e-13). The system is linear, so
-    it is solved for g / ||g|| and scaled back: grad(c L) / c is the same gradient at every c."""
+    """The default adjoint stops on ||u_{k+1} - u_k|| / (||u_{k+1}|| + 1e-8): for a cotangent far below 1e-8
+    the guard rules and the rule turns absolute, ending the solve early (5e-3 off at a loss scaled by 1e-13).
+    The system is linear, so it is solved for g / ||g|| and scaled back: grad(c L) / c is the same gradient at
+    every c."""
     gen = torch.Generator().manual_seed(0)
     w = contraction(16, 0.9, gen)
     x0 = torch.randn(4, 16, generator=gen, dtype=torch.float64)

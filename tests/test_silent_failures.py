@@ -498,6 +498,21 @@ def test_the_advice_for_a_slow_solve_fits_the_solver():
     assert "use Anderson/Broyden" in stats.failure_message()
 
 
+def test_the_adjoints_advice_fits_its_solver_too():
+    """IFT names its adjoint's stats "IFT adjoint (Anderson)": the check for Anderson missed that name."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    sol = ik.fixed_point(
+        lambda z: 0.99 * z + x,
+        torch.zeros(4, 8),
+        solver=ik.FixedPointIteration(tol=None, max_iter=50),
+        gradient=ik.IFT(ik.Anderson(tol=1e-14, max_iter=2), on_failure="report"),
+    )
+    sol.value.sum().backward()
+    message = sol.backward_stats[-1].failure_message()
+    assert message.startswith("IFT adjoint (Anderson)") and "raise max_iter or loosen tol;" in message
+    assert "Anderson/Broyden" not in message
+
+
 def test_the_advice_names_the_precision_the_solve_ran_in():
     """It read autocast when the message was built: a bf16 solve read later had no hint, an fp32 one read in
     an autocast block had one."""
@@ -567,6 +582,9 @@ def test_a_value_read_after_last_was_changed_in_place_is_refused(gradient):
         sol.value
     with pytest.raises(RuntimeError, match=r"The path branch of step 12 is built from a state"):
         sol.path[0]
+    if not isinstance(gradient, ik.Unrolled):  # stacked branches: every estimator but Unrolled's graph
+        with pytest.raises(RuntimeError, match=r"Solution.path.stacked is built from a state"):
+            sol.path.stacked(lambda z: 0.5 * torch.tanh(z) + x.repeat(1, 1))
 
 
 def test_unrolled_differentiates_every_step_of_a_sample_that_starts_at_its_fixed_point():

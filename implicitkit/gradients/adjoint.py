@@ -27,7 +27,6 @@ from .tangent import (
     in_transform,
     primal,
     refuse_forward_over_reverse,
-    refuse_nested_forward_mode,
     under_reverse_transform,
 )
 
@@ -143,9 +142,8 @@ def attach_adjoint(
         refusal: the message that refuses a derivative through this backward; by default the one naming
             ``name`` and the estimators that allow second derivatives.
     """
-    refuse_nested_forward_mode(name)
     out = attach_reverse(f, z_star, rule, refusal or HIGHER_ORDER_MESSAGE.format(name=name))
-    return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule)
+    return out if tangent_rule is None else attach_tangent(f, z_star, out, tangent_rule, name)
 
 
 def attach_reverse(f: Callable[[State], State], z_star: State, rule: AdjointRule, refusal: str) -> State:

@@ -16,7 +16,7 @@ from ..stats import FAILURE_POLICIES, AdjointStats, FixedPointError, SolverStats
 from .adjoint import attach_adjoint
 from .base import VJP, GradientEstimator, Map, PolynomialAdjoint, Recorder
 from .second_order import THIRD_ORDER_MESSAGE, attach_twice_differentiable
-from .tangent import attach_tangent, refuse_nested_forward_mode, under_vmap
+from .tangent import attach_tangent, under_vmap
 
 
 class IFT(GradientEstimator):
@@ -225,7 +225,6 @@ class IFT(GradientEstimator):
         if not self.second_order:
             adjoint = lambda g, vjp: self.adjoint_vector(g, vjp, record)  # noqa: E731
             return attach_adjoint(f, z_star, adjoint, "IFT", tangent)
-        refuse_nested_forward_mode("IFT(second_order=True)")
         out = attach_twice_differentiable(
             f,
             z_star,
@@ -234,7 +233,7 @@ class IFT(GradientEstimator):
             lambda g, lin: self._differentiable_adjoint(g, lin, record),
             "IFT(second_order=True)",
         )
-        return attach_tangent(f, z_star, out, tangent)
+        return attach_tangent(f, z_star, out, tangent, "IFT(second_order=True)")
 
     def _exact_adjoint(self, g: Tensor, vjp: VJP, record: Recorder | None) -> Tensor:
         """The adjoint solved to tolerance, or an error: no best iterate, no fallback."""

@@ -9,7 +9,7 @@ from .._tree import State
 from .adjoint import attach_adjoint
 from .base import VJP, Map, PolynomialAdjoint, Recorder
 from .second_order import attach_twice_differentiable
-from .tangent import attach_tangent, refuse_nested_forward_mode
+from .tangent import attach_tangent
 
 
 class Neumann(PolynomialAdjoint):
@@ -51,7 +51,6 @@ class Neumann(PolynomialAdjoint):
     def attach(self, f: Map, z_star: State, record: Recorder | None = None) -> State:
         if not self.second_order:
             return attach_adjoint(f, z_star, self.adjoint_vector, repr(self), self.tangent_vector)
-        refuse_nested_forward_mode(repr(self))
         out = attach_twice_differentiable(
             f,
             z_star,
@@ -60,4 +59,4 @@ class Neumann(PolynomialAdjoint):
             lambda g, lin: self.adjoint_vector(g, lambda v: lin.vjp(v, create_graph=True)),
             repr(self),
         )
-        return attach_tangent(f, z_star, out, self.tangent_vector)
+        return attach_tangent(f, z_star, out, self.tangent_vector, repr(self))

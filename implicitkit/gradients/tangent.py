@@ -133,7 +133,9 @@ def carries_tangent(f: Callable[[State], State], z: State) -> bool:
     return any(_tangent(y) is not None for y in leaves)
 
 
-def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule: TangentRule) -> State:
+def attach_tangent(
+    f: Callable[[State], State], z_star: State, out: State, rule: TangentRule, name: str
+) -> State:
     """Return ``out`` carrying the tangent ``rule(b, jvp)`` of the fixed point ``z_star`` in forward mode.
 
     Outside forward mode, or when nothing ``f`` closes over carries a tangent, ``out`` is returned unchanged.
@@ -143,9 +145,11 @@ def attach_tangent(f: Callable[[State], State], z_star: State, out: State, rule:
         z_star: the fixed point (its own tangent, if any, is ignored: ``z*`` does not depend on ``z0``).
         out: the estimator's output at ``z_star``, equal to it (IFT, Neumann), without a tangent.
         rule: maps the flat ``b`` and a flat ``v -> J v`` to the flat tangent ``t``.
+        name: the estimator's, for the refusal of nested forward mode, which this one level cannot serve.
     """
     if not forward_mode_active():
         return out
+    refuse_nested_forward_mode(name)
     spec = spec_of(z_star)
     leaves, treespec = leaves_of(z_star)
     z_leaves = [primal(x).detach() for x in leaves]

@@ -15,8 +15,8 @@ class DirectSolve(LinearSolver):
 
     Column ``i`` is ``A e_i``, one product for all samples at once (for IFT's adjoint: ``D`` VJPs). Costs
     ``D`` products and ``B D^2`` numbers of memory, so it is for small states; above ``max_size`` it refuses
-    with the memory it would need. A sample whose matrix is singular gets the least-norm solution (the
-    pseudo-inverse's), which its residual then judges: exact when ``b`` lies in the range of ``A``, a failed
+    with the memory it would need. A sample whose matrix is exactly singular (a zero pivot) gets the
+    least-norm solution (the pseudo-inverse's), which its residual then judges: exact when ``b`` lies in the range of ``A``, a failed
     sample otherwise, handled by the caller's failure policy like any other. Its stats report one step (the
     solve) and the residual of the result.
 
@@ -44,9 +44,12 @@ class DirectSolve(LinearSolver):
         columns = [apply(eye[i].expand(batch, dim)) for i in range(dim)]
         matrix = torch.stack(columns, dim=2)  # [B, D, D], column i = A e_i
         x, info = torch.linalg.solve_ex(matrix, b)
-        singular = info != 0
+        singular = info != 0  # a zero pivot in the LU factorisation
         if bool(singular.any()):  # per sample: the least-norm solution, judged by its residual like any
-            x[singular] = (torch.linalg.pinv(matrix[singular]) @ b[singular][..., None]).squeeze(-1)
+            # Solved again with the singular samples' matrices out of the LU, whose backward would be NaN.
+            x = torch.linalg.solve(torch.where(singular[:, None, None], eye, matrix), b)
+            least_norm = (torch.linalg.pinv(matrix[singular]) @ b[singular][..., None]).squeeze(-1)
+            x = x.index_put((singular.nonzero().squeeze(1),), least_norm)
         b_norm = torch.linalg.vector_norm(b, dim=1)
         residual = self.residual(b - (matrix @ x[..., None]).squeeze(-1), b_norm)
         return x, self.stats([residual], torch.ones(batch, dtype=torch.long, device=b.device))

@@ -78,9 +78,9 @@ def refinement_curve(
     """
     model = unwrap(model).eval()
     refinement_layers(model)  # the model's kind is checked before any work
-    broadcast_buffers(model)  # every process scores with rank 0's normalisation statistics
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    broadcast_buffers(model)  # every process scores with rank 0's normalisation statistics
     evaluators = [CocoEvaluator(coco_gt) for _ in range(max_steps + 1)]
     for batch in loader:
         batch = batch.to(device)

@@ -255,9 +255,8 @@ class DEQDet(QueryDetector):
 
     def inference_outputs(self, features: Sequence[Tensor], image_sizes: Tensor) -> Outputs:
         """The prediction from ``F^test_steps(G(q_0))``, or from each image's converged state with `test_tol`."""
-        check_test_settings(
-            self.test_settings
-        )  # also when they were set as attributes, not by configure_test
+        # Also when they were set as attributes, which configure_test would have checked.
+        check_test_settings(self.test_settings)
         state = self.init_layer(self.queries(image_sizes), features, image_sizes)
         batch = image_sizes.shape[0]
         if self.test_steps == 0:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from implicitkit_det import cli
+from implicitkit_det.models import build_model
 
 # A DEQDet small enough for a few seconds per run: 64-pixel images, a short solver path.
 SIZES = ["--image-size", "64", "--max-size", "96", "--workers", "0"]
@@ -284,3 +285,25 @@ def test_an_image_folder_of_another_split_is_named(tiny_digits, tmp_path, capsys
         )
     err = capsys.readouterr().err
     assert "the image folder does not belong to this annotation file" in err and "--val-images" in err
+
+
+def test_a_checkpoint_rebuilds_its_pretrained_backbone_layout_from_its_own_options(tiny_digits, tmp_path):
+    """The checkpoint's model record kept only the weights file's path: rebuilt from those options without
+    the (machine-local) file, the backbone took the from-scratch layout (trained batch norm, no frozen stage)
+    and its state dict still loaded, key for key. The record now writes the norm and frozen stages out."""
+    from implicitkit_det.models.backbone import _DEPTHS, PRETRAINED_FROZEN_STAGES, PRETRAINED_NORM
+
+    weights = tmp_path / "resnet10.pth"
+    torch.save(_DEPTHS["resnet10"](weights=None).state_dict(), weights)
+    out = tmp_path / "run"
+    cli.main([*FAST, *data_args(tiny_digits), "--epochs", "1", "--output-dir", str(out),
+              "--model-arg", f"backbone_weights={weights}"])  # fmt: skip
+    record = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)["config"]
+    options = {k: v for k, v in record["overrides"].items() if k != "backbone_weights"}
+    assert options["backbone_norm"] == PRETRAINED_NORM
+    assert options["frozen_stages"] == PRETRAINED_FROZEN_STAGES
+    rebuilt = build_model(record["name"], record["num_classes"], **options)
+    assert (
+        rebuilt.backbone.norm == PRETRAINED_NORM
+        and len(rebuilt.backbone.frozen) == PRETRAINED_FROZEN_STAGES + 1
+    )

@@ -116,11 +116,14 @@ def test_ddp_steps_from_torchrun_environment(tmp_path, monkeypatch):
         assert "epoch 5, iteration 0" in r["error"] and "loss inf" in r["error"]
 
 
+def _evaluate_module():
+    """The module `implicitkit_det.engine.evaluate` (the package's `evaluate` is the function of that name)."""
+    return importlib.import_module("implicitkit_det.engine.evaluate")
+
+
 def _recording_batches(into: list) -> object:
     """``forward_eval`` that also notes each evaluation batch: its image ids and padded image shape."""
-    evaluate = importlib.import_module(
-        "implicitkit_det.engine.evaluate"
-    )  # the package's `evaluate` is a function
+    evaluate = _evaluate_module()
 
     original = evaluate.forward_eval
 
@@ -134,9 +137,7 @@ def _recording_batches(into: list) -> object:
 def _cli_worker(rank: int, port: int, root: str, out_dir: str) -> None:
     from test_det_engine_cli import FAST
 
-    evaluate = importlib.import_module(
-        "implicitkit_det.engine.evaluate"
-    )  # the package's `evaluate` is a function
+    evaluate = _evaluate_module()
 
     batches: list = []
     evaluate.forward_eval = _recording_batches(batches)
@@ -193,9 +194,7 @@ def test_cli_under_two_processes(tiny_digits, tmp_path, monkeypatch):
     assert (out / "checkpoint_last.pth").is_file()
     # The same checkpoint scored by one process: the same batches, padded alike, so the same AP (a strided
     # share of the images put them in other batches, padded otherwise, and moved the AP).
-    evaluate = importlib.import_module(
-        "implicitkit_det.engine.evaluate"
-    )  # the package's `evaluate` is a function
+    evaluate = _evaluate_module()
 
     batches: list = []
     monkeypatch.setattr(evaluate, "forward_eval", _recording_batches(batches))

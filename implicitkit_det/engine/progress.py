@@ -8,8 +8,9 @@ log gets a readable line now and then instead of thousands of carriage returns.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,28 @@ class StepLog:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def rewind_jsonl(path: Path, keep: Callable[[Mapping[str, Any]], bool]) -> int:
+    """Drop the records of the JSON-lines file `path` that `keep` refuses, and any line cut short by a crash;
+    returns how many were dropped. For a resumed run: what was logged after its checkpoint's position, before
+    the run stopped, is logged again as the run trains on from there."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _kept(line, keep)]
+    if len(kept) != len(lines):
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, path)  # atomic: a crash now leaves the old file or the new one
+    return len(lines) - len(kept)
+
+
+def _kept(line: str, keep: Callable[[Mapping[str, Any]], bool]) -> bool:
+    try:
+        return keep(json.loads(line))
+    except ValueError:  # a line cut short
+        return False
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:

@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,14 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .optim import adamw, build_scheduler, param_groups, retarget_scheduler
 from .predict import Detector, save_prediction_grid
 from .process_group import DistInfo, init_distributed, per_process_batch_norms, unwrap, wrap_ddp
-from .progress import RunPosition, StepLog, evaluation_banner, plot_training_curves, training_banner
+from .progress import (
+    RunPosition,
+    StepLog,
+    evaluation_banner,
+    plot_training_curves,
+    rewind_jsonl,
+    training_banner,
+)
 from .refinement import refinement_curve, save_refinement_curve, training_depth
 from .run_config import RunConfig, RunConfigError, test_settings_of
 from .run_setup import (
@@ -225,6 +232,8 @@ class _Trainer:
         self.closed = progress.get("closed", True)
         self.meter = EpochMeter(**progress["meter"]) if "meter" in progress else EpochMeter()
         self.best_ap = progress.get("best_ap")
+        if is_main_process():
+            self._rewind_logs(at_epoch_end)
         if resplit:
             # Another number of processes splits an epoch into other iterations: the schedule's position is
             # this epoch's end counted in this run's iterations, so the drops still fall on epochs.
@@ -243,10 +252,35 @@ class _Trainer:
             )
             seed_everything(self.cfg.seed + self.info.rank + 1000 * (self.epoch + 1))
 
+    def _rewind_logs(self, at_epoch_end: bool) -> None:
+        """Drop what the logs hold past the checkpoint's position: written after it and before the run stopped
+        (a crash, a second Ctrl-C while saving), it would be logged twice as the run trains on from there."""
+        epoch, done, closed = self.epoch, self.iteration, self.closed
+
+        def before_metrics(record: Mapping[str, Any]) -> bool:  # eval-only records are not the training's
+            return "train" not in record or record["epoch"] < epoch or (record["epoch"] == epoch and closed)
+
+        def before_steps(record: Mapping[str, Any]) -> bool:
+            return record["epoch"] < epoch or (
+                record["epoch"] == epoch and (at_epoch_end or record["iteration"] < done)
+            )
+
+        dropped = rewind_jsonl(self.metrics, before_metrics)
+        dropped += rewind_jsonl(self.cfg.output_dir / "steps.jsonl", before_steps)
+        if dropped:
+            say(
+                f"note: dropped {dropped} log records past the checkpoint's position (written before the run stopped)"
+            )
+
     def announce(self) -> None:
         """Print the settings in force and write ``config.json``."""
         say(training_banner(self.cfg, self.data, self.model, self.info, self._position()))
-        if is_main_process():
+        finished = (
+            self.closed and self.iteration >= self.iters_per_epoch and self.epoch + 1 >= self.cfg.epochs
+        )
+        if finished and self.cfg.changed:  # nothing will train: what was changed takes no effect
+            say(f"note: the run has finished, so {', '.join(self.cfg.changed)} given again change nothing")
+        elif is_main_process():
             config = {"model": self.record, "args": self.cfg.to_dict()}
             (self.cfg.output_dir / "config.json").write_text(json.dumps(config, indent=2))
 

@@ -349,18 +349,37 @@ def _refuse_rewinding(resume: Path, checkpoint: Mapping[str, Any], output_dir: P
     """Training on from an older checkpoint of a run (``checkpoint_best.pth``, ``checkpoint_epoch3.pth``) in
     that run's own folder would overwrite its later checkpoints and log its later epochs twice."""
     last = output_dir / "checkpoint_last.pth"
-    if resume.is_dir() or resume.name in ("checkpoint_last.pth", "checkpoint.pth") or not last.is_file():
+    if resume.is_dir() or resume.name in ("checkpoint_last.pth", "checkpoint.pth"):
         return
     if resume.resolve().parent != output_dir.resolve():
         return
-    # mmap: the position is a few numbers; the weights need not be read.
-    latest = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    if _position(checkpoint) < _position(latest):
+    epoch = _position(checkpoint)[0]
+    # A later epoch's kept checkpoint says so too, when checkpoint_last.pth is gone.
+    later = sorted(p.name for p in output_dir.glob("checkpoint_epoch*.pth") if _epoch_of(p) > epoch)
+    if (last.is_file() and _position(checkpoint) < _position(_read_position(last))) or later:
+        newer = last.name if last.is_file() else later[-1]
         raise RunConfigError(
             f"--resume {resume} trains on from an earlier checkpoint of the run in {output_dir}, where it would "
-            f"overwrite {last.name} and log the later epochs again. To train a branch from it, copy it into a "
+            f"overwrite {newer} and log the later epochs again. To train a branch from it, copy it into a "
             f"new folder as checkpoint_last.pth and resume that folder; to continue the run, resume {output_dir}"
         )
+
+
+def _epoch_of(path: Path) -> int:
+    """N of ``checkpoint_epochN.pth`` (-1 for another name)."""
+    digits = path.stem.removeprefix("checkpoint_epoch")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _read_position(path: Path) -> dict[str, Any]:
+    """A checkpoint's entries, memory-mapped (the position is a few numbers), or an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise RunConfigError(
+            f"cannot read {path} ({type(err).__name__}), the run's latest checkpoint, to tell whether --resume "
+            "goes back in the run: it is damaged (a crash while saving?); move it aside to resume from another"
+        ) from err
 
 
 def _position(checkpoint: Mapping[str, Any]) -> tuple[int, int]:

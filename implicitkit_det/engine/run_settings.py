@@ -135,7 +135,7 @@ class RunConfig:
     )
     drops: tuple[int, ...] = option(
         (8, 11), "optimisation", "epochs where the lr drops 10x, e.g. 8,11 (default: the schedule's, scaled to "
-        "--epochs)", resolved=True, flag="--lr-drops", type=str,
+        "--epochs; on --resume the run's, unless given)", resolved=True, flag="--lr-drops", type=str,
     )  # fmt: skip
     warmup_iters: int = option(500, "optimisation", "iterations of linear learning-rate warm-up")
     batch_size: int = option(2, "optimisation", "images per process (total = this x processes)")

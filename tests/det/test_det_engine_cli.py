@@ -197,6 +197,17 @@ def test_training_on_from_an_earlier_checkpoint_in_its_own_folder_is_refused(tin
         cli.main(["--resume", str(out / "checkpoint_epoch0.pth"), "--epochs", "3"])
     assert "trains on from an earlier checkpoint of the run" in capsys.readouterr().err
     assert (out / "checkpoint_last.pth").read_bytes() == last
+    # Without checkpoint_last.pth the later epoch's kept checkpoint tells (it was accepted, and overwritten);
+    # a damaged last one is named, not a raw unpickling traceback.
+    (out / "checkpoint_last.pth").rename(out / "aside.pth")
+    with pytest.raises(SystemExit):
+        cli.main(["--resume", str(out / "checkpoint_epoch0.pth"), "--epochs", "3"])
+    assert "where it would overwrite checkpoint_epoch1.pth" in capsys.readouterr().err
+    (out / "checkpoint_last.pth").write_bytes(last[: len(last) // 2])
+    with pytest.raises(SystemExit):
+        cli.main(["--resume", str(out / "checkpoint_epoch0.pth"), "--epochs", "3"])
+    assert "the run's latest checkpoint, to tell whether --resume goes back" in capsys.readouterr().err
+    (out / "aside.pth").replace(out / "checkpoint_last.pth")
     # The newest epoch's own copy (a best that is also the last) continues the run as the folder does.
     cli.main(["--resume", str(out / "checkpoint_epoch1.pth"), "--epochs", "3"])
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
@@ -263,6 +274,11 @@ def test_evaluation_and_resume_say_what_does_not_apply(tiny_digits, tmp_path, ca
     assert "--epochs 3: an evaluation trains nothing" in capsys.readouterr().err
     cli.main([*FAST[2:], *data_args(tiny_digits), "--resume", str(run)])
     assert "has finished its 1 epochs: nothing to train" in capsys.readouterr().out
+    # Options given again to a finished run take no effect: config.json keeps what the checkpoints hold.
+    saved = (run / "config.json").read_text()
+    cli.main([*FAST[2:], *data_args(tiny_digits), "--resume", str(run), "--lr", "1e-3", "--deq-steps", "5"])
+    assert "the run has finished, so deq_steps, lr given again change nothing" in capsys.readouterr().out
+    assert (run / "config.json").read_text() == saved
 
 
 def test_digits_options_with_coco_data_are_refused(tiny_digits, tmp_path, capsys):
@@ -307,3 +323,26 @@ def test_a_checkpoint_rebuilds_its_pretrained_backbone_layout_from_its_own_optio
         rebuilt.backbone.norm == PRETRAINED_NORM
         and len(rebuilt.backbone.frozen) == PRETRAINED_FROZEN_STAGES + 1
     )
+
+
+def test_a_resume_drops_what_the_logs_hold_past_its_checkpoint(tiny_digits, tmp_path, capsys):
+    """A run that stopped after logging past its last checkpoint (a crash, or a second Ctrl-C, between an
+    epoch's metrics line and its closing save; steps after a --checkpoint-every save) logged those epochs and
+    iterations twice once resumed. The logs are rewound to the checkpoint's position first."""
+    out = tmp_path / "run"
+    run = [*FAST, *data_args(tiny_digits), "--epochs", "2", "--log-steps", "--keep-every", "1"]
+    cli.main([*run, "--output-dir", str(out)])
+    whole_metrics = (out / "metrics.jsonl").read_text().splitlines()
+    whole_steps = (out / "steps.jsonl").read_text().splitlines()
+    # As if the run had died after logging epoch 1 with epoch 0's checkpoint as its last, and a line cut short.
+    (out / "checkpoint_last.pth").write_bytes((out / "checkpoint_epoch0.pth").read_bytes())
+    with (out / "steps.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "iter')
+    capsys.readouterr()
+    cli.main(["--resume", str(out)])
+    assert "note: dropped 4 log records past the checkpoint's position" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in metrics] == [0, 1] and len(steps) == len(whole_steps) == 4
+    assert [(r["epoch"], r["iteration"]) for r in steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(whole_metrics) == 2

@@ -158,7 +158,9 @@ class RunConfig:
         "scaling on CUDA (the decoder stays in float32); --no-amp turns off a recipe's",
         action="boolean_optional",
     )  # fmt: skip
-    amp_decoder: bool = option(False, "optimisation", "with --amp, the decoder in low precision too")
+    amp_decoder: bool = option(
+        False, "optimisation", "with --amp, the decoder in low precision too", action="boolean_optional"
+    )
     one_graph_backward: bool = option(
         False, "optimisation", "build one graph of all supervised branches and back-propagate it once, instead "
         "of branch by branch (the same gradients, more memory)",
@@ -184,9 +186,11 @@ class RunConfig:
     )  # fmt: skip
     skip_image_check: bool = option(
         False, "run", "do not open every image before training (for trusted data: a bad image then stops the "
-        "run when it is loaded)",
+        "run when it is loaded)", action="boolean_optional",
     )  # fmt: skip
-    log_steps: bool = option(False, "run", "write one JSON line per iteration to steps.jsonl")
+    log_steps: bool = option(
+        False, "run", "write one JSON line per iteration to steps.jsonl", action="boolean_optional"
+    )
     max_iters: int | None = option(
         None, "run", "at most N training iterations per epoch and N evaluation batches"
     )
@@ -200,7 +204,9 @@ class RunConfig:
         0, "run", "after the last evaluation, draw K val images, ground truth beside predictions "
         "(predictions.png); 0: none", metavar="K",
     )  # fmt: skip
-    find_unused_parameters: bool = option(False, "run", "DDP option for models with unused parameters")
+    find_unused_parameters: bool = option(
+        False, "run", "DDP option for models with unused parameters", action="boolean_optional"
+    )
     # -- set by build_run_config, not by an option
     resumed_from: Path | None = None
     changed: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)

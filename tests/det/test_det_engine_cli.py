@@ -346,3 +346,7 @@ def test_a_resume_drops_what_the_logs_hold_past_its_checkpoint(tiny_digits, tmp_
     assert [r["epoch"] for r in metrics] == [0, 1] and len(steps) == len(whole_steps) == 4
     assert [(r["epoch"], r["iteration"]) for r in steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert len(whole_metrics) == 2
+    # An on/off option turned on can be turned off again on resume (it had no --no- form).
+    cli.main(["--resume", str(out), "--epochs", "3", "--no-log-steps"])
+    assert len((out / "steps.jsonl").read_text().splitlines()) == 4
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]

@@ -232,6 +232,13 @@ class _Trainer:
         self.closed = progress.get("closed", True)
         self.meter = EpochMeter(**progress["meter"]) if "meter" in progress else EpochMeter()
         self.best_ap = progress.get("best_ap")
+        # The best AP to beat is one this folder's checkpoint_best.pth holds, scored as this run scores: a
+        # branch copied into a folder of its own has none yet, and new test-time settings score otherwise.
+        rescored = {"deq_steps", "deq_tol", "deq_solver"} & set(self.cfg.changed)
+        if self.best_ap is not None and (rescored or not (self.cfg.output_dir / BEST).is_file()):
+            why = f"{', '.join(sorted(rescored))} changed" if rescored else f"no {BEST} in this folder"
+            say(f"note: {BEST} starts again at the next evaluation ({why})")
+            self.best_ap = None
         if is_main_process():
             self._rewind_logs(at_epoch_end)
         if resplit:

@@ -220,8 +220,15 @@ def test_training_on_from_an_earlier_checkpoint_in_its_own_folder_is_refused(tin
     branch = tmp_path / "branch"
     branch.mkdir()
     (branch / "checkpoint_last.pth").write_bytes((out / "checkpoint_epoch0.pth").read_bytes())
+    capsys.readouterr()
     cli.main(["--resume", str(branch), "--epochs", "2"])
     assert [json.loads(line)["epoch"] for line in (branch / "metrics.jsonl").read_text().splitlines()] == [1]
+    # Its best is its own: it kept the parent's best AP and wrote no checkpoint_best.pth below it.
+    assert (
+        "checkpoint_best.pth starts again at the next evaluation (no checkpoint_best.pth"
+        in capsys.readouterr().out
+    )
+    assert (branch / "checkpoint_best.pth").is_file()
 
 
 def test_ctrl_c_during_an_iteration_stops_after_it_as_announced(tiny_digits, tmp_path, monkeypatch, capsys):
@@ -349,4 +356,8 @@ def test_a_resume_drops_what_the_logs_hold_past_its_checkpoint(tiny_digits, tmp_
     # An on/off option turned on can be turned off again on resume (it had no --no- form).
     cli.main(["--resume", str(out), "--epochs", "3", "--no-log-steps"])
     assert len((out / "steps.jsonl").read_text().splitlines()) == 4
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        0,
+        1,
+        2,
+    ]

@@ -93,9 +93,7 @@ def solver_dtype(spec: StateSpec) -> torch.dtype:
     autocast, where the cell itself may compute in bfloat16 or float16.
     """
     dtype = torch.float32
-    for d in spec.dtypes:
-        if not d.is_floating_point:
-            raise TypeError(f"State leaves must be floating point, got {d}.")
+    for d in spec.dtypes:  # floating point: spec_of refuses any other
         dtype = torch.promote_types(dtype, d)
     return dtype
 

@@ -166,22 +166,14 @@ def _solve_flat(
     (the one place a solve's failures raise or warn)."""
 
     def f_flat(z: Tensor) -> Tensor:
-        # The state's leaves are views of the solver's own iterate (inference tensors keep no version).
-        version = None if z.is_inference() else z._version
-        fz = flatten(f(unflatten(z, spec)), spec)
-        if version is not None and z._version != version:
-            raise RuntimeError(IN_PLACE_MESSAGE)
-        return fz
+        return _left_unchanged(z, lambda: flatten(f(unflatten(z, spec)), spec), IN_PLACE_MESSAGE)
 
     flat_perturbation = None
     if perturbation is not None:
 
         def flat_perturbation(z: Tensor, step: int) -> Tensor:
-            version = None if z.is_inference() else z._version  # the solver's iterate, as for the cell
-            moved = flatten(perturbation(unflatten(z, spec), step), spec)
-            if version is not None and z._version != version:
-                raise RuntimeError(PERTURBATION_IN_PLACE_MESSAGE)
-            return moved
+            moved = lambda: flatten(perturbation(unflatten(z, spec), step), spec)  # noqa: E731
+            return _left_unchanged(z, moved, PERTURBATION_IN_PLACE_MESSAGE)
 
     with _forward_mode_refused():
         result = gradient.solve(
@@ -189,6 +181,16 @@ def _solve_flat(
         )
     apply_failure_policy(solver.on_failure, result.stats)
     return result
+
+
+def _left_unchanged(z: Tensor, compute: Callable[[], Tensor], message: str) -> Tensor:
+    """``compute()``, refused with `message` if it changed `z` in place: `z` is the solver's own iterate,
+    whose leaves the cell and the perturbation get as views (inference tensors keep no version)."""
+    version = None if z.is_inference() else z._version
+    out = compute()
+    if version is not None and z._version != version:
+        raise RuntimeError(message)
+    return out
 
 
 IN_PLACE_MESSAGE = (

@@ -140,7 +140,7 @@ class SolverStats:
                 text = code.message
                 if code == Result.max_steps_reached:
                     worst = float(self.residual[self.result == code].max())
-                    # "Anderson", or "IFT adjoint (Anderson)" for an adjoint solve: the solver is the last name
+                    # "Anderson", or "IFT adjoint (Anderson)" for an adjoint: the solver is the last name
                     solver = self.solver.rstrip(")").rpartition("(")[2]
                     what, fix = text.partition(": ")[0], _max_steps_fix(solver)
                     if self.autocast_dtype is not None:

@@ -16,9 +16,9 @@ class DirectSolve(LinearSolver):
     Column ``i`` is ``A e_i``, one product for all samples at once (for IFT's adjoint: ``D`` VJPs). Costs
     ``D`` products and ``B D^2`` numbers of memory, so it is for small states; above ``max_size`` it refuses
     with the memory it would need. A sample whose matrix is exactly singular (a zero pivot) gets the
-    least-norm solution (the pseudo-inverse's), which its residual then judges: exact when ``b`` lies in the range of ``A``, a failed
-    sample otherwise, handled by the caller's failure policy like any other. Its stats report one step (the
-    solve) and the residual of the result.
+    least-norm solution (the pseudo-inverse's), which its residual then judges: exact when ``b`` lies in the
+    range of ``A``, a failed sample otherwise, handled by the caller's failure policy like any other. Its
+    stats report one step (the solve) and the residual of the result.
 
     Arguments:
         max_size: the largest per-sample state size ``D`` accepted.

@@ -125,7 +125,8 @@ def iterate(
 
     for k in capture:  # every sample stopped before these steps: their state is the returned value
         captured.setdefault(k, best_value)
-    # The autocast precision is kept for the advice when a sample fails: its rounding can keep a tight tol out of reach.
+    # The autocast precision is kept for the advice when a sample fails: its rounding can keep a tight tol
+    # out of reach.
     autocast_dtype = torch.get_autocast_dtype(z0.device.type) if autocast_on else None
     stats = history.stats(solver, taken, best_res, limits, last, autocast_dtype)
     return SolveResult(best_value, last, stats, captured)

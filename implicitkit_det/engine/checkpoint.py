@@ -152,8 +152,9 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint file (or a run folder's last) onto the CPU, with errors that name the file and the fix."""
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file (or a run folder's last) onto the CPU, with errors that name the file and the fix;
+    `mmap` maps the file instead of reading it (for a look at its position, not its weights)."""
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -161,7 +162,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"its {LAST}"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(

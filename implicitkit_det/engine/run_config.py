@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..models import ARCHITECTURES, CONFIGS, architecture_of
 from ..models.configs import current_field_names, parse_model_args
+from .checkpoint import read_checkpoint
 from .optim import SCHEDULES, parse_drops, recipe_for
 from .run_settings import (
     COCO_MAX_SIZE,
@@ -372,13 +371,14 @@ def _epoch_of(path: Path) -> int:
 
 
 def _read_position(path: Path) -> dict[str, Any]:
-    """A checkpoint's entries, memory-mapped (the position is a few numbers), or an error naming the file."""
+    """The run's latest checkpoint, memory-mapped (its position is a few numbers), or an error that says why
+    it was read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
+        return read_checkpoint(path, mmap=True)
+    except ValueError as err:
         raise RunConfigError(
-            f"cannot read {path} ({type(err).__name__}), the run's latest checkpoint, to tell whether --resume "
-            "goes back in the run: it is damaged (a crash while saving?); move it aside to resume from another"
+            f"{err}. It was read as the run's latest checkpoint, to tell whether --resume goes back in the run; "
+            "if a crash while saving damaged it, move it aside to resume from another"
         ) from err
 
 
